@@ -1,0 +1,37 @@
+"""Pretraining objectives as data transforms: text chunk in, `Example` out.
+
+Pure NumPy, no JAX and no model knowledge. Objectives are named in configs by
+their registered names (`registered_names()`); a new objective is one module with
+a settings dataclass, an `Objective` subclass and a `@register` builder, imported
+below.
+"""
+
+from objectives import clm, mass, mlm, unilm  # noqa: F401  (registers the objectives)
+from objectives.example import (
+    L2R,
+    NO_NSP_LABEL,
+    PREFIX,
+    R2L,
+    TOKEN_FIELDS,
+    AttentionKind,
+    Example,
+    TextChunk,
+    make_example,
+)
+from objectives.mixture import Mixture, build_mixture, parse_mixture_spec
+from objectives.registry import (
+    Objective,
+    default_settings,
+    lookup,
+    make_settings,
+    register,
+    registered_names,
+)
+from objectives.vocab import SPECIAL_TOKENS, Vocabulary
+
+__all__ = [
+    "L2R", "NO_NSP_LABEL", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
+    "AttentionKind", "Example", "Mixture", "Objective", "TextChunk", "Vocabulary",
+    "build_mixture", "default_settings", "lookup", "make_example", "make_settings",
+    "parse_mixture_spec", "register", "registered_names",
+]

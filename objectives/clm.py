@@ -1,0 +1,49 @@
+"""GPT causal language modelling.
+
+`[BOS] text [EOS]` gives inputs `[BOS] text` and targets `text [EOS]`: every
+position predicts the next token, every target is weighted, every token is L2R.
+A packed row never lets a target cross an example boundary because each example
+carries its own `[BOS]`/`[EOS]` and the attention rule stops at segments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from objectives.example import L2R, Example, TextChunk, make_example
+from objectives.registry import Objective, register
+from objectives.vocab import BOS_ID, EOS_ID, Vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class CLMConfig:
+    """Causal LM has no settings of its own; the dataclass keeps the registry uniform."""
+
+
+class CausalLM(Objective):
+    """Next-token prediction over `[BOS] text [EOS]` (see module docstring)."""
+
+    def text_budget(self, seq_len: int) -> int:
+        return seq_len - 1
+
+    def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
+        del rng  # deterministic
+        sequence = np.concatenate([[BOS_ID], chunk.tokens, [EOS_ID]]).astype(np.int32)
+        length = len(sequence) - 1
+        return make_example(
+            inputs=sequence[:-1],
+            targets=sequence[1:],
+            weights=np.ones(length, np.float32),
+            positions=np.arange(length),
+            attention_kind=L2R,
+            token_types=0,
+            objective_id=self.objective_id,
+        )
+
+
+@register("clm", CLMConfig)
+def build_clm(config: CLMConfig, vocab: Vocabulary, first_id: int) -> list[tuple[Objective, float]]:
+    del config
+    return [(CausalLM("clm", first_id, vocab), 1.0)]

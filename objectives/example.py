@@ -1,0 +1,138 @@
+"""The example contract shared by every objective, the packer and the model.
+
+An objective turns a chunk of text tokens into an `Example`: parallel arrays of
+one length `n` that say what the model reads (`inputs`), what it must predict
+(`targets`, `weights`), where each token sits (`positions`), what it may look at
+(`attention_kind`, see `pretrain.attention`) and which embedding type it carries
+(`token_types`). The model and the loss see nothing else, so a new objective never
+touches the model or the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+
+
+class AttentionKind(enum.IntEnum):
+    """How a token takes part in attention inside its own example.
+
+    PREFIX tokens are visible to every token of their example; an L2R token sees
+    the PREFIX tokens and the L2R tokens at or before it; an R2L token sees the
+    PREFIX tokens and the R2L tokens at or after it.
+    """
+
+    PREFIX = 0
+    L2R = 1
+    R2L = 2
+
+
+PREFIX = AttentionKind.PREFIX
+L2R = AttentionKind.L2R
+R2L = AttentionKind.R2L
+
+# The per-token fields of an Example, in the order the packer emits them.
+TOKEN_FIELDS = (
+    "inputs",
+    "targets",
+    "weights",
+    "positions",
+    "attention_kind",
+    "token_types",
+    "objective_id",
+)
+
+NO_NSP_LABEL = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextChunk:
+    """What an objective is given: a run of text tokens from one document.
+
+    Attributes:
+      tokens: int32 [n] token ids of the text, no special tokens.
+      sentence_starts: int32 offsets into `tokens` where a sentence begins; the
+        first is 0. Sentence-pair objectives split only at these boundaries
+        (or, when the chunk is one sentence, inside it).
+      other_document: int32 tokens taken from a different document, the source
+        of random second segments for NSP negatives. Only objectives whose
+        `needs_other_document` is true read it.
+    """
+
+    tokens: np.ndarray
+    sentence_starts: np.ndarray | None = None
+    other_document: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", np.asarray(self.tokens, dtype=np.int32))
+        starts = self.sentence_starts
+        starts = np.zeros(1, np.int32) if starts is None else np.asarray(starts, np.int32)
+        object.__setattr__(self, "sentence_starts", starts)
+        if self.other_document is not None:
+            object.__setattr__(
+                self, "other_document", np.asarray(self.other_document, np.int32)
+            )
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training example: parallel arrays of length n (see module docstring).
+
+    `nsp_label` is example-level: 1 when the second segment is a random one from
+    another document, 0 when it is the true continuation, `NO_NSP_LABEL` when the
+    example carries no sentence-pair classification.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    positions: np.ndarray
+    attention_kind: np.ndarray
+    token_types: np.ndarray
+    objective_id: np.ndarray
+    nsp_label: int = NO_NSP_LABEL
+
+    def __post_init__(self) -> None:
+        for name in TOKEN_FIELDS:
+            dtype = np.float32 if name == "weights" else np.int32
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
+        lengths = {name: getattr(self, name).shape for name in TOKEN_FIELDS}
+        if len(set(lengths.values())) != 1 or len(self.inputs.shape) != 1:
+            raise ValueError(f"Example fields must be 1-D arrays of one length, got {lengths}")
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def fields(self) -> dict[str, np.ndarray]:
+        """The per-token arrays by name."""
+        return {name: getattr(self, name) for name in TOKEN_FIELDS}
+
+
+def make_example(
+    *,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    weights: np.ndarray,
+    positions: np.ndarray,
+    attention_kind: np.ndarray | int,
+    token_types: np.ndarray | int,
+    objective_id: int,
+    nsp_label: int = NO_NSP_LABEL,
+) -> Example:
+    """Builds an Example, broadcasting scalar kinds, token types and the objective id."""
+    n = len(inputs)
+    return Example(
+        inputs=inputs,
+        targets=targets,
+        weights=weights,
+        positions=positions,
+        attention_kind=np.broadcast_to(np.asarray(attention_kind, np.int32), (n,)),
+        token_types=np.broadcast_to(np.asarray(token_types, np.int32), (n,)),
+        objective_id=np.full((n,), objective_id, np.int32),
+        nsp_label=nsp_label,
+    )

@@ -1,0 +1,95 @@
+"""MASS span masking in its single-stack form (Song et al., 2019).
+
+For a text of n tokens, one contiguous span t[u .. u+k-1] with k = round(0.5 n) is
+chosen: at the start (u = 1; never the first token, which feeds the decoder) with
+probability 0.2, at the end (u = n - k) with 0.2, uniformly otherwise. The row holds
+
+  encoder part: the text with the span corrupted by 80/10/10, PREFIX, positions
+                0..n-1, token type 0, no loss;
+  decoder part: t[u-1 .. u+k-2] (the span shifted right), L2R, the *original*
+                positions u-1 .. u+k-2, token type 1, targets t[u .. u+k-1].
+
+So the decoder sees the corrupted encoder and its own left context only, and a
+row of seq_len holds a text of about seq_len / 1.5 tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from objectives import noise
+from objectives.example import L2R, PREFIX, Example, TextChunk, make_example
+from objectives.registry import Objective, register
+from objectives.vocab import Vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class MASSConfig:
+    """Settings of MASS (defaults from the paper)."""
+
+    span_fraction: float = 0.5  # k = round(span_fraction * n)
+    start_rate: float = 0.2  # span placed right after the first token
+    end_rate: float = 0.2  # span placed at the end (the rest: uniform)
+    mask_token_rate: float = 0.8  # encoder span tokens replaced by [MASK]
+    random_token_rate: float = 0.1  # ... by a random ordinary token (the rest stay)
+
+
+class MASS(Objective):
+    """Single-stack MASS (see module docstring)."""
+
+    min_text_tokens = 2
+
+    def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: MASSConfig):
+        super().__init__(name, objective_id, vocab)
+        if not 0.0 < config.span_fraction < 1.0:
+            raise ValueError(f"mass.span_fraction={config.span_fraction} must lie in (0, 1)")
+        if config.start_rate < 0 or config.end_rate < 0 or config.start_rate + config.end_rate > 1:
+            raise ValueError(
+                f"mass.start_rate={config.start_rate} and mass.end_rate={config.end_rate} "
+                "must be non-negative and sum to at most 1"
+            )
+        self.config = config
+        self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
+
+    def span_length(self, n: int) -> int:
+        """k for a text of n tokens, kept in 1..n-1 so the decoder has a first input."""
+        return min(max(1, noise.round_half_up(self.config.span_fraction * n)), n - 1)
+
+    def text_budget(self, seq_len: int) -> int:
+        n = seq_len
+        while n >= 2 and n + self.span_length(n) > seq_len:
+            n -= 1
+        return n
+
+    def span_start(self, n: int, k: int, rng: np.random.Generator) -> int:
+        """u in 1..n-k: start with start_rate, end with end_rate, else uniform."""
+        draw = rng.random()
+        if draw < self.config.start_rate:
+            return 1
+        if draw < self.config.start_rate + self.config.end_rate:
+            return n - k
+        return int(rng.integers(1, n - k + 1))
+
+    def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
+        text = chunk.tokens
+        n = len(text)
+        k = self.span_length(n)
+        u = self.span_start(n, k, rng)
+        span = np.arange(u, u + k)
+        encoder = noise.replace_tokens(text, span, rng, self.vocab, self.rule)
+        return make_example(
+            inputs=np.concatenate([encoder, text[u - 1 : u + k - 1]]),
+            targets=np.concatenate([text, text[u : u + k]]),
+            weights=np.concatenate([np.zeros(n, np.float32), np.ones(k, np.float32)]),
+            positions=np.concatenate([np.arange(n), span - 1]),
+            attention_kind=np.concatenate([np.full(n, PREFIX), np.full(k, L2R)]),
+            token_types=np.concatenate([np.zeros(n, np.int32), np.ones(k, np.int32)]),
+            objective_id=self.objective_id,
+        )
+
+
+@register("mass", MASSConfig)
+def build_mass(config: MASSConfig, vocab: Vocabulary, first_id: int) -> list[tuple[Objective, float]]:
+    return [(MASS("mass", first_id, vocab, config), 1.0)]

@@ -1,0 +1,123 @@
+"""Objectives by name: the base class, the registry and config handling.
+
+An objective is registered once, with a frozen dataclass of its settings, and a
+builder that returns one or more *leaf* objectives with relative rates (UniLM
+returns its four modes). Configs name objectives by string; `mixture.build_mixture`
+turns `{'mlm': 0.5, 'unilm': 0.5}` into numbered leaves.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from objectives.example import Example, TextChunk
+from objectives.vocab import Vocabulary
+
+
+class Objective(abc.ABC):
+    """A leaf objective: turns one `TextChunk` into one `Example`.
+
+    Attributes:
+      name: the name metrics are reported under (e.g. 'mlm', 'unilm/seq2seq').
+      objective_id: index of this leaf in its mixture, written into every example.
+      needs_other_document: whether chunks must carry `other_document` (NSP negatives).
+      min_text_tokens: the shortest chunk this objective can use.
+    """
+
+    name: str
+    needs_other_document: bool = False
+    min_text_tokens: int = 1
+
+    def __init__(self, name: str, objective_id: int, vocab: Vocabulary):
+        self.name = name
+        self.objective_id = objective_id
+        self.vocab = vocab
+
+    @abc.abstractmethod
+    def text_budget(self, seq_len: int) -> int:
+        """The most text tokens a chunk may hold so that its example fits `seq_len`."""
+
+    @abc.abstractmethod
+    def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
+        """The example for `chunk`; all randomness comes from `rng`."""
+
+    def __call__(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
+        if len(chunk) < self.min_text_tokens:
+            raise ValueError(
+                f"objective {self.name!r} needs at least {self.min_text_tokens} text tokens, "
+                f"got a chunk of {len(chunk)}"
+            )
+        if self.needs_other_document and chunk.other_document is None:
+            raise ValueError(
+                f"objective {self.name!r} draws NSP negatives and needs chunks with "
+                "other_document set"
+            )
+        return self.make_example(chunk, rng)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, objective_id={self.objective_id})"
+
+
+# A builder returns (leaf objective, relative rate) pairs, numbering leaves from first_id.
+Builder = Callable[[Any, Vocabulary, int], list[tuple[Objective, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    name: str
+    config_class: type
+    builder: Builder
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, config_class: type) -> Callable[[Builder], Builder]:
+    """Decorates a builder so configs can name it `name` with settings `config_class`."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"objective {name!r} is registered twice")
+        _REGISTRY[name] = Registration(name, config_class, builder)
+        return builder
+
+    return decorate
+
+
+def registered_names() -> tuple[str, ...]:
+    """Every objective name a config may use, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def lookup(name: str) -> Registration:
+    """The registration of `name`, or a message listing the known names."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown objective {name!r}; known objectives: {', '.join(registered_names())}"
+        )
+    return _REGISTRY[name]
+
+
+def default_settings(name: str) -> dict[str, Any]:
+    """The default settings of objective `name` as a plain dict (for config files)."""
+    return dataclasses.asdict(lookup(name).config_class())
+
+
+def make_settings(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The settings dataclass of `name` with `overrides` applied; an unknown field
+    is an error naming it and the valid fields."""
+    config_class = lookup(name).config_class
+    overrides = dict(overrides or {})
+    valid = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(
+            f"objective {name!r} has no setting {', '.join(map(repr, unknown))}; "
+            f"valid settings: {', '.join(sorted(valid))}"
+        )
+    return config_class(**overrides)
