@@ -1,0 +1,1 @@
+"""Model, attention rule, loss, packing and (in later modules) the training stack."""

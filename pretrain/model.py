@@ -1,0 +1,327 @@
+"""The Transformer every objective trains: one stack steered only by attention masks.
+
+Flax NNX. Token, learned-position and token-type embeddings; pre-LayerNorm blocks
+(post-LN for BERT fidelity); multi-head attention through
+`jax.nn.dot_product_attention` with the mask of `pretrain.attention`; GELU MLP; an
+output projection tied to the token embedding (with an optional BERT MLM transform
+head in front); an NSP head on each example's first token; and a KV cache for
+incremental left-to-right decoding.
+
+Parameters are float32 and carry logical axis names (`nnx.with_partitioning`),
+which `pretrain.sharding` maps to mesh axes; `dtype` sets the compute precision.
+Shapes: B batch, L length, D model_dim, H heads, K head_dim, F mlp_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pretrain.attention import attention_mask, visibility
+
+INIT_STDDEV = 0.02  # BERT's and GPT-2's initializer range
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and options of the Transformer."""
+
+    vocab_size: int = 8000
+    num_layers: int = 4
+    model_dim: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    max_positions: int = 512  # size of the learned position table
+    num_token_types: int = 8  # UniLM uses types 0..5
+    dropout_rate: float = 0.0  # on embeddings, attention output and MLP output
+    pre_layer_norm: bool = True  # False: BERT's post-LN blocks with an embedding LayerNorm
+    mlm_transform_head: bool = False  # BERT's dense + GELU + LayerNorm before the output
+    nsp_head: bool = False  # sentence-pair classifier on each example's first token
+    layer_norm_epsilon: float = 1e-6
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self) -> None:
+        if self.model_dim % self.num_heads:
+            raise ValueError(
+                f"model.model_dim={self.model_dim} is not divisible by "
+                f"model.num_heads={self.num_heads}"
+            )
+        try:
+            jnp.dtype(self.dtype)
+        except TypeError:
+            raise ValueError(f"model.dtype={self.dtype!r} is not a JAX dtype (e.g. 'float32', 'bfloat16')") from None
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+# Size presets. `small` is the benchmark shape of the performance issue; `base`
+# and `large` are BERT-base and BERT-large.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_layers=2, model_dim=64, num_heads=4, mlp_dim=256, max_positions=256),
+    "small": dict(num_layers=4, model_dim=256, num_heads=4, mlp_dim=1024, max_positions=512),
+    "base": dict(num_layers=12, model_dim=768, num_heads=12, mlp_dim=3072, max_positions=512),
+    "large": dict(num_layers=24, model_dim=1024, num_heads=16, mlp_dim=4096, max_positions=512),
+}
+
+
+def preset(size: str, **overrides: Any) -> TransformerConfig:
+    """The config of size preset `size` ('tiny', 'small', 'base', 'large') with overrides."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(PRESETS)}")
+    return TransformerConfig(**{**PRESETS[size], **overrides})
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], init=None) -> nnx.Param:
+    """A float32 parameter with logical axis names for sharding."""
+    init = init or jax.nn.initializers.normal(INIT_STDDEV)
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes, eager_sharding=False)
+
+
+_LOGICAL_EMBED = {"out_sharding": ("embed",), "eager_sharding": False}
+
+
+def _layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.model_dim,
+        epsilon=config.layer_norm_epsilon,
+        dtype=jnp.float32,
+        scale_metadata=_LOGICAL_EMBED,
+        bias_metadata=_LOGICAL_EMBED,
+        rngs=rngs,
+    )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    """Keys and values of every layer for incremental decoding.
+
+    Attributes:
+      keys, values: [num_layers, B, T, H, K] for a capacity of T tokens.
+      segment_ids, attention_kind: [B, T] of the cached tokens (0 / PREFIX where empty).
+      length: int32 scalar, the number of slots written (the same for every row;
+        rows with shorter prompts carry segment 0 in their unused slots).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    attention_kind: jax.Array
+    length: jax.Array
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+        d, h, k = config.model_dim, config.num_heads, config.head_dim
+        self.config = config
+        zeros = jax.nn.initializers.zeros
+        self.qkv_kernel = _param(rngs, (d, 3, h, k), ("embed", None, "heads", "head_dim"))
+        self.qkv_bias = _param(rngs, (3, h, k), (None, "heads", "head_dim"), zeros)
+        self.out_kernel = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"))
+        self.out_bias = _param(rngs, (d,), ("embed",), zeros)
+
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v [B, L, H, K] of x [B, L, D]."""
+        dtype = self.config.compute_dtype
+        qkv = jnp.einsum("bld,dthk->btlhk", x, self.qkv_kernel[...].astype(dtype))
+        qkv = qkv + self.qkv_bias[...].astype(dtype)[None, :, None]
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attention output [B, Lq, D] for queries q over keys k and values v."""
+        dtype = self.config.compute_dtype
+        context = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        out = jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype))
+        return out + self.out_bias[...].astype(dtype)
+
+
+class MLP(nnx.Module):
+    """Position-wise GELU feed-forward block."""
+
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+        zeros = jax.nn.initializers.zeros
+        self.config = config
+        self.wi = _param(rngs, (config.model_dim, config.mlp_dim), ("embed", "mlp"))
+        self.bi = _param(rngs, (config.mlp_dim,), ("mlp",), zeros)
+        self.wo = _param(rngs, (config.mlp_dim, config.model_dim), ("mlp", "embed"))
+        self.bo = _param(rngs, (config.model_dim,), ("embed",), zeros)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.config.compute_dtype
+        hidden = jax.nn.gelu(x @ self.wi[...].astype(dtype) + self.bi[...].astype(dtype))
+        return hidden @ self.wo[...].astype(dtype) + self.bo[...].astype(dtype)
+
+
+class Block(nnx.Module):
+    """One Transformer layer, pre-LN (`x + f(LN(x))`) or post-LN (`LN(x + f(x))`)."""
+
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.attention = Attention(config, rngs)
+        self.mlp = MLP(config, rngs)
+        self.attention_norm = _layer_norm(config, rngs)
+        self.mlp_norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+
+    def _norm(self, norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+        return norm(x).astype(self.config.compute_dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        *,
+        deterministic: bool,
+        cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, L, D] -> (x', (k, v)). With `cache=(keys, values, start)` the new
+        keys and values are written at slot `start` and the queries attend over
+        the whole cache; (k, v) are then the updated cache arrays."""
+        pre = self.config.pre_layer_norm
+        q, k, v = self.attention.project(self._norm(self.attention_norm, x) if pre else x)
+        if cache is not None:
+            cached_keys, cached_values, start = cache
+            k = jax.lax.dynamic_update_slice_in_dim(cached_keys, k.astype(cached_keys.dtype), start, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_values, v.astype(cached_values.dtype), start, 1)
+        attended = self.dropout(self.attention.attend(q, k, v, mask), deterministic=deterministic)
+        x = x + attended if pre else self._norm(self.attention_norm, x + attended)
+        transformed = self.mlp(self._norm(self.mlp_norm, x) if pre else x)
+        transformed = self.dropout(transformed, deterministic=deterministic)
+        x = x + transformed if pre else self._norm(self.mlp_norm, x + transformed)
+        return x, (k, v)
+
+
+class Transformer(nnx.Module):
+    """The shared encoder/decoder stack (see module docstring)."""
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d = config.model_dim
+        self.token_embedding = _param(rngs, (config.vocab_size, d), ("vocab", "embed"))
+        self.position_embedding = _param(rngs, (config.max_positions, d), (None, "embed"))
+        self.type_embedding = _param(rngs, (config.num_token_types, d), (None, "embed"))
+        self.embedding_norm = None if config.pre_layer_norm else _layer_norm(config, rngs)
+        self.embedding_dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = _layer_norm(config, rngs) if config.pre_layer_norm else None
+        if config.mlm_transform_head:
+            self.head_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
+            self.head_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
+            self.head_norm = _layer_norm(config, rngs)
+        self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
+        if config.nsp_head:
+            self.nsp_kernel = _param(rngs, (d, 2), ("embed", None))
+            self.nsp_bias = _param(rngs, (2,), (None,), jax.nn.initializers.zeros)
+
+    # -- the stack -------------------------------------------------------------------
+
+    def embed(self, inputs: jax.Array, positions: jax.Array, token_types: jax.Array,
+              *, deterministic: bool) -> jax.Array:
+        """x [B, L, D]: token + position + token-type embeddings."""
+        x = (
+            jnp.take(self.token_embedding[...], inputs, axis=0)
+            + jnp.take(self.position_embedding[...], positions, axis=0)
+            + jnp.take(self.type_embedding[...], token_types, axis=0)
+        )
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        return self.embedding_dropout(x.astype(self.config.compute_dtype), deterministic=deterministic)
+
+    def _finish(self, x: jax.Array) -> jax.Array:
+        return x if self.final_norm is None else self.final_norm(x).astype(x.dtype)
+
+    def __call__(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True) -> jax.Array:
+        """Hidden states [B, L, D] of a packed batch (`inputs`, `positions`,
+        `token_types`, `segment_ids`, `attention_kind`, each [B, L])."""
+        mask = attention_mask(batch["segment_ids"], batch["attention_kind"])
+        x = self.embed(batch["inputs"], batch["positions"], batch["token_types"],
+                       deterministic=deterministic)
+        for block in self.blocks:
+            x, _ = block(x, mask, deterministic=deterministic)
+        return self._finish(x)
+
+    # -- heads -----------------------------------------------------------------------
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits [..., V] (float32) from hidden states [..., D]."""
+        dtype = self.config.compute_dtype
+        if self.config.mlm_transform_head:
+            hidden = jax.nn.gelu(hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
+            hidden = self.head_norm(hidden).astype(dtype)
+        logits = hidden @ self.token_embedding[...].astype(dtype).T
+        return logits.astype(jnp.float32) + self.output_bias[...]
+
+    def nsp_logits(self, hidden: jax.Array) -> jax.Array:
+        """Sentence-pair logits [..., 2] (float32); the loss reads them at each
+        example's first token."""
+        if not self.config.nsp_head:
+            raise ValueError("this model has no NSP head; set model.nsp_head=True to train NSP")
+        dtype = self.config.compute_dtype
+        pooled = jnp.tanh(hidden.astype(dtype))
+        return (pooled @ self.nsp_kernel[...].astype(dtype)).astype(jnp.float32) + self.nsp_bias[...]
+
+    # -- incremental decoding ----------------------------------------------------------
+
+    def init_cache(self, batch_size: int, capacity: int) -> DecodeCache:
+        """An empty cache for `capacity` tokens per row."""
+        c = self.config
+        shape = (c.num_layers, batch_size, capacity, c.num_heads, c.head_dim)
+        return DecodeCache(
+            keys=jnp.zeros(shape, c.compute_dtype),
+            values=jnp.zeros(shape, c.compute_dtype),
+            segment_ids=jnp.zeros((batch_size, capacity), jnp.int32),
+            attention_kind=jnp.zeros((batch_size, capacity), jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+        )
+
+    def extend(self, cache: DecodeCache, tokens: Mapping[str, jax.Array]) -> tuple[jax.Array, DecodeCache]:
+        """Runs T new tokens per row against the cache and appends them.
+
+        `tokens` holds [B, T] `inputs`, `positions`, `token_types`, `segment_ids`
+        and `attention_kind`. The first call (on an empty cache) may hold any
+        prompt: a PREFIX source followed by L2R tokens, say. Later calls must add
+        L2R tokens only, which is what makes caching exact: no cached token may
+        see a later one, and under the attention rule only PREFIX tokens see
+        tokens after them, and they never see L2R ones. Returns hidden states
+        [B, T, D] and the grown cache.
+        """
+        start = cache.length
+        new_len = tokens["inputs"].shape[1]
+        segment_ids = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, tokens["segment_ids"], start, 1)
+        kinds = jax.lax.dynamic_update_slice_in_dim(cache.attention_kind, tokens["attention_kind"], start, 1)
+        query_slots = start + jnp.arange(new_len)
+        key_slots = jnp.arange(segment_ids.shape[1])
+        mask = visibility(tokens["segment_ids"], tokens["attention_kind"], query_slots,
+                          segment_ids, kinds, key_slots)[:, None]
+        x = self.embed(tokens["inputs"], tokens["positions"], tokens["token_types"], deterministic=True)
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            x, (k, v) = block(x, mask, deterministic=True,
+                              cache=(cache.keys[layer], cache.values[layer], start))
+            keys.append(k)
+            values.append(v)
+        new_cache = DecodeCache(jnp.stack(keys), jnp.stack(values), segment_ids, kinds, start + new_len)
+        return self._finish(x), new_cache
+
+
+def create_model(config: TransformerConfig, seed: int = 0) -> Transformer:
+    """A freshly initialised Transformer (parameters from `seed`)."""
+    return Transformer(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def parameter_count(model: nnx.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
