@@ -1,0 +1,34 @@
+"""configs/pretrain.py: variants parse, every objective setting is a config field."""
+
+import pytest
+
+import objectives
+from configs.pretrain import get_config, parse_variants
+from pretrain.model import TransformerConfig
+
+
+def test_variants_and_mixture_specs():
+    assert parse_variants("objective=mlm:1,clm:1,size=tiny") == {"objective": "mlm:1,clm:1", "size": "tiny"}
+    assert parse_variants(None) == {"objective": "mlm", "size": "small"}
+    with pytest.raises(ValueError, match="unknown config variant 'sise'"):
+        parse_variants("sise=tiny")
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        get_config("size=huge")
+
+
+@pytest.mark.parametrize("spec", ["mlm", "clm", "mass", "unilm", "mlm:1,clm:1,mass:1,unilm:1"])
+def test_config_builds_mixture_and_model(spec):
+    config = get_config(f"objective={spec},size=tiny")
+    config.objectives.mlm.mask_rate = 0.2
+    mixture = objectives.build_mixture(config.objective, objectives.Vocabulary(100), config.objectives)
+    assert len(mixture.objectives) >= 1
+    if spec == "mlm":
+        assert mixture.objectives[0].config.mask_rate == 0.2
+    model = TransformerConfig(**config.model)
+    assert model.num_layers == 2
+
+
+def test_every_objective_setting_is_a_config_field():
+    config = get_config()
+    for name in objectives.registered_names():
+        assert dict(config.objectives[name]) == objectives.default_settings(name)
