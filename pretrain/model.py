@@ -223,6 +223,8 @@ class Transformer(nnx.Module):
             self.head_norm = _layer_norm(config, rngs)
         self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
         if config.nsp_head:
+            self.pooler_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
+            self.pooler_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
             self.nsp_kernel = _param(rngs, (d, 2), ("embed", None))
             self.nsp_bias = _param(rngs, (2,), (None,), jax.nn.initializers.zeros)
 
@@ -265,12 +267,12 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32) + self.output_bias[...]
 
     def nsp_logits(self, hidden: jax.Array) -> jax.Array:
-        """Sentence-pair logits [..., 2] (float32); the loss reads them at each
-        example's first token."""
+        """Sentence-pair logits [..., 2] (float32) through BERT's pooler (dense +
+        tanh); the loss reads them at each example's first token."""
         if not self.config.nsp_head:
             raise ValueError("this model has no NSP head; set model.nsp_head=True to train NSP")
         dtype = self.config.compute_dtype
-        pooled = jnp.tanh(hidden.astype(dtype))
+        pooled = jnp.tanh(hidden @ self.pooler_kernel[...].astype(dtype) + self.pooler_bias[...].astype(dtype))
         return (pooled @ self.nsp_kernel[...].astype(dtype)).astype(jnp.float32) + self.nsp_bias[...]
 
     # -- incremental decoding ----------------------------------------------------------
