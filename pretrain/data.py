@@ -1,0 +1,302 @@
+"""From documents to this host's slice of each global batch, deterministically.
+
+    documents (shuffled per epoch, repeated)          grain.MapDataset, random access
+      -> examples of document p                       a pure function of (seed, p)
+      -> packed rows of seq_len                       PackedRows: a checkpointable iterator
+      -> global batch -> this host's rows             grain batch + slice
+
+Every host runs the same stream and keeps its own rows of each global batch, so the
+global batches do not depend on the number of hosts. The iterator state is small
+(the next document index and the keys (p, c) of the examples waiting in open
+rows), because an example is regenerated exactly from its key on restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from objectives import Example, Mixture, TextChunk
+from pretrain.packing import PACKED_FIELDS, STRATEGIES, pack_row
+
+Tokenize = Callable[[str], np.ndarray]
+ExampleKey = tuple[int, int]  # (stream position of the document, example number within it)
+
+
+class HasSentences(Protocol):
+    sentences: Sequence[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentExamples:
+    """The examples of one document, a pure function of (seed, stream position).
+
+    The document's sentences are tokenized and cut into chunks: for each chunk a
+    leaf objective is drawn from the mixture, the chunk takes up to that
+    objective's `text_budget(seq_len)` tokens (ending at a sentence boundary when
+    one lies in the second half of the budget), and the objective makes the
+    example. A tail shorter than the drawn objective's minimum is counted, not
+    hidden (`dropped_tokens`). Objectives that need NSP negatives get a window of
+    another document of the same split.
+    """
+
+    documents: Sequence[HasSentences]
+    tokenize: Tokenize
+    mixture: Mixture
+    seq_len: int
+    seed: int
+
+    def rng(self, position: int) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
+
+    def tokens_of(self, document: HasSentences) -> tuple[np.ndarray, np.ndarray]:
+        """All tokens of a document and the offsets where its sentences start."""
+        pieces = [np.asarray(self.tokenize(sentence), np.int32) for sentence in document.sentences]
+        pieces = [piece for piece in pieces if len(piece)]
+        if not pieces:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        starts = np.cumsum([0] + [len(piece) for piece in pieces[:-1]]).astype(np.int32)
+        return np.concatenate(pieces), starts
+
+    def other_window(self, rng: np.random.Generator, exclude: HasSentences, length: int) -> np.ndarray:
+        """Up to `length` contiguous tokens from a random other document."""
+        for _ in range(8):
+            other = self.documents[int(rng.integers(len(self.documents)))]
+            if other is exclude:
+                continue
+            tokens, _ = self.tokens_of(other)
+            if len(tokens):
+                start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
+                return tokens[start : start + length]
+        raise ValueError("NSP negatives need at least two non-empty documents in the split")
+
+    def __call__(self, position: int, document: HasSentences) -> tuple[int, list[Example], int]:
+        """(position, examples, dropped_tokens) of the document at stream `position`."""
+        rng = self.rng(position)
+        tokens, starts = self.tokens_of(document)
+        examples: list[Example] = []
+        begin = 0
+        while begin < len(tokens):
+            objective = self.mixture.choose(rng)
+            budget = objective.text_budget(self.seq_len)
+            end = min(len(tokens), begin + budget)
+            if end < len(tokens):
+                boundaries = starts[(starts > begin + budget // 2) & (starts <= end)]
+                end = int(boundaries[-1]) if len(boundaries) else end
+            if end - begin < objective.min_text_tokens:
+                break
+            inside = starts[(starts >= begin) & (starts < end)] - begin
+            other = (self.other_window(rng, document, end - begin)
+                     if objective.needs_other_document else None)
+            examples.append(objective(TextChunk(tokens[begin:end], inside, other), rng))
+            begin = end
+        return position, examples, len(tokens) - begin
+
+
+@dataclasses.dataclass
+class PackingStats:
+    """Counts since the start of the stream (they travel in the iterator state)."""
+
+    rows: int = 0
+    real_tokens: int = 0
+    examples: int = 0
+    documents: int = 0
+    dropped_tokens: int = 0
+
+    def efficiency(self, seq_len: int) -> float:
+        """Fraction of emitted row slots that hold real tokens."""
+        return self.real_tokens / max(1, self.rows * seq_len)
+
+
+class PackedRowsIterator(grain.DatasetIterator):
+    """Streams packed rows; keeps at most `open_rows` partly filled rows.
+
+    An example goes to the first open row with room (first fit) or the one it
+    fills most tightly (best fit); when none has room and all `open_rows` are in
+    use, the fullest row is emitted to make room.
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, examples: grain.MapDataset,
+                 seq_len: int, open_rows: int, strategy: str):
+        super().__init__(parent)
+        self._examples = examples
+        self._seq_len, self._open_rows, self._strategy = seq_len, open_rows, strategy
+        self._rows: list[list[tuple[ExampleKey, Example]]] = []
+        self._document: tuple[int, list[Example]] | None = None
+        self._next_example = 0
+        self._ready: list[list[tuple[ExampleKey, Example]]] = []
+        self.stats = PackingStats()
+
+    def _room(self, row: list[tuple[ExampleKey, Example]]) -> int:
+        return self._seq_len - sum(len(example) for _, example in row)
+
+    def _place(self, key: ExampleKey, example: Example) -> None:
+        if len(example) > self._seq_len:
+            raise ValueError(f"example {key} has {len(example)} tokens, more than seq_len={self._seq_len}")
+        fitting = [i for i, row in enumerate(self._rows) if self._room(row) >= len(example)]
+        if fitting:
+            index = fitting[0] if self._strategy == "first_fit" else min(
+                fitting, key=lambda i: self._room(self._rows[i]))
+            self._rows[index].append((key, example))
+            return
+        if len(self._rows) >= self._open_rows:
+            fullest = min(range(len(self._rows)), key=lambda i: self._room(self._rows[i]))
+            self._ready.append(self._rows.pop(fullest))
+        self._rows.append([(key, example)])
+
+    def _pull_document(self) -> bool:
+        try:
+            position, examples, dropped = next(self._parent)
+        except StopIteration:
+            return False
+        self._document, self._next_example = (position, examples), 0
+        self.stats.documents += 1
+        self.stats.dropped_tokens += dropped
+        return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while not self._ready:
+            if self._document is None or self._next_example >= len(self._document[1]):
+                if not self._pull_document():
+                    if not self._rows:
+                        raise StopIteration
+                    self._ready.append(self._rows.pop(0))
+                    break
+                continue
+            position, examples = self._document
+            self._place((position, self._next_example), examples[self._next_example])
+            self._next_example += 1
+        row = self._ready.pop(0)
+        self.stats.rows += 1
+        self.stats.examples += len(row)
+        self.stats.real_tokens += sum(len(example) for _, example in row)
+        return pack_row([example for _, example in row], self._seq_len)
+
+    def get_state(self) -> dict[str, Any]:
+        keys = lambda rows: [[list(key) for key, _ in row] for row in rows]  # noqa: E731
+        document = None if self._document is None else [self._document[0], self._next_example]
+        return {
+            "parent": self._parent.get_state(),
+            "document": document,
+            "open_rows": keys(self._rows),
+            "ready_rows": keys(self._ready),
+            "stats": dataclasses.asdict(self.stats),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        cache: dict[int, list[Example]] = {}
+
+        def example(key: Sequence[int]) -> tuple[ExampleKey, Example]:
+            position, number = int(key[0]), int(key[1])
+            if position not in cache:
+                cache[position] = self._examples[position][1]
+            return (position, number), cache[position][number]
+
+        self._rows = [[example(key) for key in row] for row in state["open_rows"]]
+        self._ready = [[example(key) for key in row] for row in state["ready_rows"]]
+        if state["document"] is None:
+            self._document, self._next_example = None, 0
+        else:
+            position, self._next_example = state["document"]
+            self._document = (position, cache.get(position) or self._examples[position][1])
+        self.stats = PackingStats(**state["stats"])
+
+
+class PackedRows(grain.IterDataset):
+    """Grain dataset of packed rows over a MapDataset of per-document examples."""
+
+    def __init__(self, examples: grain.MapDataset, seq_len: int, open_rows: int = 8,
+                 strategy: str = "best_fit", read_options: grain.ReadOptions | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"data.packing={strategy!r} is not one of {STRATEGIES}")
+        super().__init__(examples.to_iter_dataset(read_options))
+        self._examples = examples
+        self._seq_len, self._open_rows, self._strategy = seq_len, open_rows, strategy
+
+    def __iter__(self) -> PackedRowsIterator:
+        return PackedRowsIterator(self._parent.__iter__(), self._examples, self._seq_len,
+                                  self._open_rows, self._strategy)
+
+
+def host_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of each global batch that process `process_index` feeds."""
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the "
+            f"{process_count} processes; choose a multiple of {process_count}")
+    per_host = global_batch_size // process_count
+    return slice(process_index * per_host, (process_index + 1) * per_host)
+
+
+def training_batches(
+    documents: Sequence[HasSentences],
+    tokenize: Tokenize,
+    mixture: Mixture,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    packing: str = "best_fit",
+    open_rows: int = 8,
+    num_threads: int = 2,
+) -> grain.IterDataset:
+    """Endless, checkpointable batches: this host's rows of each global batch.
+
+    Documents are shuffled with `seed` (a new order every epoch) and repeated; the
+    examples of stream position p depend only on (seed, p). The returned dataset's
+    iterator has `get_state()` / `set_state()` for checkpoints.
+    """
+    if len(documents) == 0:
+        raise ValueError("the training split has no documents")
+    rows = host_rows(global_batch_size, process_index, process_count)
+    make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
+    examples = (grain.MapDataset.source(documents).shuffle(seed=seed).repeat(None)
+                .map_with_index(make_examples))
+    packed = PackedRows(examples, seq_len, open_rows, packing,
+                        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
+    return packed.batch(global_batch_size, drop_remainder=True).map(
+        lambda batch: {name: values[rows] for name, values in batch.items()})
+
+
+def evaluation_batches(
+    documents: Sequence[HasSentences],
+    tokenize: Tokenize,
+    mixture: Mixture,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    packing: str = "best_fit",
+) -> list[dict[str, np.ndarray]]:
+    """The fixed held-out batches: every document once, in order, the last batch
+    filled with empty rows (all weights 0) so every host sees the same count."""
+    rows = host_rows(global_batch_size, process_index, process_count)
+    make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
+    examples = grain.MapDataset.source(documents).map_with_index(make_examples)
+    packed = list(PackedRows(examples, seq_len, open_rows=8, strategy=packing))
+    if not packed:
+        raise ValueError("the held-out split yields no examples")
+    empty = {name: np.zeros_like(values) for name, values in packed[0].items()}
+    empty["nsp_labels"][:] = -1
+    packed += [empty] * (-len(packed) % global_batch_size)
+    batches = []
+    for start in range(0, len(packed), global_batch_size):
+        chunk = packed[start : start + global_batch_size][rows]
+        batches.append({name: np.stack([row[name] for row in chunk]) for name in PACKED_FIELDS})
+    return batches
+
+
+def iterate_rows(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Rows one by one out of batches (handy for inspection and tests)."""
+    for batch in batches:
+        for index in range(len(batch["inputs"])):
+            yield {name: values[index] for name, values in batch.items()}

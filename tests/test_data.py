@@ -1,0 +1,121 @@
+"""The packed batch stream: determinism, exact restore, host slicing, the eval set."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import objectives
+from pretrain import data
+
+SEQ_LEN = 64
+BATCH = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    sentences: tuple
+
+
+def make_documents(count: int = 120, seed: int = 0) -> list[Doc]:
+    rng = np.random.default_rng(seed)
+    return [Doc(tuple(" ".join(f"w{rng.integers(100)}" for _ in range(rng.integers(3, 30)))
+                      for _ in range(rng.integers(1, 8)))) for _ in range(count)]
+
+
+def tokenize(sentence: str) -> np.ndarray:
+    # A stand-in word-level tokenizer: ids 7.. for words w0..w99 (ids 0..6 are special).
+    return np.asarray([7 + int(word[1:]) for word in sentence.split()], np.int32)
+
+
+DOCS = make_documents()
+MIXTURE = objectives.build_mixture("mlm:1,clm:1,mass:1,unilm:1", objectives.Vocabulary(120),
+                                   {"mlm": {"nsp": True}})
+
+
+def batches(seed=0, count=6, **kwargs):
+    iterator = iter(data.training_batches(DOCS, tokenize, MIXTURE, seq_len=SEQ_LEN,
+                                          global_batch_size=BATCH, seed=seed, **kwargs))
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    first = batches(seed=3)
+    assert_same(first, batches(seed=3))
+    assert not np.array_equal(first[0]["inputs"], batches(seed=4, count=1)[0]["inputs"])
+    assert first[0]["inputs"].shape == (BATCH, SEQ_LEN)
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_hosts_slice_the_same_global_batches(hosts):
+    reference = batches(count=3)
+    per_host = [batches(count=3, process_index=h, process_count=hosts) for h in range(hosts)]
+    for step in range(3):
+        for name in reference[step]:
+            joined = np.concatenate([per_host[h][step][name] for h in range(hosts)])
+            np.testing.assert_array_equal(joined, reference[step][name], err_msg=name)
+
+
+def test_batch_not_divisible_by_hosts_is_a_clear_error():
+    with pytest.raises(ValueError, match="global batch size 8 is not divisible by the 3 processes"):
+        batches(count=1, process_index=0, process_count=3)
+
+
+@pytest.mark.parametrize("strategy", ["first_fit", "best_fit"])
+def test_restoring_mid_epoch_continues_exactly(strategy):
+    dataset = data.training_batches(DOCS, tokenize, MIXTURE, seq_len=SEQ_LEN,
+                                    global_batch_size=BATCH, seed=0, packing=strategy)
+    uninterrupted = iter(dataset)
+    expected = [next(uninterrupted) for _ in range(40)]  # > 1 epoch of 120 documents
+    interrupted = iter(dataset)
+    for _ in range(17):
+        next(interrupted)
+    state = interrupted.get_state()
+    assert state["open_rows"], "the test should restore with rows waiting to be filled"
+    resumed = iter(dataset)
+    resumed.set_state(state)
+    assert_same([next(resumed) for _ in range(23)], expected[17:])
+
+
+def test_every_token_of_every_example_lands_in_a_row():
+    make = data.DocumentExamples(DOCS, tokenize, MIXTURE, SEQ_LEN, seed=0)
+    rows = list(data.PackedRows(
+        __import__("grain").MapDataset.source(DOCS[:30]).map_with_index(make), SEQ_LEN))
+    examples = [example for position in range(30) for example in make(position, DOCS[position])[1]]
+    assert sum(int((row["segment_ids"] > 0).sum()) for row in rows) == sum(len(e) for e in examples)
+    packed_inputs = sorted(tuple(row["inputs"][row["segment_ids"] == s])
+                           for row in rows for s in set(row["segment_ids"].tolist()) - {0})
+    assert packed_inputs == sorted(tuple(e.inputs) for e in examples)
+
+
+def test_examples_respect_budgets_and_drop_nothing_here():
+    make = data.DocumentExamples(DOCS, tokenize, MIXTURE, SEQ_LEN, seed=0)
+    for position, document in enumerate(DOCS[:50]):
+        _, examples, dropped = make(position, document)
+        text = sum(len(tokenize(s)) for s in document.sentences)
+        assert all(len(e) <= SEQ_LEN for e in examples)
+        assert dropped == 0 or dropped < 2, (position, dropped, text)
+
+
+def test_evaluation_batches_are_fixed_and_padded():
+    held_out = make_documents(count=25, seed=9)
+    first = data.evaluation_batches(held_out, tokenize, MIXTURE, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
+    again = data.evaluation_batches(held_out, tokenize, MIXTURE, seq_len=SEQ_LEN, global_batch_size=BATCH, seed=0)
+    assert_same(first, again)
+    assert all(batch["inputs"].shape == (BATCH, SEQ_LEN) for batch in first)
+    last = first[-1]
+    empty = last["segment_ids"].max(axis=1) == 0
+    assert np.all(last["weights"][empty] == 0) and np.all(last["nsp_labels"][empty] == -1)
+    halves = [data.evaluation_batches(held_out, tokenize, MIXTURE, seq_len=SEQ_LEN, global_batch_size=BATCH,
+                                      seed=0, process_index=h, process_count=2) for h in range(2)]
+    for step, batch in enumerate(first):
+        np.testing.assert_array_equal(np.concatenate([halves[0][step]["inputs"], halves[1][step]["inputs"]]),
+                                      batch["inputs"])
