@@ -67,6 +67,8 @@ def parse_mixture_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
     separator = "," if "," in spec or ":" in spec else "+"
     for part in filter(None, (piece.strip() for piece in spec.split(separator))):
         name, _, rate = part.partition(":")
+        if name.strip() in rates:
+            raise ValueError(f"objective spec {spec!r} names {name.strip()!r} twice; give each objective once")
         try:
             rates[name.strip()] = float(rate) if rate else 1.0
         except ValueError:
@@ -94,11 +96,13 @@ def build_mixture(
     """
     rates = parse_mixture_spec(rates)
     settings = dict(settings or {})
+    for name in settings:
+        lookup(name)  # a misspelt objective key in the settings is an error, not ignored
     leaves: list[tuple[Objective, float]] = []
     for name, rate in rates.items():
         registration = lookup(name)
-        if not rate > 0:
-            raise ValueError(f"objective {name!r} has rate {rate}; rates must be > 0")
+        if not 0 < rate < float("inf"):
+            raise ValueError(f"objective {name!r} has rate {rate}; rates must be finite and > 0")
         built = registration.builder(make_settings(name, settings.get(name)), vocab, len(leaves))
         leaf_total = sum(leaf_rate for _, leaf_rate in built)
         leaves.extend((objective, rate * leaf_rate / leaf_total) for objective, leaf_rate in built)

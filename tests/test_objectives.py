@@ -534,9 +534,14 @@ def test_parse_mixture_spec_forms():
         objectives.parse_mixture_spec("mlm:three,clm:1")
     with pytest.raises(ValueError, match="names no objective"):
         objectives.parse_mixture_spec("")
-    for bad in ("mlm:0", "mlm:-1,clm:1"):
-        with pytest.raises(ValueError, match="rates must be > 0"):
+    for bad in ("mlm:0", "mlm:-1,clm:1", "mlm:inf,clm:1", "mlm:nan"):
+        with pytest.raises(ValueError, match="rates must be finite and > 0"):
             build_mixture(bad, VOCAB)
+    with pytest.raises(ValueError, match="names 'mlm' twice"):
+        objectives.parse_mixture_spec("mlm:1,mlm:2")
+    # Settings for a misspelt objective are an error, not silently ignored.
+    with pytest.raises(ValueError, match="unknown objective 'mlmm'"):
+        build_mixture("clm", VOCAB, {"mlmm": {"mask_rate": 0.2}})
 
 
 def test_mixture_leaf_numbering_and_rates():
