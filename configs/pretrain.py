@@ -54,5 +54,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model_defaults = dataclasses.asdict(TransformerConfig(**PRESETS[variants["size"]]))
     config.model = ml_collections.ConfigDict(model_defaults)  # TransformerConfig fields
     config.seq_len = 128  # tokens per packed row
+    config.batch_size = 32  # global batch, in packed rows, across all hosts
     config.seed = 0  # parameter initialisation and example sampling
+
+    config.data = ml_collections.ConfigDict()
+    config.data.kind = "pydocs"  # 'pydocs' (built in, no download), 'files' or 'tfds'
+    config.data.path = ""  # files: a .txt/.jsonl file, directory or glob
+    config.data.text_field = "text"  # files: the .jsonl field; tfds: the text feature
+    config.data.tfds_name = ""  # tfds: dataset name, e.g. 'c4/en' or 'wikipedia/20230601.en'
+    config.data.tfds_data_dir = ""  # tfds: where the prepared ArrayRecord data lives
+    config.data.tfds_train_split = "train"  # tfds: split (or slice) used for training
+    config.data.tfds_heldout_split = "validation"  # tfds: split (or slice) held out
+    config.data.heldout_fraction = 0.02  # pydocs/files: documents held out, by text hash
+    config.data.packing = "best_fit"  # 'best_fit' or 'first_fit'
+    config.data.open_rows = 16  # rows the streaming packer keeps open
+    config.data.num_threads = 2  # threads making examples
+
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.vocab_size = 8000  # SentencePiece vocabulary (>= 264 with byte fallback)
+    config.tokenizer.model_type = "unigram"  # 'unigram' or 'bpe'
+    config.tokenizer.model_path = ""  # a user .model to use instead of training one
+    config.tokenizer.sample_documents = 20000  # training documents the tokenizer learns from
     return config

@@ -119,3 +119,16 @@ def test_evaluation_batches_are_fixed_and_padded():
     for step, batch in enumerate(first):
         np.testing.assert_array_equal(np.concatenate([halves[0][step]["inputs"], halves[1][step]["inputs"]]),
                                       batch["inputs"])
+
+
+def test_documents_too_short_are_counted_and_a_barren_corpus_is_an_error():
+    mass_only = objectives.build_mixture("mass", objectives.Vocabulary(120))
+    short = [Doc(("w1",)), Doc(("w2 w3 w4 w5",)), Doc(("",))]
+    make = data.DocumentExamples(short, tokenize, mass_only, SEQ_LEN, seed=0)
+    assert make(0, short[0])[1:] == ([], 1)  # one token: MASS needs two; counted as dropped
+    assert len(make(1, short[1])[1]) == 1 and make(1, short[1])[2] == 0
+    assert make(2, short[2])[1:] == ([], 0)
+    barren = [Doc(("w1",)), Doc(("w2",))]
+    with pytest.raises(ValueError, match="2 documents in a row gave no example"):
+        next(iter(data.training_batches(barren, tokenize, mass_only, seq_len=SEQ_LEN,
+                                        global_batch_size=BATCH, seed=0)))

@@ -36,17 +36,20 @@ with tfds.core.registered.skip_registration():
             features = tfds.features.FeaturesDict({"text": tfds.features.Text(), "title": tfds.features.Text()})
             return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
+        texts = {"train": TRAIN_TEXTS, "validation": VALIDATION_TEXTS}
+
         def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(TRAIN_TEXTS),
-                    "validation": self._generate_examples(VALIDATION_TEXTS)}
+            return {split: self._generate_examples(texts) for split, texts in self.texts.items()}
 
         def _generate_examples(self, texts):
             for i, text in enumerate(texts):
                 yield i, {"text": text, "title": f"title {i}"}
 
 
-def prepare(data_dir: str | os.PathLike) -> str:
-    """Writes the dataset under `data_dir`; returns the name to give `tfds.data_source`."""
+def prepare(data_dir: str | os.PathLike, train_texts=TRAIN_TEXTS, validation_texts=VALIDATION_TEXTS) -> str:
+    """Writes the dataset under `data_dir` (optionally with other texts); returns the
+    name to give `tfds.data_source`."""
     builder = SourcesTinyText(data_dir=os.fspath(data_dir))
+    builder.texts = {"train": tuple(train_texts), "validation": tuple(validation_texts)}
     builder.download_and_prepare(file_format="array_record")
     return builder.name

@@ -1,0 +1,99 @@
+"""Config -> source, tokenizer, mixture and the train / eval batch streams.
+
+The one place that reads `config.data` and `config.tokenizer`: it opens the
+source, trains (or reuses, or validates) the SentencePiece model in the workdir,
+builds the objective mixture against that vocabulary, and returns the two
+streams of `pretrain.data`. Statistics of the corpus are logged once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+import objectives
+from pretrain import data, sources
+from pretrain.tokenizer import Tokenizer, ensure_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def source_from_config(data_config: Any) -> sources.Source:
+    """The source named by `config.data` (flat fields, so each is a CLI flag)."""
+    kind = data_config.kind
+    if kind == "pydocs":
+        return sources.make_source("pydocs", heldout_fraction=data_config.heldout_fraction)
+    if kind == "files":
+        if not data_config.path:
+            raise ValueError("config.data.kind='files' needs config.data.path (a file, directory or glob)")
+        return sources.make_source("files", pattern=data_config.path, text_field=data_config.text_field,
+                                   heldout_fraction=data_config.heldout_fraction)
+    if kind == "tfds":
+        if not data_config.tfds_name:
+            raise ValueError("config.data.kind='tfds' needs config.data.tfds_name (e.g. 'c4/en')")
+        splits = {"train": data_config.tfds_train_split, "heldout": data_config.tfds_heldout_split}
+        return sources.make_source("tfds", name=data_config.tfds_name, data_dir=data_config.tfds_data_dir or None,
+                                   text_feature=data_config.text_field, splits=splits)
+    raise ValueError(f"config.data.kind={kind!r} is not one of 'pydocs', 'files', 'tfds'")
+
+
+def _sentences(documents: sources.DocumentSequence, limit: int) -> Iterator[str]:
+    for index in range(min(limit, len(documents))):
+        yield from documents[index].sentences
+
+
+@dataclasses.dataclass
+class InputPipeline:
+    """Everything the trainer needs from the data side."""
+
+    source: sources.Source
+    tokenizer: Tokenizer
+    mixture: objectives.Mixture
+    train: grain.IterDataset  # endless; its iterator has get_state / set_state
+    seq_len: int
+    global_batch_size: int
+    _eval_args: dict
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        """The fixed held-out batches of this host (identical on every call)."""
+        return data.evaluation_batches(**self._eval_args)
+
+
+def build_input_pipeline(config: Any, workdir: str | os.PathLike, *, process_index: int = 0,
+                         process_count: int = 1) -> InputPipeline:
+    """Source, tokenizer (trained into `workdir` when missing), mixture and batches."""
+    source = source_from_config(config.data)
+    log.info("data: %s", source.describe())
+    train_documents, heldout_documents = source.split("train"), source.split("heldout")
+    tokenizer_config = config.tokenizer
+    tokenizer = ensure_tokenizer(
+        workdir,
+        lambda: _sentences(train_documents, tokenizer_config.sample_documents),
+        tokenizer_config.vocab_size,
+        tokenizer_config.model_type,
+        user_model_path=tokenizer_config.model_path or None,
+    )
+    stats = source.statistics("train", lambda text: len(tokenizer.encode(text)),
+                              max_documents=tokenizer_config.sample_documents)
+    log.info("data: train split (first %d documents): %d sentences, %d characters, %d tokens",
+             stats.documents, stats.sentences, stats.characters, stats.tokens)
+    mixture = objectives.build_mixture(config.objective, tokenizer.vocabulary(), config.objectives)
+    common = dict(tokenize=tokenizer.encode, mixture=mixture, seq_len=config.seq_len,
+                  global_batch_size=config.batch_size, seed=config.seed,
+                  process_index=process_index, process_count=process_count, packing=config.data.packing)
+    train = data.training_batches(train_documents, open_rows=config.data.open_rows,
+                                  num_threads=config.data.num_threads, **common)
+    return InputPipeline(source, tokenizer, mixture, train, config.seq_len, config.batch_size,
+                         dict(documents=heldout_documents, **common))
+
+
+def take(dataset: grain.IterDataset, count: int) -> list[dict[str, np.ndarray]]:
+    """The first `count` batches of a dataset (inspection and tests)."""
+    return list(itertools.islice(iter(dataset), count))
