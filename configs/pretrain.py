@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {name: objectives.default_settings(name) for name in objectives.registered_names()})
     config.size = variants["size"]  # model preset the `model` fields start from
     model_defaults = dataclasses.asdict(TransformerConfig(**PRESETS[variants["size"]]))
+    del model_defaults["vocab_size"]  # always the tokenizer's (config.tokenizer.vocab_size)
     config.model = ml_collections.ConfigDict(model_defaults)  # TransformerConfig fields
     config.seq_len = 128  # tokens per packed row
     config.batch_size = 32  # global batch, in packed rows, across all hosts

@@ -24,7 +24,8 @@ def test_config_builds_mixture_and_model(spec):
     assert len(mixture.objectives) >= 1
     if spec == "mlm":
         assert mixture.objectives[0].config.mask_rate == 0.2
-    model = TransformerConfig(**config.model)
+    assert "vocab_size" not in config.model  # the tokenizer decides it
+    model = TransformerConfig(**config.model, vocab_size=config.tokenizer.vocab_size)
     assert model.num_layers == 2
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import grain
 import numpy as np
 import pytest
 
@@ -85,15 +86,25 @@ def test_restoring_mid_epoch_continues_exactly(strategy):
     assert_same([next(resumed) for _ in range(23)], expected[17:])
 
 
-def test_every_token_of_every_example_lands_in_a_row():
+def test_every_example_lands_whole_in_one_segment():
     make = data.DocumentExamples(DOCS, tokenize, MIXTURE, SEQ_LEN, seed=0)
-    rows = list(data.PackedRows(
-        __import__("grain").MapDataset.source(DOCS[:30]).map_with_index(make), SEQ_LEN))
+    rows = list(data.PackedRows(grain.MapDataset.source(DOCS[:30]).map_with_index(make), SEQ_LEN))
     examples = [example for position in range(30) for example in make(position, DOCS[position])[1]]
-    assert sum(int((row["segment_ids"] > 0).sum()) for row in rows) == sum(len(e) for e in examples)
-    packed_inputs = sorted(tuple(row["inputs"][row["segment_ids"] == s])
-                           for row in rows for s in set(row["segment_ids"].tolist()) - {0})
-    assert packed_inputs == sorted(tuple(e.inputs) for e in examples)
+
+    def key(fields):  # every field of one example, as a hashable tuple
+        return tuple(tuple(np.asarray(fields[name]).tolist()) for name in objectives.TOKEN_FIELDS)
+
+    packed = []
+    for row in rows:
+        for segment in sorted(set(row["segment_ids"].tolist()) - {0}):
+            where = row["segment_ids"] == segment
+            first = int(np.flatnonzero(where)[0])
+            assert np.all(np.diff(np.flatnonzero(where)) == 1), "a segment must be contiguous"
+            packed.append((key({name: row[name][where] for name in objectives.TOKEN_FIELDS}),
+                           int(row["nsp_labels"][first])))
+            assert np.all(row["nsp_labels"][where][1:] == -1)
+        assert np.all(row["weights"][row["segment_ids"] == 0] == 0)
+    assert sorted(packed) == sorted((key(e.fields()), e.nsp_label) for e in examples)
 
 
 def test_examples_respect_budgets_and_drop_nothing_here():

@@ -1,11 +1,16 @@
 """Config to batches on every source: pydocs, text files and a locally prepared TFDS set."""
 
+import jax
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import tfds_fixture
 from configs.pretrain import get_config
 from pretrain import input_pipeline, sources
+from pretrain.loss import pretraining_loss
+from pretrain.model import TransformerConfig, create_model
 
 
 def small_config(objective="mlm:1,clm:1,mass:1,unilm:1", **data):
@@ -65,7 +70,26 @@ def test_tfds_end_to_end(tmp_path):
     pipeline = input_pipeline.build_input_pipeline(config, tmp_path / "run")
     assert len(pipeline.source.split("train")) == 280
     assert len(pipeline.source.split("heldout")) == 20
-    check_batches(pipeline, config)
+    batches = check_batches(pipeline, config, count=4)
+    # ... and a tiny model trains from it: the loss on these batches falls.
+    model = create_model(TransformerConfig(**config.model, vocab_size=pipeline.tokenizer.vocab_size))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optax.adam(3e-3)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss_fn = lambda p: pretraining_loss(nnx.merge(graphdef, p, rest), batch, 1)[0]  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(10):
+        for batch in batches:
+            params, opt_state, loss = step(params, opt_state, batch)
+            losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
 
 
 @pytest.mark.parametrize("field, value, message", [
