@@ -1,0 +1,83 @@
+"""The one place a device mesh is built, and the rules that place arrays on it.
+
+Parameters carry logical axis names (`pretrain.model`); `LOGICAL_AXIS_RULES` maps
+them to the mesh axes ('data', 'fsdp', 'tensor'). Data parallelism shards the batch
+over 'data' and 'fsdp'; FSDP additionally shards each parameter's 'embed' dimension
+over 'fsdp'; tensor parallelism shards heads, MLP width and vocabulary over 'tensor'.
+Changing the mesh shape in the config is all it takes to switch between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (None: replicated)
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "embed_out": None,
+    "mlp": "tensor",
+    "heads": "tensor",
+    "head_dim": None,
+}
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over all devices (of every process).
+
+    The product of the three sizes must equal the device count; -1 for `data`
+    means "whatever is left".
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise ValueError(
+                f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {len(devices)} devices")
+        data = len(devices) // (fsdp * tensor)
+    if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != len(devices):
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} does not match "
+            f"the {len(devices)} devices; set config.mesh so the product is {len(devices)} "
+            "(data=-1 fills in the rest)")
+    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def mesh_spec(logical: PartitionSpec | Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """The mesh PartitionSpec of an array with logical axis names `logical`.
+
+    A dimension whose size the mesh axis does not divide stays replicated, so
+    small models and odd vocabularies still run on any mesh.
+    """
+    axes = []
+    for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
+        mesh_axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        if name is not None and name not in LOGICAL_AXIS_RULES:
+            raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
+            mesh_axis = None
+        axes.append(mesh_axis)
+    return PartitionSpec(*axes)
+
+
+def tree_shardings(logical_specs: Any, abstract: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a tree of arrays given the matching tree of logical specs."""
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh)),
+        logical_specs, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch arrays [B, L]: rows split over ('data', 'fsdp'), positions whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,91 @@
+"""One optimisation step, for `jax.jit` over a mesh (pjit) or for `jax.pmap`.
+
+The loss of a batch is a ratio of sums (weighted token cross-entropy over the total
+weight, plus NSP cross-entropy over the number of pairs), so the step computes the
+global denominators first and then differentiates sums divided by them. That makes
+gradient accumulation over k micro-batches, sharding over any mesh, and pmap's
+cross-device sum all give the gradient of the one loss of the whole global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pretrain.loss import nsp_statistics, token_statistics
+
+Batch = Mapping[str, jax.Array]
+TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
+
+
+def denominators(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(total token weight, number of NSP-labelled pairs) of a batch, at least 1."""
+    return (jnp.maximum(batch["weights"].sum(), 1.0),
+            jnp.maximum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32), 1.0))
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int
+                 ) -> Callable[[nnx.State, Batch, jax.Array, jax.Array], tuple[jax.Array, dict]]:
+    """loss(params, batch, token_total, nsp_total) -> (this batch's share of the
+    global loss, statistics sums)."""
+
+    def loss_fn(params, batch, token_total, nsp_total):
+        model = nnx.merge(graphdef, params, rest)
+        hidden = model(batch, deterministic=True)
+        stats = token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
+                                 batch["objective_id"], num_objectives)
+        loss = stats["loss_sum"].sum() / token_total
+        if model.config.nsp_head:
+            stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
+            loss = loss + stats["nsp_loss_sum"] / nsp_total
+        return loss, stats
+
+    return loss_fn
+
+
+def accumulated_gradients(loss_fn, params, batch: Batch, token_total, nsp_total, accumulation_steps: int):
+    """(loss, grads, stats) summed over `accumulation_steps` equal micro-batches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accumulation_steps == 1:
+        (loss, stats), grads = grad_fn(params, batch, token_total, nsp_total)
+        return loss, grads, stats
+    micro = jax.tree.map(lambda x: x.reshape(accumulation_steps, -1, *x.shape[1:]), dict(batch))
+
+    def body(carry, microbatch):
+        (loss, stats), grads = grad_fn(params, microbatch, token_total, nsp_total)
+        return jax.tree.map(jnp.add, carry, (loss, grads, stats)), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: (lambda out: (out[0][0], out[1], out[0][1]))(
+            grad_fn(params, jax.tree.map(lambda x: x[0], micro), token_total, nsp_total))))
+    (loss, grads, stats), _ = jax.lax.scan(body, zero, micro)
+    return loss, grads, stats
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.GradientTransformation,
+                    num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None):
+    """step(state, batch) -> (state, metrics). With `axis_name` (pmap), each device
+    holds a slice of the batch and the sums are added across the axis."""
+    loss_fn = make_loss_fn(graphdef, rest, num_objectives)
+
+    def step(state: TrainState, batch: Batch):
+        token_total, nsp_total = denominators(batch)
+        if axis_name is not None:
+            token_total = jnp.maximum(jax.lax.psum(batch["weights"].sum(), axis_name), 1.0)
+            nsp_total = jnp.maximum(jax.lax.psum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32),
+                                                 axis_name), 1.0)
+        loss, grads, stats = accumulated_gradients(loss_fn, state["params"], batch, token_total, nsp_total,
+                                                   accumulation_steps)
+        if axis_name is not None:
+            loss, grads, stats = jax.lax.psum((loss, grads, stats), axis_name)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(stats, loss=loss, grad_norm=optax.tree.norm(grads))
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    return step
