@@ -58,6 +58,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 32  # global batch, in packed rows, across all hosts
     config.seed = 0  # parameter initialisation and example sampling
 
+    config.total_steps = 1000  # optimizer steps
+    config.accumulation_steps = 1  # micro-batches per step (batch_size must divide by it)
+    config.parallelism = "pjit"  # 'pjit' (jax.jit over the mesh) or 'pmap'
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # pjit mesh; data=-1: the rest
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3,  # peak learning rate
+        warmup_steps=100,  # linear warmup from 0
+        schedule="cosine",  # 'cosine', 'linear' or 'constant' after warmup
+        end_factor=0.0,  # final learning rate / peak
+        b1=0.9, b2=0.999, eps=1e-8,  # Adam
+        weight_decay=0.01,  # decoupled; not on LayerNorm scales and biases
+        clip_norm=1.0,  # global gradient-norm clipping (0: off)
+    ))
+    config.log_every = 10  # steps between metric lines
+    config.eval_every = 200  # steps between held-out evaluations (0: only at the end)
+    config.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+    config.keep_checkpoints = 3  # newest checkpoints kept
+    config.peak_flops_per_device = 0.0  # MFU denominator; 0: known table or measured
+    config.nonfinite = "stop"  # NaN/inf loss: 'stop' (the only policy so far)
+
     config.data = ml_collections.ConfigDict()
     config.data.kind = "pydocs"  # 'pydocs' (built in, no download), 'files' or 'tfds'
     config.data.path = ""  # files: a .txt/.jsonl file, directory or glob

@@ -1,0 +1,281 @@
+"""Pretraining entry point: one command trains, and the same command resumes.
+
+    python -m pretrain.train --config=configs/pretrain.py:objective=mlm,size=small --workdir=runs/mlm \
+        [--config.total_steps=2000] [--config.mesh.fsdp=4] [--config.parallelism=pmap]
+
+The workdir is the run: `tokenizer.model`, `checkpoints/`, `metrics.jsonl`,
+`tensorboard/` and `config.json`. Rerunning the command restores the newest good
+checkpoint (parameters, optimizer, step and the data iterator) and continues
+exactly. SIGTERM saves a checkpoint and exits 0. A non-finite loss stops the run
+with the step, the objective and the gradient norm, keeping the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+from ml_collections import config_flags
+
+from pretrain import sharding
+from pretrain.checkpoint import Checkpointer
+from pretrain.config_checks import validate_config
+from pretrain.input_pipeline import build_input_pipeline
+from pretrain.loss import nsp_statistics, token_statistics
+from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from pretrain.model import TransformerConfig, create_model
+from pretrain.optimizer import learning_rate_schedule, make_optimizer
+from pretrain.train_step import make_train_step
+
+log = logging.getLogger("pretrain.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradients became NaN or inf."""
+
+
+class Preemption:
+    """Remembers a SIGTERM so the loop can save and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+
+def summarize(stats: dict[str, np.ndarray], names: tuple[str, ...], prefix: str = "") -> dict[str, float]:
+    """Per-objective loss and accuracy (and NSP) from summed statistics."""
+    out = {}
+    weights = stats["weight_sum"]
+    for index, name in enumerate(names):
+        if weights[index] > 0:
+            out[f"{prefix}loss/{name}"] = float(stats["loss_sum"][index] / weights[index])
+            out[f"{prefix}accuracy/{name}"] = float(stats["correct_sum"][index] / weights[index])
+    if "nsp_weight_sum" in stats and stats["nsp_weight_sum"] > 0:
+        out[f"{prefix}loss/nsp"] = float(stats["nsp_loss_sum"] / stats["nsp_weight_sum"])
+        out[f"{prefix}accuracy/nsp"] = float(stats["nsp_correct_sum"] / stats["nsp_weight_sum"])
+    return out
+
+
+class Trainer:
+    """Builds everything from a config and runs the loop (see module docstring)."""
+
+    def __init__(self, config: Any, workdir: str):
+        self.config, self.workdir = config, workdir
+        validate_config(config, jax.device_count())
+        os.makedirs(workdir, exist_ok=True)
+        self.primary = jax.process_index() == 0
+        self.pipeline = build_input_pipeline(config, workdir, process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+        self.names = self.pipeline.mixture.names
+        self.model_config = TransformerConfig(**config.model, vocab_size=self.pipeline.tokenizer.vocab_size)
+        model = create_model(self.model_config, seed=config.seed)
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        embedding = sum(int(np.prod(params[name].shape)) for name in ("token_embedding", "position_embedding",
+                                                                      "type_embedding"))
+        self.parameters = sum(x.size for x in jax.tree.leaves(params))
+        self.flops_per_token = flops_per_token(self.parameters - embedding, self.model_config.num_layers,
+                                               self.model_config.model_dim, config.seq_len)
+        self.optimizer = make_optimizer(total_steps=config.total_steps, **config.optimizer)
+        self._setup_parallelism(params)
+        self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+        self.metrics = MetricsWriter(workdir, self.primary)
+
+    def _learning_rate(self, step: int) -> float:
+        o = self.config.optimizer
+        return float(learning_rate_schedule(o.learning_rate, o.warmup_steps, self.config.total_steps,
+                                            o.schedule, o.end_factor)(step))
+
+    # -- parallelism ----------------------------------------------------------------
+
+    def _initial_state(self, params):
+        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def _setup_parallelism(self, params) -> None:
+        config = self.config
+        step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
+                                  config.accumulation_steps,
+                                  axis_name="devices" if config.parallelism == "pmap" else None)
+        if config.parallelism == "pmap":
+            devices = jax.local_device_count()
+            self.state = jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)),
+                                      self._initial_state(params))
+            self.abstract_state = jax.eval_shape(lambda: self.state)
+            self.train_step = jax.pmap(step_fn, axis_name="devices", donate_argnums=0)
+            self.put_batch = lambda batch: {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}
+            self.unreplicate = lambda tree: jax.tree.map(lambda x: x[0], tree)
+            return
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        self.mesh = mesh
+        param_shardings = sharding.tree_shardings(nnx.get_partition_spec(params), params, mesh)
+        abstract_opt = jax.eval_shape(self.optimizer.init, params)
+        shardings = {
+            "params": param_shardings,
+            "opt_state": optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                               transform_non_params=lambda _: sharding.replicated(mesh)),
+            "step": sharding.replicated(mesh),
+        }
+        self.state = jax.jit(self._initial_state, out_shardings=shardings)(params)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
+        batch_sharding = sharding.batch_sharding(mesh)
+        self.train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        self.put_batch = lambda batch: {
+            k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+        self.unreplicate = lambda tree: tree
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and accuracy per trained objective."""
+        params = self.unreplicate(self.state["params"])
+        graphdef, rest, num = self.graphdef, self.rest, len(self.names)
+
+        @jax.jit
+        def eval_step(params, batch):
+            model = nnx.merge(graphdef, params, rest)
+            hidden = model(batch)
+            stats = token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
+                                     batch["objective_id"], num)
+            if model.config.nsp_head:
+                stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
+            return stats
+
+        totals = None
+        for batch in self.pipeline.eval_batches():
+            if self.config.parallelism == "pjit":
+                batch = self.put_batch(batch)
+            stats = jax.device_get(eval_step(params, batch))
+            totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
+        out = summarize(totals, self.names, prefix="eval/")
+        out["eval/loss"] = float(totals["loss_sum"].sum() / max(totals["weight_sum"].sum(), 1))
+        return out
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _check_finite(self, step: int, metrics: dict) -> None:
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if np.isfinite(loss) and np.isfinite(grad_norm):
+            return
+        per_objective = summarize(jax.device_get(metrics), self.names)
+        bad = [k.split("/", 1)[1] for k, v in per_objective.items() if k.startswith("loss/") and not np.isfinite(v)]
+        raise NonFiniteLoss(
+            f"non-finite loss {loss} at step {step} (objective(s): {', '.join(bad) or 'unknown'}; "
+            f"gradient norm {grad_norm}); the last good checkpoint in {self.checkpointer.directory} "
+            "is intact. Lower config.optimizer.learning_rate or raise warmup_steps, then rerun.")
+
+    def _check_parameters_finite(self, step: int) -> None:
+        """A checkpoint never holds NaN/inf parameters (the loss of step s was taken
+        before its update, so it cannot vouch for the parameters saved after it)."""
+        finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(),
+                                                                   self.state["params"]))
+        if not bool(np.all(jax.device_get(finite))):
+            raise NonFiniteLoss(
+                f"parameters became non-finite in the update of step {step}; not saving them. The last good "
+                f"checkpoint in {self.checkpointer.directory} is intact. Lower config.optimizer.learning_rate "
+                "or enable config.optimizer.clip_norm, then rerun.")
+
+    def _log(self, step: int, metrics: dict, extra: dict | None = None) -> None:
+        """Writes the metrics of `step` (plus `extra`, e.g. eval); stops on a non-finite loss."""
+        self._check_finite(step, metrics)
+        metrics = jax.device_get(metrics)
+        started, tokens, steps = self._window
+        now = time.perf_counter()
+        tokens_per_sec = tokens / max(now - started, 1e-9)
+        self._window = (now, 0, 0)
+        values = {
+            "loss": float(metrics["loss"]),
+            **summarize(metrics, self.names),
+            "learning_rate": self._learning_rate(step - 1),
+            "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * self.flops_per_token / (jax.device_count() * self.peak),
+            **(extra or {}),
+        }
+        self.metrics.write(step, values)
+        if self.primary:
+            eta = (self.config.total_steps - step) * (now - started) / max(steps, 1)
+            objectives = " ".join(f"{k[5:]}={v:.3f}" for k, v in values.items() if k.startswith("loss/"))
+            print(f"step {step}/{self.config.total_steps} loss {values['loss']:.4f} [{objectives}] "
+                  f"{tokens_per_sec:,.0f} tok/s mfu {values['mfu']:.2%} eta {eta / 60:.1f} min", flush=True)
+
+    def run(self) -> int:
+        """Trains to `config.total_steps`; returns the final step."""
+        config = self.config
+        iterator = iter(self.pipeline.train)
+        restored = self.checkpointer.restore(self.abstract_state)
+        start = 0
+        if restored is not None:
+            start, self.state, data_state = restored
+            iterator.set_state(data_state)
+            log.info("resumed from step %d", start)
+        self.metrics.truncate_after(start)
+        if self.primary:
+            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as handle:
+                handle.write(config.to_json_best_effort(indent=2))
+        self.peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
+        log.info("model: %d parameters; MFU peak %.3g FLOP/s per device (%s)", self.parameters, self.peak,
+                 peak_source)
+        preemption = Preemption()
+        self._window = (time.perf_counter(), 0, 0)  # start time, real tokens, steps
+        pending = None  # (step, metrics) logged one step late: no host sync on every step
+        step = start
+        try:
+            while step < config.total_steps:
+                batch = next(iterator)
+                tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+                self.state, metrics = self.train_step(self.state, self.put_batch(batch))
+                step += 1
+                metrics = self.unreplicate(metrics)
+                if pending is not None:
+                    self._log(*pending)
+                    pending = None
+                self._window = (self._window[0], self._window[1] + tokens, self._window[2] + 1)
+                last = step == config.total_steps
+                save = last or preemption.requested or step % config.checkpoint_every == 0
+                evaluate = last or (config.eval_every and step % config.eval_every == 0)
+                if save or evaluate:
+                    # Logged before the save, so a resume from here finds every step <= it logged.
+                    self._log(step, metrics, self.evaluate() if evaluate else {})
+                    if save:
+                        self._check_parameters_finite(step)
+                        self.checkpointer.save(step, self.state, iterator.get_state())
+                elif step % config.log_every == 0:
+                    pending = (step, metrics)
+                if preemption.requested:
+                    break
+        finally:
+            self.checkpointer.close()
+            self.metrics.close()
+        return step
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "pretraining config file")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory; rerun the command to resume", required=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
+    logging.getLogger("pretrain").setLevel(logging.INFO)
+    step = Trainer(_CONFIG.value, _WORKDIR.value).run()
+    print(f"stopped at step {step}; workdir {os.path.abspath(_WORKDIR.value)}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
