@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 import objectives
-from pretrain import data, sources
+from pretrain import data, distributed, sources
 from pretrain.tokenizer import Tokenizer, ensure_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,14 @@ def build_input_pipeline(config: Any, workdir: str | os.PathLike, *, process_ind
     log.info("data: %s", source.describe())
     train_documents, heldout_documents = source.split("train"), source.split("heldout")
     tokenizer_config = config.tokenizer
-    tokenizer = ensure_tokenizer(
-        workdir,
-        lambda: _sentences(train_documents, tokenizer_config.sample_documents),
-        tokenizer_config.vocab_size,
-        tokenizer_config.model_type,
-        user_model_path=tokenizer_config.model_path or None,
-    )
+    with distributed.primary_first("tokenizer"):
+        tokenizer = ensure_tokenizer(
+            workdir,
+            lambda: _sentences(train_documents, tokenizer_config.sample_documents),
+            tokenizer_config.vocab_size,
+            tokenizer_config.model_type,
+            user_model_path=tokenizer_config.model_path or None,
+        )
     stats = source.statistics("train", lambda text: len(tokenizer.encode(text)),
                               max_documents=tokenizer_config.sample_documents)
     log.info("data: train split (first %d documents): %d sentences, %d characters, %d tokens",

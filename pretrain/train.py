@@ -28,7 +28,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from pretrain import sharding
+from pretrain import distributed, sharding
 from pretrain.checkpoint import Checkpointer
 from pretrain.config_checks import validate_config
 from pretrain.input_pipeline import build_input_pipeline
@@ -267,12 +267,17 @@ class Trainer:
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "pretraining config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory; rerun the command to resume", required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "multi-host: host:port of process 0 (with --num_processes, --process_id)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: how many processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index, 0..num_processes-1")
 
 
 def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
     logging.getLogger("pretrain").setLevel(logging.INFO)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     step = Trainer(_CONFIG.value, _WORKDIR.value).run()
     print(f"stopped at step {step}; workdir {os.path.abspath(_WORKDIR.value)}", flush=True)
 
