@@ -4,6 +4,8 @@ Variants (comma-separated `key=value` in the argument):
   objective  an objective spec: 'mlm', 'clm', 'mass', 'unilm', or a mixture such as
              'mlm:1,clm:1' (see objectives.parse_mixture_spec).
   size       model preset: tiny, small, base, large.
+  data       corpus: 'pydocs' (built in, the default), 'files' (set --config.data.path)
+             or 'tfds' (set --config.data.tfds_name).
 
 Every objective's settings live under `config.objectives.<name>` with the
 paper defaults, so any number can be overridden from the command line
@@ -19,7 +21,8 @@ import ml_collections
 import objectives
 from pretrain.model import PRESETS, TransformerConfig
 
-DEFAULT_VARIANTS = {"objective": "mlm", "size": "small"}
+DEFAULT_VARIANTS = {"objective": "mlm", "size": "small", "data": "pydocs"}
+DATA_KINDS = ("pydocs", "files", "tfds")
 
 
 def parse_variants(arg: str | None) -> dict[str, str]:
@@ -46,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variants = parse_variants(arg)
     if variants["size"] not in PRESETS:
         raise ValueError(f"unknown size {variants['size']!r}; choose one of {', '.join(PRESETS)}")
+    if variants["data"] not in DATA_KINDS:
+        raise ValueError(f"unknown data {variants['data']!r}; choose one of {', '.join(DATA_KINDS)}")
     config = ml_collections.ConfigDict()
     config.objective = variants["objective"]  # objective spec: name, or 'name:rate,...' mixture
     config.objectives = ml_collections.ConfigDict(  # settings of every registered objective
@@ -79,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.nonfinite = "stop"  # NaN/inf loss: 'stop' (the only policy so far)
 
     config.data = ml_collections.ConfigDict()
-    config.data.kind = "pydocs"  # 'pydocs' (built in, no download), 'files' or 'tfds'
+    config.data.kind = variants["data"]  # 'pydocs' (built in, no download), 'files' or 'tfds'
     config.data.path = ""  # files: a .txt/.jsonl file, directory or glob
     config.data.text_field = "text"  # files: the .jsonl field; tfds: the text feature
     config.data.tfds_name = ""  # tfds: dataset name, e.g. 'c4/en' or 'wikipedia/20230601.en'

@@ -8,12 +8,16 @@ from pretrain.model import TransformerConfig
 
 
 def test_variants_and_mixture_specs():
-    assert parse_variants("objective=mlm:1,clm:1,size=tiny") == {"objective": "mlm:1,clm:1", "size": "tiny"}
-    assert parse_variants(None) == {"objective": "mlm", "size": "small"}
+    assert parse_variants("objective=mlm:1,clm:1,size=tiny") == {"objective": "mlm:1,clm:1", "size": "tiny",
+                                                                 "data": "pydocs"}
+    assert parse_variants(None) == {"objective": "mlm", "size": "small", "data": "pydocs"}
+    assert get_config("data=files,objective=clm").data.kind == "files"
     with pytest.raises(ValueError, match="unknown config variant 'sise'"):
         parse_variants("sise=tiny")
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         get_config("size=huge")
+    with pytest.raises(ValueError, match="unknown data 'c4'; choose one of pydocs, files, tfds"):
+        get_config("data=c4")
 
 
 @pytest.mark.parametrize("spec", ["mlm", "clm", "mass", "unilm", "mlm:1,clm:1,mass:1,unilm:1"])
