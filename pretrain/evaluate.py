@@ -1,0 +1,206 @@
+"""The cross-objective matrix: one checkpoint scored under every objective.
+
+    python -m pretrain.evaluate --workdir=runs/mlm [--seq_len=128] [--max_documents=0]
+
+Whatever a model was trained with, it is scored on the held-out split under every
+leaf of every registered objective (`mlm`, `clm`, `mass`, and UniLM's four modes),
+each with its paper-default settings: loss, accuracy and perplexity (exp of the
+loss) at the positions that objective weights. MLM's perplexity is over masked
+tokens, CLM's is left-to-right next-token perplexity, `unilm/right_to_left` the
+cloze loss from right context only.
+
+The held-out examples are a pure function of (data config, tokenizer, seq_len,
+seed): `pretrain.data.evaluation_batches` with a fixed seed over each objective
+alone, so every model of the same tokenizer and data sees the very same batches
+(their fingerprint is in the JSON), and a rerun gives the same numbers. The
+matrix goes to `workdir/evaluation.json` and is printed as a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags
+from flax import nnx
+
+import objectives
+from pretrain import cli, data
+from pretrain.inference import TrainedModel, load_trained
+from pretrain.input_pipeline import source_from_config
+from pretrain.loss import token_statistics
+from pretrain.model import Transformer
+from pretrain.tokenizer import Tokenizer
+
+EVAL_SEED = 0  # the held-out examples' seed: fixed, so models are scored on the same batches
+RESULT_FILENAME = "evaluation.json"
+METRICS = ("loss", "accuracy", "perplexity")
+
+
+def evaluation_objectives(vocab: objectives.Vocabulary, names: Sequence[str] | None = None
+                          ) -> list[objectives.Objective]:
+    """Every leaf of the named (default: all registered) objectives, default settings.
+
+    Each leaf is renumbered to objective id 0, since it is evaluated alone.
+    """
+    names = tuple(names or objectives.registered_names())
+    mixture = objectives.build_mixture({name: 1.0 for name in names}, vocab)
+    leaves = []
+    for leaf in mixture.objectives:
+        leaf = copy.copy(leaf)
+        leaf.objective_id = 0
+        leaves.append(leaf)
+    return leaves
+
+
+def heldout_batches(documents: Sequence[Any], tokenizer: Tokenizer, leaf: objectives.Objective, *,
+                    seq_len: int, batch_size: int, seed: int = EVAL_SEED) -> list[dict[str, np.ndarray]]:
+    """The fixed held-out batches of one objective: every document once."""
+    encode = functools.lru_cache(maxsize=None)(tokenizer.encode)
+    return data.evaluation_batches(documents, encode, objectives.Mixture([(leaf, 1.0)]), seq_len=seq_len,
+                                   global_batch_size=batch_size, seed=seed)
+
+
+def fingerprint(batches: Sequence[dict[str, np.ndarray]]) -> str:
+    """A short hash of the batches' contents (equal hashes: the same held-out set)."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(batch[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Scorer:
+    """Loss, accuracy and perplexity of one model over batches (compiled once per shape)."""
+
+    def __init__(self, model: Transformer):
+        graphdef, self._state = nnx.split(model)
+
+        @jax.jit
+        def statistics(state, batch):
+            model = nnx.merge(graphdef, state)
+            hidden = model(batch, deterministic=True)
+            return token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
+                                    batch["objective_id"], 1)
+
+        self._statistics = statistics
+
+    def __call__(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Metrics over the weighted targets of `batches` (sums in float64 on the host)."""
+        loss = correct = weight = 0.0
+        for batch in batches:
+            stats = jax.device_get(self._statistics(self._state, batch))
+            loss += float(stats["loss_sum"][0])
+            correct += float(stats["correct_sum"][0])
+            weight += float(stats["weight_sum"][0])
+        mean = loss / max(weight, 1.0)
+        return {"loss": mean, "accuracy": correct / max(weight, 1.0),
+                "perplexity": math.exp(min(mean, 700.0)), "targets": int(weight)}
+
+
+def evaluate_model(model: Transformer, tokenizer: Tokenizer, data_config: Any, *, seq_len: int,
+                   batch_size: int = 16, seed: int = EVAL_SEED, max_documents: int = 0,
+                   objective_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The matrix row of one model: {'heldout': what was scored, 'objectives': {leaf: metrics}}.
+
+    `data_config` is a run config's `data` section (the held-out split is the
+    source's); `max_documents` > 0 scores only the first documents of the split.
+    """
+    documents = source_from_config(data_config).split("heldout")
+    count = len(documents) if max_documents <= 0 else min(max_documents, len(documents))
+    if count == 0:
+        raise ValueError("the held-out split has no documents; raise config.data.heldout_fraction (or give "
+                         "config.data.tfds_heldout_split)")
+    documents = [documents[index] for index in range(count)]
+    scorer, results, prints = Scorer(model), {}, {}
+    for leaf in evaluation_objectives(tokenizer.vocabulary(), objective_names):
+        batches = heldout_batches(documents, tokenizer, leaf, seq_len=seq_len, batch_size=batch_size, seed=seed)
+        results[leaf.name] = scorer(batches)
+        prints[leaf.name] = fingerprint(batches)
+    heldout = {"documents": count, "seq_len": seq_len, "seed": seed, "batch_size": batch_size,
+               "fingerprint": fingerprint_of(prints)}
+    return {"heldout": heldout, "objectives": results}
+
+
+def fingerprint_of(parts: dict[str, str]) -> str:
+    """One hash of several named fingerprints."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate_run(workdir: str, *, seq_len: int = 0, batch_size: int = 16, seed: int = EVAL_SEED,
+                 max_documents: int = 0, objective_names: Sequence[str] | None = None,
+                 trained: TrainedModel | None = None) -> dict[str, Any]:
+    """Scores the newest checkpoint of run `workdir` (seq_len 0: the run's own)."""
+    trained = trained or load_trained(workdir)
+    result = evaluate_model(trained.model, trained.tokenizer, trained.config.data,
+                            seq_len=seq_len or trained.config.seq_len, batch_size=batch_size, seed=seed,
+                            max_documents=max_documents, objective_names=objective_names)
+    return {"workdir": os.path.abspath(workdir), "step": trained.step, "trained_objective": trained.config.objective,
+            "parameters": trained.parameters, "tokens_seen": trained.tokens_seen, **result}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The per-objective metrics of one evaluation as an aligned text table."""
+    rows = [("objective", "loss", "accuracy", "perplexity", "targets")]
+    for name, metrics in result["objectives"].items():
+        rows.append((name, f"{metrics['loss']:.4f}", f"{metrics['accuracy']:.4f}",
+                     f"{metrics['perplexity']:.2f}", f"{metrics['targets']:,}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    """Writes `result` atomically as indented JSON."""
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(temporary, path)
+
+
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory (pretrain.train --workdir)",
+                               flag_values=FLAGS)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "held-out row length; 0: the run's config.seq_len", flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "rows per evaluation batch (does not change the numbers)",
+                              flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", EVAL_SEED, "seed of the held-out examples; keep it fixed to compare models",
+                             flag_values=FLAGS)
+_MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0, "score only the first N held-out documents (0: all)",
+                                      flag_values=FLAGS)
+_OBJECTIVES = flags.DEFINE_list("objectives", [], "registered objectives to score (default: all)", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", "", f"JSON path; default workdir/{RESULT_FILENAME}", flag_values=FLAGS)
+
+
+def command() -> str:
+    """Evaluates the run of the parsed flags, writes the JSON; returns the printed report."""
+    if not _WORKDIR.value:
+        raise ValueError("--workdir is required: the directory of a training run, e.g. --workdir=runs/mlm")
+    result = evaluate_run(_WORKDIR.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, seed=_SEED.value,
+                          max_documents=_MAX_DOCUMENTS.value, objective_names=_OBJECTIVES.value or None)
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value, RESULT_FILENAME)
+    write_json(result, output)
+    heldout = result["heldout"]
+    return (f"{result['workdir']} at step {result['step']} (trained on {result['trained_objective']}); held-out: "
+            f"{heldout['documents']} documents, seq_len {heldout['seq_len']}, fingerprint {heldout['fingerprint']}\n"
+            f"{format_table(result)}\nwrote {output}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.parse(FLAGS, sys.argv if argv is None else argv, __doc__)
+    print(cli.run_reporting_bad_input(command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""A trained model out of a run directory, for evaluation and generation.
+
+    trained = load_trained("runs/mlm")        # newest loadable checkpoint
+    trained.model, trained.tokenizer, trained.config, trained.step
+
+A run directory (`pretrain.train`) holds `config.json`, `tokenizer.model` and
+`checkpoints/<step>/`. Only the parameters are needed here, so the checkpoint is
+read against the structure it was saved with (Orbax metadata) rather than against
+a rebuilt trainer state: whatever else the trainer keeps in its state, and
+whichever parallelism saved it (a pmap state has a leading device axis), the
+parameters come back onto one device. Missing pieces get one message that names
+the path and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pretrain.checkpoint import Checkpointer
+from pretrain.model import Transformer, TransformerConfig, create_model, parameter_count
+from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer
+
+CONFIG_FILENAME = "config.json"
+TRAIN_HINT = "train one first: python -m pretrain.train --config=configs/pretrain.py:objective=mlm --workdir=DIR"
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A model restored from a run directory, with what produced it."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ml_collections.ConfigDict  # the run's training config (config.json)
+    step: int  # the checkpoint's step
+    workdir: str
+    data_state: dict  # the input iterator state saved with the checkpoint
+
+    @property
+    def parameters(self) -> int:
+        """Number of trainable parameters."""
+        return parameter_count(self.model)
+
+    @property
+    def tokens_seen(self) -> int | None:
+        """Real (non-padding) tokens the run trained on, from the packer's counters."""
+        stats = self.data_state.get("stats") if isinstance(self.data_state, dict) else None
+        return int(stats["real_tokens"]) if stats and "real_tokens" in stats else None
+
+    @property
+    def trained_objectives(self) -> tuple[str, ...]:
+        """The registered objective names the run trained with (its mixture spec)."""
+        from objectives import parse_mixture_spec
+        return tuple(parse_mixture_spec(self.config.objective))
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The training config a run wrote to `workdir/config.json`."""
+    workdir = os.fspath(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist; pass --workdir=<a training run's directory>, "
+                                f"or {TRAIN_HINT}")
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing, so {workdir} is not a training run (pretrain.train writes it "
+                                f"when it starts); {TRAIN_HINT}")
+    with open(path, encoding="utf-8") as handle:
+        return ml_collections.ConfigDict(json.load(handle))
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
+    """The Transformer shape of a run config (the vocabulary is the tokenizer's)."""
+    fields = {field.name for field in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
+    return TransformerConfig(**{k: v for k, v in config.model.items() if k in fields}, vocab_size=vocab_size)
+
+
+def _abstract_from_metadata(checkpointer: Checkpointer, steps: list[int]) -> Any:
+    """Shapes and dtypes of the saved state (of the newest step whose metadata reads),
+    placed on the first device."""
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    reader = ocp.CheckpointManager(checkpointer.directory, item_handlers=handlers,
+                                   options=ocp.CheckpointManagerOptions(create=False))
+    metadata = None
+    try:
+        for step in reversed(steps):
+            try:
+                metadata = reader.item_metadata(step)["state"]
+                break
+            except Exception:  # noqa: BLE001 — a damaged step; Checkpointer.restore reports it
+                continue
+    finally:
+        reader.close()
+    if metadata is None:
+        raise ValueError(f"no checkpoint in {checkpointer.directory} can be read (steps {steps}); restore the "
+                         "directory from a backup or retrain")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata)
+
+
+def _strip_variable_boxes(tree: Any) -> Any:
+    """The saved NNX state nests each array as {'value': array}; plain arrays here."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {key: _strip_variable_boxes(value) for key, value in tree.items()}
+    return tree
+
+
+def checkpoint_directory(workdir: str | os.PathLike) -> str:
+    """`workdir/checkpoints`, which must exist (a run that saved nothing yet has none)."""
+    directory = os.path.join(os.fspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{os.fspath(workdir)} has no checkpoints/ directory: the run has not saved a "
+                                "checkpoint yet; let it reach config.checkpoint_every (or its end), or " + TRAIN_HINT)
+    return directory
+
+
+def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int, dict]:
+    """Loads the newest loadable checkpoint's parameters into `model` (in place).
+
+    Returns (step, data_state). A damaged newest checkpoint falls back to an
+    older one (pretrain.checkpoint reports it).
+    """
+    workdir = os.fspath(workdir)
+    directory = checkpoint_directory(workdir)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        steps = checkpointer.steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint; let the run reach "
+                                    "config.checkpoint_every (or its end), or " + TRAIN_HINT)
+        restored = checkpointer.restore(_abstract_from_metadata(checkpointer, steps))
+    finally:
+        checkpointer.close()
+    step, state, data_state = restored
+    params = nnx.state(model, nnx.Param)
+    expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(params, _strip_variable_boxes(state["params"]))
+
+    def unreplicate(want: jax.ShapeDtypeStruct, got: jax.Array) -> jax.Array:
+        if got.shape != want.shape and got.shape[1:] == want.shape:  # pmap: a leading device axis
+            got = got[0]
+        if got.shape != want.shape:
+            raise ValueError(f"checkpoint at step {step} in {directory} holds a parameter of shape {got.shape} where "
+                             f"the run's config.json gives {want.shape}; was config.json edited?")
+        return got
+
+    nnx.replace_by_pure_dict(params, jax.tree.map(unreplicate, expected, nnx.to_pure_dict(params)))
+    nnx.update(model, params)
+    return step, data_state
+
+
+def load_trained(workdir: str | os.PathLike) -> TrainedModel:
+    """The newest checkpoint of a run directory as a ready-to-use model."""
+    workdir = os.fspath(workdir)
+    config = read_run_config(workdir)
+    checkpoint_directory(workdir)
+    tokenizer_path = os.path.join(workdir, MODEL_FILENAME)
+    if not os.path.isfile(tokenizer_path):
+        raise FileNotFoundError(f"{tokenizer_path} is missing: the run's tokenizer is needed to read its "
+                                "checkpoints; restore it, or " + TRAIN_HINT)
+    tokenizer = load_tokenizer(tokenizer_path)
+    model = create_model(model_config(config, tokenizer.vocab_size), seed=0)
+    step, data_state = restore_params(workdir, model)
+    return TrainedModel(model, tokenizer, config, step, workdir, data_state)
+

@@ -1,0 +1,170 @@
+"""Generation: the KV cache against repeated full forward passes, ragged batches, [EOS],
+no source-to-target attention in seq2seq, [MASK] filling, sampling, and CLI errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from objectives import L2R, PREFIX, Vocabulary
+from objectives.vocab import EOS_ID, MASK_ID
+from pretrain import generate as gen
+from pretrain.model import create_model, preset
+from test_train import tiny_config
+from trained_run import shared_run
+
+VOCAB = Vocabulary(400)
+PROMPTS = [np.arange(20, 22), np.arange(30, 35), np.arange(100, 109)]  # ragged: 2, 5 and 9 tokens
+MAX_NEW = [4, 7, 5]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny model with sharpened logits, so greedy choices are far from ties."""
+    model = create_model(preset("tiny", vocab_size=VOCAB.size), seed=3)
+    model.token_embedding[...] = model.token_embedding[...] * 10
+    return model
+
+
+def full_sequence(prompt: gen.Prompt, generated: list[int]) -> dict[str, np.ndarray]:
+    """The row a prompt plus `generated` stands for: next-token layouts append the
+    generated tokens; UniLM's cloze layout appends them before a trailing [MASK]."""
+    keep = len(prompt) - 1 if prompt.cloze else len(prompt)
+    tail = list(generated) + ([MASK_ID] if prompt.cloze else [])
+    return {
+        "inputs": np.concatenate([prompt.inputs[:keep], tail]),
+        "positions": np.concatenate([prompt.positions[:keep], prompt.next_position + np.arange(len(tail))]),
+        "attention_kind": np.concatenate([prompt.attention_kind[:keep], np.full(len(tail), L2R)]),
+        "token_types": np.concatenate([prompt.token_types[:keep], np.full(len(tail), prompt.target_type)]),
+        "segment_ids": np.ones(keep + len(tail), np.int32),
+    }
+
+
+WIDTH = 32  # reference rows are right-padded to one width (segment 0), so the forward compiles once
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    """row -> (hidden [n, D], logits [n, V]): the full forward pass of one row."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, batch):
+        model = nnx.merge(graphdef, state)
+        hidden = model(batch)
+        return hidden, model.logits(hidden)
+
+    def call(row: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        n = len(row["inputs"])
+        batch = {name: np.zeros((1, WIDTH), np.int32) for name in row}
+        for name, values in row.items():
+            batch[name][0, :n] = values
+        hidden, logits = run(state, batch)
+        return np.asarray(hidden[0, :n]), np.asarray(logits[0, :n])
+
+    return call
+
+
+def greedy_without_cache(forward, prompt: gen.Prompt) -> list[int]:
+    """Greedy decoding by a full forward pass over the whole row for every token."""
+    allowed = gen.allowed_tokens(VOCAB, eos=True)
+    generated: list[int] = []
+    while len(generated) < prompt.max_new_tokens:
+        _, logits = forward(full_sequence(prompt, generated))
+        generated.append(int(np.argmax(np.where(allowed, logits[-1], -np.inf))))
+        if generated[-1] == EOS_ID:
+            break
+    return generated
+
+
+@pytest.mark.parametrize("layout", list(gen.LAYOUTS))
+def test_cached_greedy_equals_full_forward_greedy_in_a_ragged_batch(model, forward, layout):
+    prompts = [gen.LAYOUTS[layout](tokens, n) for tokens, n in zip(PROMPTS, MAX_NEW)]
+    outputs = gen.generate(model, prompts, vocab=VOCAB)
+    for prompt, output in zip(prompts, outputs):
+        expected = greedy_without_cache(forward, prompt)
+        assert output.tolist() == expected
+        assert len(expected) == prompt.max_new_tokens or expected[-1] == EOS_ID
+
+
+def test_every_row_stops_at_eos(model):
+    eager = create_model(preset("tiny", vocab_size=VOCAB.size), seed=3)
+    eager.output_bias[...] = eager.output_bias[...].at[EOS_ID].set(100.0)
+    outputs = gen.generate(eager, [gen.clm_prompt(tokens, 6) for tokens in PROMPTS], vocab=VOCAB)
+    assert [o.tolist() for o in outputs] == [[EOS_ID]] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("layout", ["unilm", "mass"])
+def test_seq2seq_source_never_sees_the_target(model, forward, layout):
+    """Changing every generated target token leaves each source token's hidden state
+    bit-identical (and does change the target's own states)."""
+    prompt = gen.LAYOUTS[layout](PROMPTS[1], 6)
+    generated = gen.generate(model, [prompt], vocab=VOCAB)[0].tolist()
+    row = full_sequence(prompt, generated)
+    source = row["attention_kind"] == PREFIX
+    assert source.sum() >= len(PROMPTS[1]) and (row["attention_kind"][~source] == L2R).all()
+    other = dict(row, inputs=np.where(source, row["inputs"], 7 + (row["inputs"] + 50) % 300))
+    (hidden, _), (changed, _) = forward(row), forward(other)
+    np.testing.assert_array_equal(hidden[source], changed[source])
+    assert np.any(hidden[~source] != changed[~source])
+
+
+@pytest.mark.parametrize("layout", list(gen.FILL_DELIMITERS))
+@pytest.mark.parametrize("sampling", [gen.GREEDY, gen.Sampling(temperature=1.0, top_k=50)], ids=["greedy", "sampled"])
+def test_fill_changes_the_mask_positions_only(model, layout, sampling):
+    texts = [np.array([20, MASK_ID, 22, 23, MASK_ID]), np.array([MASK_ID, 40, 41])]
+    filled = gen.fill_masks(model, texts, layout=layout, sampling=sampling, vocab=VOCAB)
+    for text, out in zip(texts, filled):
+        masked = text == MASK_ID
+        assert out.shape == text.shape
+        np.testing.assert_array_equal(out[~masked], text[~masked])
+        assert not VOCAB.is_special(out[masked]).any()
+    with pytest.raises(ValueError, match=r"prompt 0 has no \[MASK\]"):
+        gen.fill_masks(model, [np.array([20, 21])], vocab=VOCAB)
+
+
+def test_sampling_rules():
+    logits = jnp.asarray([[0.0, 3.0, 2.9, -1.0, 1.0]] * 64)
+    keys = jax.random.split(jax.random.key(0), 2)
+    assert set(np.asarray(gen.sample(logits, keys[0], gen.GREEDY)).tolist()) == {1}
+    assert set(np.asarray(gen.sample(logits, keys[0], gen.Sampling(1.0, top_k=1))).tolist()) == {1}
+    assert set(np.asarray(gen.sample(logits, keys[0], gen.Sampling(1.0, top_p=0.01))).tolist()) == {1}
+    top2 = np.asarray(gen.sample(logits, keys[1], gen.Sampling(1.0, top_k=2)))
+    assert set(top2.tolist()) == {1, 2}
+    nucleus = np.asarray(gen.sample(logits, keys[1], gen.Sampling(1.0, top_p=0.6)))  # {1, 2} hold > 0.6
+    assert set(nucleus.tolist()) == {1, 2}
+    again = np.asarray(gen.sample(logits, keys[1], gen.Sampling(1.0, top_p=0.6)))
+    np.testing.assert_array_equal(nucleus, again)
+    with pytest.raises(ValueError, match="top_p=0 must lie in"):
+        gen.Sampling(top_p=0)
+
+
+def test_command_generates_from_a_trained_run(tmp_path_factory):
+    workdir = str(shared_run(tmp_path_factory))
+    lines = gen.run(workdir, ["Return the value", "A list of"], mode="continue", max_new_tokens=5)
+    assert len(lines) == 2 and lines[0].startswith("'Return the value' -> ")
+    filled = gen.run(workdir, ["Return the [MASK] of the [MASK]."])
+    assert "(filled: " in filled[0] and filled[0].count(",") >= 1
+    seq2seq = gen.run(workdir, ["Return the value"], mode="seq2seq", layout="mass", max_new_tokens=3,
+                      sampling=gen.Sampling(0.8, top_k=20, top_p=0.9), seed=1)
+    assert seq2seq == gen.run(workdir, ["Return the value"], mode="seq2seq", layout="mass", max_new_tokens=3,
+                              sampling=gen.Sampling(0.8, top_k=20, top_p=0.9), seed=1)
+
+
+def test_bad_input_gets_one_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="--prompt number 2 is empty"):
+        gen.run(str(tmp_path), ["fine", "  "])
+    with pytest.raises(FileNotFoundError, match=r"workdir .*missing does not exist; pass --workdir"):
+        gen.run(str(tmp_path / "missing"), ["text"])
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/ directory: the run has not saved"):
+        gen.run(str(tmp_path), ["text"])
+    with pytest.raises(ValueError, match="a model trained with mlm fills masks: put \\[MASK\\] in --prompt"):
+        gen.resolve_mode("auto", "auto", ("mlm",), ["no mask here"])
+    with pytest.raises(ValueError, match="--layout='mlm' cannot do --mode=continue"):
+        gen.resolve_mode("continue", "mlm", ("mlm",), ["text"])
+    with pytest.raises(ValueError, match="exceeds the model's max_positions=256"):
+        gen.generate(create_model(preset("tiny", vocab_size=VOCAB.size)), [gen.clm_prompt(PROMPTS[0], 300)])
