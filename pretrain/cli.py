@@ -24,6 +24,7 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str], doc: str) -> None:
     if any(arg in HELP_FLAGS for arg in argv[1:]):
         print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(include_special_flags=False))
         sys.exit(0)
+    flag_values.unparse_flags()  # back to the defaults, so a second call in one process starts clean
     try:
         rest = flag_values(list(argv))
     except flags.Error as error:

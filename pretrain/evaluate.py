@@ -139,10 +139,11 @@ def fingerprint_of(parts: dict[str, str]) -> str:
 
 def evaluate_run(workdir: str, *, seq_len: int = 0, batch_size: int = 16, seed: int = EVAL_SEED,
                  max_documents: int = 0, objective_names: Sequence[str] | None = None,
-                 trained: TrainedModel | None = None) -> dict[str, Any]:
-    """Scores the newest checkpoint of run `workdir` (seq_len 0: the run's own)."""
+                 data_config: Any = None, trained: TrainedModel | None = None) -> dict[str, Any]:
+    """Scores the newest checkpoint of run `workdir` on the held-out split of
+    `data_config` (default: the run's own data; seq_len 0: the run's own)."""
     trained = trained or load_trained(workdir)
-    result = evaluate_model(trained.model, trained.tokenizer, trained.config.data,
+    result = evaluate_model(trained.model, trained.tokenizer, data_config or trained.config.data,
                             seq_len=seq_len or trained.config.seq_len, batch_size=batch_size, seed=seed,
                             max_documents=max_documents, objective_names=objective_names)
     return {"workdir": os.path.abspath(workdir), "step": trained.step, "trained_objective": trained.config.objective,

@@ -84,7 +84,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transfor
 def _abstract_from_metadata(checkpointer: Checkpointer, steps: list[int]) -> Any:
     """Shapes and dtypes of the saved state (of the newest step whose metadata reads),
     placed on the first device."""
-    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
     reader = ocp.CheckpointManager(checkpointer.directory, item_handlers=handlers,
                                    options=ocp.CheckpointManagerOptions(create=False))
     metadata = None
@@ -113,13 +114,22 @@ def _strip_variable_boxes(tree: Any) -> Any:
     return tree
 
 
-def checkpoint_directory(workdir: str | os.PathLike) -> str:
-    """`workdir/checkpoints`, which must exist (a run that saved nothing yet has none)."""
-    directory = os.path.join(os.fspath(workdir), "checkpoints")
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the run's finished checkpoints, oldest first; none is an error that says what to do."""
+    workdir = os.fspath(workdir)
+    directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{os.fspath(workdir)} has no checkpoints/ directory: the run has not saved a "
-                                "checkpoint yet; let it reach config.checkpoint_every (or its end), or " + TRAIN_HINT)
-    return directory
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: the run has not saved a checkpoint yet; "
+                                "let it reach config.checkpoint_every (or its end), or " + TRAIN_HINT)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        steps = checkpointer.steps()
+    finally:
+        checkpointer.close()
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint; let the run reach "
+                                "config.checkpoint_every (or its end), or " + TRAIN_HINT)
+    return steps
 
 
 def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int, dict]:
@@ -128,18 +138,13 @@ def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int,
     Returns (step, data_state). A damaged newest checkpoint falls back to an
     older one (pretrain.checkpoint reports it).
     """
-    workdir = os.fspath(workdir)
-    directory = checkpoint_directory(workdir)
+    steps = checkpoint_steps(workdir)
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
-        steps = checkpointer.steps()
-        if not steps:
-            raise FileNotFoundError(f"{directory} holds no finished checkpoint; let the run reach "
-                                    "config.checkpoint_every (or its end), or " + TRAIN_HINT)
-        restored = checkpointer.restore(_abstract_from_metadata(checkpointer, steps))
+        step, state, data_state = checkpointer.restore(_abstract_from_metadata(checkpointer, steps))
     finally:
         checkpointer.close()
-    step, state, data_state = restored
+    directory = checkpointer.directory
     params = nnx.state(model, nnx.Param)
     expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
     nnx.replace_by_pure_dict(params, _strip_variable_boxes(state["params"]))
@@ -161,7 +166,7 @@ def load_trained(workdir: str | os.PathLike) -> TrainedModel:
     """The newest checkpoint of a run directory as a ready-to-use model."""
     workdir = os.fspath(workdir)
     config = read_run_config(workdir)
-    checkpoint_directory(workdir)
+    checkpoint_steps(workdir)  # before the tokenizer: "no checkpoint" is the likelier news
     tokenizer_path = os.path.join(workdir, MODEL_FILENAME)
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(f"{tokenizer_path} is missing: the run's tokenizer is needed to read its "

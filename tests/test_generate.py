@@ -148,10 +148,9 @@ def test_command_generates_from_a_trained_run(tmp_path_factory):
     assert len(lines) == 2 and lines[0].startswith("'Return the value' -> ")
     filled = gen.run(workdir, ["Return the [MASK] of the [MASK]."])
     assert "(filled: " in filled[0] and filled[0].count(",") >= 1
-    seq2seq = gen.run(workdir, ["Return the value"], mode="seq2seq", layout="mass", max_new_tokens=3,
+    seq2seq = gen.run(workdir, ["Return the value", "x"], mode="seq2seq", layout="mass", max_new_tokens=3,
                       sampling=gen.Sampling(0.8, top_k=20, top_p=0.9), seed=1)
-    assert seq2seq == gen.run(workdir, ["Return the value"], mode="seq2seq", layout="mass", max_new_tokens=3,
-                              sampling=gen.Sampling(0.8, top_k=20, top_p=0.9), seed=1)
+    assert len(seq2seq) == 2 and seq2seq[1].startswith("'x' -> ")
 
 
 def test_bad_input_gets_one_clear_message(tmp_path):
@@ -161,6 +160,9 @@ def test_bad_input_gets_one_clear_message(tmp_path):
         gen.run(str(tmp_path / "missing"), ["text"])
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     with pytest.raises(FileNotFoundError, match="has no checkpoints/ directory: the run has not saved"):
+        gen.run(str(tmp_path), ["text"])
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match="checkpoints holds no finished checkpoint; let the run reach"):
         gen.run(str(tmp_path), ["text"])
     with pytest.raises(ValueError, match="a model trained with mlm fills masks: put \\[MASK\\] in --prompt"):
         gen.resolve_mode("auto", "auto", ("mlm",), ["no mask here"])

@@ -1,0 +1,81 @@
+"""Objective comparison: `--config=configs/compare.py:preset=objectives,size=tiny,steps=300`.
+
+    python -m pretrain.compare --config=configs/compare.py --workdir=runs/compare
+
+Every run trains the same model on the same data for the same number of steps and
+packed tokens (`config.budget`, a whole `configs/pretrain.py` config); a run only
+names its objective (or mixture) and, optionally, overrides of budget fields.
+Variants (comma-separated `key=value`):
+  preset  which runs: 'objectives' (mlm, clm, mass, unilm), 'mixtures' (mlm, clm
+          and their 1:1 mixture), 'mass_span' (MASS at span fractions 0.3 / 0.5 /
+          0.7) or 'mlm_rate' (MLM at masking rates 0.1 / 0.15 / 0.3).
+  size    model preset of the budget: tiny, small, base, large.
+  steps   optimizer steps of every run.
+
+Any field is a flag: `--config.budget.batch_size=32`, `--config.runs.mlm.objective=...`,
+`--config.sweep.grid='(0.2,0.4)'`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import pretrain
+
+DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "300"}
+
+# preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
+PRESETS = {
+    "objectives": ({"mlm": "mlm", "clm": "clm", "mass": "mass", "unilm": "unilm"}, None),
+    "mixtures": ({"mlm": "mlm", "clm": "clm", "mlm+clm": "mlm:1,clm:1"}, None),
+    "mass_span": ({"mass": "mass"}, ("mass", "objectives.mass.span_fraction", (0.3, 0.5, 0.7))),
+    "mlm_rate": ({"mlm": "mlm"}, ("mlm", "objectives.mlm.mask_rate", (0.1, 0.15, 0.3))),
+}
+
+
+def parse_variants(arg: str | None) -> dict[str, str]:
+    """'preset=objectives,steps=300' -> {'preset': 'objectives', 'size': 'tiny', 'steps': '300'}."""
+    variants = dict(DEFAULT_VARIANTS)
+    for part in filter(None, (arg or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in DEFAULT_VARIANTS:
+            raise ValueError(f"config variant {part!r} in {arg!r} is not one of "
+                             f"{', '.join(k + '=...' for k in DEFAULT_VARIANTS)}")
+        variants[key.strip()] = value.strip()
+    if variants["preset"] not in PRESETS:
+        raise ValueError(f"unknown comparison preset {variants['preset']!r}; choose one of {', '.join(PRESETS)}")
+    return variants
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variants = parse_variants(arg)
+    steps = int(variants["steps"])
+    runs, sweep = PRESETS[variants["preset"]]
+
+    budget = pretrain.get_config(f"objective=mlm,size={variants['size']}")  # `objective` is set per run
+    budget.seq_len = 128  # tokens per packed row
+    budget.batch_size = 16  # packed rows per step
+    budget.total_steps = steps  # optimizer steps of every run
+    budget.optimizer.warmup_steps = max(1, steps // 10)
+    budget.log_every = 10  # points of the training-loss curves
+    budget.eval_every = 0  # held-out evaluation only at the end (the matrix is the comparison)
+    budget.checkpoint_every = max(1, steps // 3)  # an interrupted comparison resumes from here
+    budget.keep_checkpoints = 1
+    budget.tokenizer.vocab_size = 4000  # shared by every run (trained once into the workdir)
+
+    config = ml_collections.ConfigDict()
+    config.budget = budget  # everything the runs share: model, data, tokenizer, optimizer, steps, batch
+    config.budget_tokens = 0  # > 0: total_steps = ceil(budget_tokens / (batch_size * seq_len)) instead
+    config.runs = ml_collections.ConfigDict({  # run name -> objective spec and budget overrides
+        name: ml_collections.ConfigDict({"objective": spec, "overrides": ml_collections.ConfigDict()})
+        for name, spec in runs.items()})
+    config.sweep = ml_collections.ConfigDict()  # one budget field swept for one run (T5-style tables)
+    config.sweep.run = sweep[0] if sweep else ""  # the run it replaces with one run per value
+    config.sweep.field = sweep[1] if sweep else ""  # dotted budget field, e.g. 'objectives.mass.span_fraction'
+    config.sweep.grid = sweep[2] if sweep else ()  # the values
+    config.evaluation = ml_collections.ConfigDict()  # the held-out matrix (pretrain.evaluate)
+    config.evaluation.objectives = ""  # comma-separated registered objectives; '' = all
+    config.evaluation.seed = 0  # fixed: every run is scored on the same held-out batches
+    config.evaluation.batch_size = 16  # rows per evaluation batch
+    config.evaluation.max_documents = 0  # 0: every held-out document
+    return config

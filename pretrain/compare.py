@@ -1,0 +1,266 @@
+"""Objectives side by side under one budget: train each run, score all, write a report.
+
+    python -m pretrain.compare --config=configs/compare.py --workdir=runs/compare
+
+The config (`configs/compare.py`) lists runs (an objective or mixture each, and
+optionally a sweep of one budget field) and one budget: model, data, tokenizer,
+optimizer, steps, batch and sequence length. The workdir then holds
+
+    tokenizer.model            trained once; every run uses it, so all share one held-out set
+    runs/<name>/               a `pretrain.train` run directory, plus compare_run.json
+                               (the run's config and its accumulated training wall time)
+    report.md                  the matrix, tokens seen, parameters, wall time, command, config
+    loss_curves.png            training loss of every run, one figure
+    matrix.png                 the held-out matrix as a heatmap
+    comparison.json            everything in report.md, machine-readable
+
+Rerunning the command trains nothing that is finished, resumes what is not (the
+trainer restores its newest checkpoint), reuses each run's `evaluation.json` when
+it matches the checkpoint and held-out settings, and rewrites the report. A run
+directory trained with another config than the one the command now asks for is
+an error naming the run, never silently mixed into the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from pretrain import cli, compare_report
+from pretrain.config_checks import validate_config
+from pretrain.evaluate import RESULT_FILENAME, evaluate_run, write_json
+from pretrain.inference import checkpoint_steps, load_trained
+from pretrain.tokenizer import MODEL_FILENAME
+
+RUN_RECORD = "compare_run.json"
+
+
+@dataclasses.dataclass
+class Run:
+    """One row of the comparison."""
+
+    name: str
+    config: ml_collections.ConfigDict  # its full training config
+    directory: str
+    trained_now: bool = False  # this invocation trained (or resumed) it
+    wall_time_s: float = 0.0  # training wall time, summed over invocations
+    evaluation: dict | None = None  # pretrain.evaluate's result for its final checkpoint
+
+    @property
+    def objective(self) -> str:
+        return self.config.objective
+
+
+def _set_field(config: ml_collections.ConfigDict, dotted: str, value: Any, where: str) -> None:
+    """config.<dotted> = value; a field the budget does not have is an error naming `where`."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for index, key in enumerate(parents + [leaf]):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            path = ".".join((parents + [leaf])[: index + 1])
+            raise ValueError(f"{where}: the budget has no field {path!r}; name a field of configs/pretrain.py "
+                             "(e.g. 'objectives.mass.span_fraction', 'objectives.mlm.mask_rate', 'seq_len')")
+        if key != leaf:
+            node = node[key]
+    with node.ignore_type():
+        node[leaf] = value
+
+
+def _apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str,
+                     prefix: str = "") -> None:
+    """Sets every leaf of the nested `overrides` on `config` (see `_set_field`)."""
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            _apply_overrides(config, value, where, f"{prefix}{key}.")
+        else:
+            _set_field(config, f"{prefix}{key}", value, where)
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields whose values differ between two nested configs."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changed += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Run name -> full training config (budget + objective + overrides, the sweep expanded),
+    each validated before anything trains."""
+    if not len(config.runs):
+        raise ValueError("config.runs is empty; list at least one run (name -> objective), see configs/compare.py")
+    budget = copy.deepcopy(config.budget)
+    if config.budget_tokens > 0:
+        budget.total_steps = math.ceil(config.budget_tokens / (budget.batch_size * budget.seq_len))
+    runs: dict[str, ml_collections.ConfigDict] = {}
+    for name, spec in config.runs.items():
+        run = copy.deepcopy(budget)
+        run.objective = spec.objective
+        _apply_overrides(run, spec.overrides.to_dict() if "overrides" in spec else {}, f"config.runs.{name}.overrides")
+        runs[name] = run
+    sweep = config.sweep
+    if sweep.run or sweep.field or len(sweep.grid):
+        if sweep.run not in runs:
+            raise ValueError(f"config.sweep.run={sweep.run!r} is not a run; choose one of {', '.join(runs)}")
+        if not len(sweep.grid):
+            raise ValueError("config.sweep.grid is empty; give the values of config.sweep.field, e.g. '(0.3,0.5)'")
+        base = runs.pop(sweep.run)
+        for value in sweep.grid:
+            variant = copy.deepcopy(base)
+            _set_field(variant, sweep.field, value, "config.sweep.field")
+            runs[f"{sweep.run}-{sweep.field.rsplit('.', 1)[-1]}={value}"] = variant
+    for name, run in runs.items():
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"run name {name!r} cannot be a directory name; use letters, digits, '-', '_', '+'")
+        try:
+            validate_config(run, jax.device_count())
+        except ValueError as error:
+            problems = " ".join(str(error).split())  # one line per run
+            raise ValueError(f"config.runs.{name} (objective {run.objective!r}): {problems}") from None
+    return runs
+
+
+def _record_path(directory: str) -> str:
+    return os.path.join(directory, RUN_RECORD)
+
+
+def _read_record(directory: str) -> dict:
+    path = _record_path(directory)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def finished_step(directory: str) -> int:
+    """The newest checkpoint step of a run directory (0: none yet)."""
+    try:
+        return checkpoint_steps(directory)[-1]
+    except FileNotFoundError:
+        return 0
+
+
+def shared_tokenizer(budget: ml_collections.ConfigDict, workdir: str) -> str:
+    """`workdir/tokenizer.model`, trained on the budget's data when missing."""
+    from pretrain.input_pipeline import build_input_pipeline
+
+    path = os.path.join(workdir, MODEL_FILENAME)
+    if not os.path.exists(path):
+        build_input_pipeline(budget, workdir)
+    return path
+
+
+def train_run(run: Run, tokenizer_path: str) -> None:
+    """Trains (or resumes) `run` to its total_steps; a finished run is left alone."""
+    os.makedirs(run.directory, exist_ok=True)
+    wanted = json.loads(run.config.to_json_best_effort())
+    record = _read_record(run.directory)
+    if record and record.get("config") != wanted:
+        changed = changed_fields(record["config"], wanted)
+        raise ValueError(f"run {run.name!r} in {run.directory} was trained with another config (changed: "
+                         f"{', '.join(changed[:6])}); delete that directory to retrain it, or pass a new --workdir")
+    run.wall_time_s = float(record.get("wall_time_s", 0.0))
+    if finished_step(run.directory) >= run.config.total_steps:
+        return
+    target = os.path.join(run.directory, MODEL_FILENAME)
+    if not os.path.exists(target):
+        shutil.copy(tokenizer_path, target)
+    from pretrain.train import Trainer  # defines pretrain.train's global flags; only needed to train
+
+    print(f"== training {run.name} ({run.objective}) in {run.directory}", flush=True)
+    started = time.perf_counter()
+    try:
+        Trainer(run.config, run.directory).run()
+    finally:
+        run.wall_time_s += time.perf_counter() - started
+        run.trained_now = True
+        write_json({"config": wanted, "wall_time_s": run.wall_time_s}, _record_path(run.directory))
+
+
+def evaluate(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict) -> dict:
+    """The run's held-out matrix row, reused from its evaluation.json when it is for the
+    same checkpoint step and held-out settings."""
+    names = [n.strip() for n in evaluation.objectives.split(",") if n.strip()] or None
+    settings = dict(seq_len=budget.seq_len, batch_size=evaluation.batch_size, seed=evaluation.seed,
+                    max_documents=evaluation.max_documents, objective_names=names)
+    path = os.path.join(run.directory, RESULT_FILENAME)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            cached = json.load(handle)
+        if cached.get("step") == finished_step(run.directory) and cached.get("settings") == settings:
+            return cached
+    trained = load_trained(run.directory)
+    result = evaluate_run(run.directory, data_config=budget.data, trained=trained, **settings)
+    result["settings"] = settings
+    write_json(result, path)
+    return result
+
+
+def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") -> list[Run]:
+    """Trains, evaluates and reports every run of `config` in `workdir` (see module docstring)."""
+    started = time.perf_counter()
+    configs = run_configs(config)  # every run validated before any trains
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer_path = shared_tokenizer(config.budget, workdir)
+    runs = [Run(name, run_config, os.path.join(workdir, "runs", name)) for name, run_config in configs.items()]
+    for run in runs:
+        train_run(run, tokenizer_path)
+    for run in runs:
+        run.evaluation = evaluate(run, config.budget, config.evaluation)
+    fingerprints = {run.name: run.evaluation["heldout"]["fingerprint"] for run in runs}
+    if len(set(fingerprints.values())) > 1:
+        raise ValueError(f"the runs were scored on different held-out sets ({fingerprints}); their tokenizers or "
+                         "data differ: give every run the budget's data and the workdir's tokenizer")
+    compare_report.write(workdir, runs, config, command, time.perf_counter() - started)
+    return runs
+
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/compare.py", "comparison config file",
+                                          flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "the comparison's directory; rerun the command to resume",
+                               flag_values=FLAGS)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The shell command that reproduces this invocation."""
+    return " ".join(["python -m pretrain.compare", *(shlex.quote(arg) for arg in argv[1:])])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    cli.parse(FLAGS, argv, __doc__)
+
+    def command() -> str:
+        if not _WORKDIR.value:
+            raise ValueError("--workdir is required: where the runs and the report go, e.g. --workdir=runs/compare")
+        started = time.perf_counter()
+        runs = compare(_CONFIG.value, _WORKDIR.value, command_line(argv))
+        report = os.path.join(os.path.abspath(_WORKDIR.value), compare_report.REPORT)
+        trained = [run.name for run in runs if run.trained_now]
+        return (f"{len(runs)} runs ({', '.join(trained) or 'none'} trained now); wall time "
+                f"{time.perf_counter() - started:.0f} s; report: {report}")
+
+    print(cli.run_reporting_bad_input(command), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The comparison's outputs: report.md, loss_curves.png, matrix.png and comparison.json.
+
+Rows are runs, columns the evaluation objectives of `pretrain.evaluate`. The
+best value of each column is bold in the tables; the heatmap colours each column
+from its best (green) to its worst (red), since losses of different objectives
+live on different scales, and prints the numbers in the cells. Plots use
+matplotlib's object API (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import ml_collections
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pretrain.evaluate import write_json
+
+if TYPE_CHECKING:
+    from pretrain.compare import Run
+
+REPORT = "report.md"
+LOSS_CURVES = "loss_curves.png"
+MATRIX = "matrix.png"
+SUMMARY = "comparison.json"
+
+
+def loss_curve(directory: str) -> tuple[list[int], list[float]]:
+    """(steps, training losses) logged in a run's metrics.jsonl."""
+    steps, losses = [], []
+    path = os.path.join(directory, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a crash
+                if "loss" in record:
+                    steps.append(int(record["step"]))
+                    losses.append(float(record["loss"]))
+    return steps, losses
+
+
+def matrix(runs: Sequence[Run], metric: str) -> tuple[list[str], np.ndarray]:
+    """(objective names, values [runs, objectives]) of one metric."""
+    names = list(runs[0].evaluation["objectives"])
+    return names, np.array([[run.evaluation["objectives"][name][metric] for name in names] for run in runs])
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 2) -> str:
+    """A Markdown table; the first `text_columns` left-aligned, numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def matrix_table(runs: Sequence[Run], metric: str, lower_is_better: bool, digits: int = 3) -> str:
+    """The runs x objectives table of `metric` in Markdown, the best of each column bold."""
+    names, values = matrix(runs, metric)
+    best = values.min(axis=0) if lower_is_better else values.max(axis=0)
+    rows = []
+    for r, run in enumerate(runs):
+        cells = [f"**{v:.{digits}f}**" if v == best[c] and len(runs) > 1 else f"{v:.{digits}f}"
+                 for c, v in enumerate(values[r])]
+        rows.append([run.name, f"`{run.objective}`", *cells])
+    return _table(["run", "trained on", *names], rows)
+
+
+def runs_table(runs: Sequence[Run]) -> str:
+    """Steps, tokens, parameters, final training loss and wall time of every run."""
+    rows = []
+    for run in runs:
+        evaluation = run.evaluation
+        steps, losses = loss_curve(run.directory)
+        tokens = evaluation.get("tokens_seen")
+        rows.append([run.name, f"`{run.objective}`", f"{evaluation['step']:,}",
+                     f"{tokens:,}" if tokens is not None else "n/a", f"{evaluation['parameters']:,}",
+                     f"{losses[-1]:.3f}" if losses else "n/a", f"{run.wall_time_s:.0f} s"])
+    return _table(["run", "objective", "steps", "tokens seen", "parameters", "final training loss",
+                   "training wall time"], rows)
+
+
+def plot_loss_curves(runs: Sequence[Run], path: str) -> None:
+    """Training loss against step, every run on one figure."""
+    figure = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for run in runs:
+        steps, losses = loss_curve(run.directory)
+        axes.plot(steps, losses, label=f"{run.name} ({run.objective})", linewidth=1.6)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss (each run's own objective)")
+    axes.set_title("Training loss under one budget")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def plot_matrix(runs: Sequence[Run], path: str) -> None:
+    """The held-out matrix as a heatmap: loss (accuracy) in each cell, colour by rank in its column."""
+    names, loss = matrix(runs, "loss")
+    _, accuracy = matrix(runs, "accuracy")
+    span = loss.max(axis=0) - loss.min(axis=0)
+    shade = (loss - loss.min(axis=0)) / np.where(span > 0, span, 1.0)  # 0: best of the column
+    figure = Figure(figsize=(1.3 * len(names) + 2.5, 0.6 * len(runs) + 2.2), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(shade, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
+    for r in range(len(runs)):
+        for c in range(len(names)):
+            axes.text(c, r, f"{loss[r, c]:.2f}\n({accuracy[r, c]:.0%})", ha="center", va="center", fontsize=8)
+    axes.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes.set_yticks(range(len(runs)), [run.name for run in runs], fontsize=8)
+    axes.set_xlabel("evaluated as")
+    axes.set_ylabel("trained run")
+    axes.set_title("Held-out loss (accuracy)")
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.04)
+    colorbar.set_ticks([0, 1], labels=["best in column", "worst"])
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _budget_line(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
+    model, first = config.budget.model, runs[0].config
+    slots = first.total_steps * first.batch_size * first.seq_len
+    return (f"Every run: model `{config.budget.size}` ({model.num_layers} layers, width {model.model_dim}, "
+            f"{model.num_heads} heads, {runs[0].evaluation['parameters']:,} parameters), data "
+            f"`{config.budget.data.kind}`, one SentencePiece tokenizer of {config.budget.tokenizer.vocab_size:,} "
+            f"pieces, {first.total_steps:,} steps x {first.batch_size} rows x {first.seq_len} tokens = "
+            f"{slots:,} token slots, AdamW at peak learning rate {config.budget.optimizer.learning_rate:g} "
+            f"({config.budget.optimizer.warmup_steps} warmup steps, {config.budget.optimizer.schedule} decay).")
+
+
+def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: str, wall_time_s: float) -> str:
+    """The whole report.md."""
+    heldout = runs[0].evaluation["heldout"]
+    training = sum(run.wall_time_s for run in runs)
+    return "\n\n".join([
+        "# Objective comparison",
+        f"```bash\n{command}\n```",
+        _budget_line(config, runs),
+        "## Held-out loss (lower is better)",
+        matrix_table(runs, "loss", lower_is_better=True),
+        "## Held-out accuracy (higher is better)",
+        matrix_table(runs, "accuracy", lower_is_better=False),
+        "Columns are objectives the model is scored under (`pretrain.evaluate`, paper-default settings), "
+        "whatever it was trained with: `clm` is left-to-right next-token loss (perplexity = exp(loss)), `mlm` "
+        "the masked-token loss, `mass` the span loss, `unilm/*` the cloze loss of each UniLM mode. "
+        f"Held-out set: {heldout['documents']} documents, seq_len {heldout['seq_len']}, seed {heldout['seed']}, "
+        f"identical for every run (fingerprint `{heldout['fingerprint']}`).",
+        "## Runs",
+        runs_table(runs),
+        f"Training wall time, all runs: {training:.0f} s; this invocation (training what was not finished, "
+        f"evaluation, report): {wall_time_s:.0f} s. Training losses of different objectives are not comparable "
+        "with each other; the matrix is.",
+        f"![training loss]({LOSS_CURVES})",
+        f"![held-out matrix]({MATRIX})",
+        f"<details><summary>config</summary>\n\n```yaml\n{config}```\n\n</details>\n",
+    ])
+
+
+def write(workdir: str, runs: Sequence[Run], config: ml_collections.ConfigDict, command: str,
+          wall_time_s: float) -> dict[str, str]:
+    """Writes report.md, both PNGs and comparison.json into `workdir`; returns their paths."""
+    paths = {name: os.path.join(workdir, name) for name in (REPORT, LOSS_CURVES, MATRIX, SUMMARY)}
+    plot_loss_curves(runs, paths[LOSS_CURVES])
+    plot_matrix(runs, paths[MATRIX])
+    with open(paths[REPORT], "w", encoding="utf-8") as handle:
+        handle.write(markdown(runs, config, command, wall_time_s))
+    summary: dict[str, Any] = {
+        "command": command, "wall_time_s": wall_time_s, "config": json.loads(config.to_json_best_effort()),
+        "runs": {run.name: {"objective": run.objective, "directory": run.directory, "wall_time_s": run.wall_time_s,
+                            "trained_now": run.trained_now, "evaluation": run.evaluation} for run in runs}}
+    write_json(summary, paths[SUMMARY])
+    return paths

@@ -1,0 +1,106 @@
+"""The comparison tool: two runs of a few steps give report.md with the matrix and PNG
+plots; a rerun trains nothing; config mistakes are named before anything trains."""
+
+import json
+import os
+import shutil
+
+import ml_collections
+import pytest
+from matplotlib import image
+
+from configs.compare import get_config
+from pretrain import compare
+from trained_run import shared_tokenizer
+
+
+def small_budget(preset: str = "mlm_rate") -> ml_collections.ConfigDict:
+    config = get_config(f"preset={preset},size=tiny,steps=4")
+    budget = config.budget
+    budget.seq_len, budget.batch_size, budget.log_every, budget.checkpoint_every = 64, 8, 1, 4
+    budget.tokenizer.vocab_size = 400
+    budget.optimizer.learning_rate = 3e-3
+    config.evaluation.max_documents = 3
+    return config
+
+
+def test_run_configs_expand_the_budget_and_the_sweep():
+    config = small_budget()
+    config.sweep.grid = (0.15, 0.3)
+    runs = compare.run_configs(config)
+    assert list(runs) == ["mlm-mask_rate=0.15", "mlm-mask_rate=0.3"]
+    assert [run.objectives.mlm.mask_rate for run in runs.values()] == [0.15, 0.3]
+    assert all(run.objective == "mlm" and run.total_steps == 4 and run.seq_len == 64 for run in runs.values())
+    four = get_config("preset=objectives")
+    four.runs.mlm.overrides = ml_collections.ConfigDict({"objectives": {"mlm": {"whole_word": True}}})
+    objectives = compare.run_configs(four)
+    assert {name: run.objective for name, run in objectives.items()} == {
+        "clm": "clm", "mass": "mass", "mlm": "mlm", "unilm": "unilm"}
+    assert [run.objectives.mlm.whole_word for run in objectives.values()] == [False, False, True, False]
+    config.budget_tokens = 64 * 8 * 10
+    assert {run.total_steps for run in compare.run_configs(config).values()} == {10}
+
+
+def test_config_mistakes_name_the_run_and_the_field():
+    config = get_config("preset=objectives")
+    config.runs.mlm.objective = "bert"
+    with pytest.raises(ValueError, match=r"config.runs.mlm \(objective 'bert'\): .*unknown objective 'bert'; "
+                                         r"known objectives: clm, mass, mlm, unilm"):
+        compare.run_configs(config)
+    config = get_config("preset=objectives")
+    config.runs.clm.overrides = ml_collections.ConfigDict({"optimizer": {"learning_rat": 0.1}})
+    with pytest.raises(ValueError, match="config.runs.clm.overrides: the budget has no field 'optimizer.learning_rat'"):
+        compare.run_configs(config)
+    config = get_config("preset=mass_span")
+    config.sweep.field = "objectives.mass.span_fractio"
+    with pytest.raises(ValueError, match="config.sweep.field: the budget has no field 'objectives.mass.span_fractio'"):
+        compare.run_configs(config)
+    config = get_config("preset=mass_span")
+    config.sweep.run = "mlm"
+    with pytest.raises(ValueError, match="config.sweep.run='mlm' is not a run; choose one of mass"):
+        compare.run_configs(config)
+    with pytest.raises(ValueError, match="unknown comparison preset 'all'; choose one of objectives"):
+        get_config("preset=all")
+    with pytest.raises(SystemExit, match="--workdir is required"):
+        compare.main(["compare", "--config=configs/compare.py"])
+
+
+def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_nothing(tmp_path_factory, tmp_path):
+    config = small_budget()
+    config.sweep.grid = (0.15, 0.3)
+    workdir = tmp_path / "comparison"
+    workdir.mkdir()
+    shutil.copy(shared_tokenizer(tmp_path_factory), workdir / "tokenizer.model")
+
+    runs = compare.compare(config, str(workdir), command="python -m pretrain.compare --workdir=X")
+    assert [run.trained_now for run in runs] == [True, True]
+    report = (workdir / "report.md").read_text()
+    assert "python -m pretrain.compare --workdir=X" in report
+    header = "| run | trained on | clm | mass | mlm | unilm/bidirectional | unilm/seq2seq | unilm/left_to_right | "
+    assert report.count(header) == 2  # loss and accuracy
+    for run in runs:
+        assert f"| {run.name} | `mlm` | " in report
+        assert run.evaluation["step"] == 4 and run.evaluation["tokens_seen"] > 0
+        loss = run.evaluation["objectives"]["mlm"]["loss"]
+        assert f"{loss:.3f}" in report
+    assert "| run | objective | steps | tokens seen | parameters | final training loss | training wall time |" in report
+    for name in ("loss_curves.png", "matrix.png"):
+        pixels = image.imread(workdir / name)
+        assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300, name
+        assert f"]({name})" in report
+    summary = json.loads((workdir / "comparison.json").read_text())
+    assert list(summary["runs"]) == [run.name for run in runs]
+
+    stamps = {path: os.stat(path).st_mtime_ns for run in runs for path in (
+        os.path.join(run.directory, "metrics.jsonl"), os.path.join(run.directory, "evaluation.json"))}
+    rerun = compare.compare(config, str(workdir), command="again")
+    assert [run.trained_now for run in rerun] == [False, False]
+    assert [run.wall_time_s for run in rerun] == [run.wall_time_s for run in runs]
+    assert [run.evaluation for run in rerun] == [run.evaluation for run in runs]
+    assert stamps == {path: os.stat(path).st_mtime_ns for path in stamps}, "nothing trained or evaluated again"
+    assert "again" in (workdir / "report.md").read_text()
+
+    config.budget.optimizer.learning_rate = 1e-2
+    with pytest.raises(ValueError, match=r"run 'mlm-mask_rate=0.15' in .* was trained with another config "
+                                         r"\(changed: optimizer.learning_rate\); delete that directory"):
+        compare.compare(config, str(workdir))

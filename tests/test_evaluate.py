@@ -1,0 +1,73 @@
+"""The cross-objective matrix of a tiny trained checkpoint: every objective, finite,
+reproducible, on the same held-out batches for any model; bad input."""
+
+import json
+import math
+
+import pytest
+
+import objectives
+from pretrain import evaluate
+from pretrain.inference import load_trained
+from pretrain.model import create_model
+from test_train import tiny_config
+from trained_run import shared_run
+
+LEAVES = ["clm", "mass", "mlm", "unilm/bidirectional", "unilm/seq2seq", "unilm/left_to_right",
+          "unilm/right_to_left"]
+DOCUMENTS = 4  # held-out documents scored here (all of them: --max_documents=0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return shared_run(tmp_path_factory)
+
+
+def test_every_objective_is_scored_finite_and_a_rerun_is_identical(run_dir):
+    first = evaluate.evaluate_run(str(run_dir), max_documents=DOCUMENTS)
+    assert first["step"] == 10 and first["trained_objective"] == "mlm:1,clm:1,mass:1,unilm:1"
+    assert list(first["objectives"]) == LEAVES == [o.name for o in evaluate.evaluation_objectives(
+        objectives.Vocabulary(400))]
+    for name, metrics in first["objectives"].items():
+        assert metrics["targets"] > 0, name
+        assert math.isfinite(metrics["loss"]) and 0 < metrics["loss"] < 10, (name, metrics)
+        assert 0 <= metrics["accuracy"] <= 1 and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert first["parameters"] > 0 and first["tokens_seen"] > 0
+    assert evaluate.evaluate_run(str(run_dir), max_documents=DOCUMENTS) == first
+
+
+def test_the_heldout_set_is_the_same_for_any_model_of_the_tokenizer(run_dir):
+    trained = load_trained(run_dir)
+    fresh = create_model(trained.model.config, seed=7)
+    kwargs = dict(seq_len=64, max_documents=2, objective_names=["mlm", "clm"])
+    a = evaluate.evaluate_model(trained.model, trained.tokenizer, trained.config.data, **kwargs)
+    b = evaluate.evaluate_model(fresh, trained.tokenizer, trained.config.data, **kwargs)
+    assert a["heldout"] == b["heldout"]
+    assert [m["targets"] for m in a["objectives"].values()] == [m["targets"] for m in b["objectives"].values()]
+    assert a["objectives"]["clm"]["loss"] != b["objectives"]["clm"]["loss"]
+
+
+def test_command_writes_json_and_prints_the_table(run_dir, tmp_path, capsys):
+    output = tmp_path / "matrix.json"
+    evaluate.main(["evaluate", f"--workdir={run_dir}", f"--max_documents={DOCUMENTS}", f"--output={output}"])
+    printed = capsys.readouterr().out
+    written = json.loads(output.read_text())
+    assert written["objectives"] == evaluate.evaluate_run(str(run_dir), max_documents=DOCUMENTS)["objectives"]
+    assert printed.splitlines()[1].split() == ["objective", "loss", "accuracy", "perplexity", "targets"]
+    for name in LEAVES:
+        assert f"{written['objectives'][name]['loss']:.4f}" in printed
+
+
+def test_bad_input_gets_one_clear_message(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"error: workdir .*nowhere does not exist; pass --workdir"):
+        evaluate.main(["evaluate", f"--workdir={tmp_path / 'nowhere'}"])
+    with pytest.raises(SystemExit, match="--workdir is required"):
+        evaluate.main(["evaluate"])
+    with pytest.raises(SystemExit, match=r"config.json is missing, so .* is not a training run"):
+        evaluate.main(["evaluate", f"--workdir={tmp_path}"])
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match="checkpoints holds no finished checkpoint; let the run reach"):
+        evaluate.main(["evaluate", f"--workdir={tmp_path}"])
+    with pytest.raises(ValueError, match="unknown objective 'bert'; known objectives: clm, mass, mlm, unilm"):
+        evaluate.evaluation_objectives(objectives.Vocabulary(400), ["bert"])
