@@ -1,4 +1,4 @@
-"""Objective comparison: `--config=configs/compare.py:preset=objectives,size=tiny,steps=300`.
+"""Objective comparison: `--config=configs/compare.py:preset=objectives,size=tiny,steps=400`.
 
     python -m pretrain.compare --config=configs/compare.py --workdir=runs/compare
 
@@ -22,7 +22,7 @@ import ml_collections
 
 from configs import pretrain
 
-DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "300"}
+DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "400"}
 
 # preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
 PRESETS = {
@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     budget.batch_size = 16  # packed rows per step
     budget.total_steps = steps  # optimizer steps of every run
     budget.optimizer.warmup_steps = max(1, steps // 10)
+    budget.optimizer.learning_rate = 3e-3 if variants["size"] == "tiny" else 1e-3  # tiny models take a higher peak
     budget.log_every = 10  # points of the training-loss curves
     budget.eval_every = 0  # held-out evaluation only at the end (the matrix is the comparison)
     budget.checkpoint_every = max(1, steps // 3)  # an interrupted comparison resumes from here

@@ -87,17 +87,29 @@ def runs_table(runs: Sequence[Run]) -> str:
                    "training wall time"], rows)
 
 
+def smoothed(values: Sequence[float], decay: float = 0.8) -> list[float]:
+    """Exponential moving average, debiased (as TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = decay * average + (1 - decay) * value
+        out.append(average / (1 - decay**count))
+    return out
+
+
 def plot_loss_curves(runs: Sequence[Run], path: str) -> None:
-    """Training loss against step, every run on one figure."""
+    """Training loss against step, every run on one figure (faint: as logged; bold: smoothed)."""
     figure = Figure(figsize=(7, 4.2), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for run in runs:
         steps, losses = loss_curve(run.directory)
-        axes.plot(steps, losses, label=f"{run.name} ({run.objective})", linewidth=1.6)
+        raw = axes.plot(steps, losses, linewidth=0.8, alpha=0.35)[0]
+        axes.plot(steps, smoothed(losses), color=raw.get_color(), linewidth=1.8, label=f"{run.name} ({run.objective})")
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.set_xlabel("step")
     axes.set_ylabel("training loss (each run's own objective)")
+    axes.text(0.99, 0.98, "faint: per logged step; bold: moving average", transform=axes.transAxes, ha="right",
+              va="top", fontsize=7, color="0.4")
     axes.set_title("Training loss under one budget")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
