@@ -81,7 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 200  # steps between checkpoints (and one at the end)
     config.keep_checkpoints = 3  # newest checkpoints kept
     config.peak_flops_per_device = 0.0  # MFU denominator; 0: known table or measured
-    config.nonfinite = "stop"  # NaN/inf loss: 'stop' (the only policy so far)
+    config.nonfinite = "stop"  # NaN/inf loss or gradients: 'stop' the run, or 'skip' the step (update not applied)
+    config.max_consecutive_skips = 10  # nonfinite='skip': stop once this many steps in a row were skipped
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = variants["data"]  # 'pydocs' (built in, no download), 'files' or 'tfds'

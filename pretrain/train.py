@@ -4,19 +4,26 @@
         [--config.total_steps=2000] [--config.mesh.fsdp=4] [--config.parallelism=pmap]
 
 The workdir is the run: `tokenizer.model`, `checkpoints/`, `metrics.jsonl`,
-`tensorboard/` and `config.json`. Rerunning the command restores the newest good
-checkpoint (parameters, optimizer, step and the data iterator) and continues
-exactly. SIGTERM saves a checkpoint and exits 0. A non-finite loss stops the run
-with the step, the objective and the gradient norm, keeping the last checkpoint.
+`tensorboard/`, `config.json` and `train.lock`. Rerunning the command restores the
+newest good checkpoint (parameters, optimizer, step and the data iterator) and
+continues exactly; a damaged newest checkpoint is skipped with a warning and moved
+to `damaged_checkpoints/`. Before anything is compiled the workdir is checked
+(writable, room for a checkpoint) and locked, so a second process on it refuses
+to start. SIGTERM saves a checkpoint and exits 0. A non-finite loss stops the run
+with the step, the objective and the gradient norm, keeping the last checkpoint;
+with `config.nonfinite='skip'` such a step is skipped instead (counted in
+`skipped_steps`) until `config.max_consecutive_skips` come in a row.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import hashlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,12 +44,58 @@ from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_devi
 from pretrain.model import TransformerConfig, create_model
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.train_step import make_train_step
+from pretrain.workdir import WorkdirLock, check_free_space, checkpoint_bytes, prepare_workdir
 
 log = logging.getLogger("pretrain.train")
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradients became NaN or inf."""
+
+
+def skip_nonfinite_updates(step_fn: Callable) -> Callable:
+    """Wraps a train step so that a step whose loss, gradient norm or updated
+    parameters are not finite leaves the parameters and optimizer state as they
+    were (so the learning-rate schedule does not advance either); the state's step
+    counter still advances, as the batch was consumed. A select inside the
+    compiled step decides, so no host sync is needed; `metrics['skipped']` is 1
+    for a skipped step, else 0."""
+
+    def step(state, batch):
+        new_state, metrics = step_fn(state, batch)
+        params_finite = jax.tree.reduce(jnp.logical_and,
+                                        jax.tree.map(lambda x: jnp.isfinite(x).all(), new_state["params"]))
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & params_finite
+        kept = {key: jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state[key], state[key])
+                for key in ("params", "opt_state")}
+        return {**new_state, **kept}, {**metrics, "skipped": (~finite).astype(jnp.int32)}
+
+    return step
+
+
+@jax.jit
+def _count_skips(counts: tuple[jax.Array, jax.Array, jax.Array], skipped: jax.Array):
+    window, run, longest = counts
+    run = (run + skipped) * skipped
+    return window + skipped, run, jnp.maximum(longest, run)
+
+
+class SkipCounter:
+    """Skipped steps counted on the device (the loop never waits on a step just to
+    count it): how many since the last `read`, and the longest run in a row."""
+
+    def __init__(self) -> None:
+        zero = jnp.zeros((), jnp.int32)
+        self._counts = (zero, zero, zero)  # since last read, current run, longest run since last read
+
+    def add(self, skipped: jax.Array) -> None:
+        self._counts = _count_skips(self._counts, skipped)
+
+    def read(self) -> tuple[int, int]:
+        """(skipped since the last read, longest run of consecutive skips in that time)."""
+        window, run, longest = (int(x) for x in jax.device_get(self._counts))
+        self._counts = (jnp.zeros((), jnp.int32), self._counts[1], self._counts[1])
+        return window, longest
 
 
 class Preemption:
@@ -74,15 +127,35 @@ def summarize(stats: dict[str, np.ndarray], names: tuple[str, ...], prefix: str 
 class Trainer:
     """Builds everything from a config and runs the loop (see module docstring)."""
 
-    def __init__(self, config: Any, workdir: str):
-        self.config, self.workdir = config, workdir
+    def __init__(self, config: Any, workdir: str | os.PathLike):
+        """Checks the config and the workdir, locks the workdir (process 0), then
+        builds data, model, optimizer and sharded state; nothing is compiled for
+        training until `run`. Use as a context manager, or call `close`, when not
+        calling `run` (which closes)."""
+        self.config = config
         validate_config(config, jax.device_count())
-        os.makedirs(workdir, exist_ok=True)
         self.primary = jax.process_index() == 0
+        self.workdir = prepare_workdir(workdir)
+        self._lock = WorkdirLock(self.workdir) if self.primary else None
+        self._closers: list[Callable[[], None]] = [self._lock.release] if self._lock else []
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        config, workdir = self.config, self.workdir
         self.pipeline = build_input_pipeline(config, workdir, process_index=jax.process_index(),
                                              process_count=jax.process_count())
         self.names = self.pipeline.mixture.names
         self.model_config = TransformerConfig(**config.model, vocab_size=self.pipeline.tokenizer.vocab_size)
+        self.optimizer = make_optimizer(total_steps=config.total_steps, **config.optimizer)
+        if self.primary:  # before the model exists: shapes only
+            abstract = nnx.state(nnx.eval_shape(lambda: create_model(self.model_config, seed=config.seed)),
+                                 nnx.Param)
+            copies = jax.local_device_count() if config.parallelism == "pmap" else 1  # pmap saves every replica
+            check_free_space(workdir, copies * checkpoint_bytes(jax.eval_shape(self._initial_state, abstract)))
         model = create_model(self.model_config, seed=config.seed)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         embedding = sum(int(np.prod(params[name].shape)) for name in ("token_embedding", "position_embedding",
@@ -90,10 +163,33 @@ class Trainer:
         self.parameters = sum(x.size for x in jax.tree.leaves(params))
         self.flops_per_token = flops_per_token(self.parameters - embedding, self.model_config.num_layers,
                                                self.model_config.model_dim, config.seq_len)
-        self.optimizer = make_optimizer(total_steps=config.total_steps, **config.optimizer)
         self._setup_parallelism(params)
-        self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+        self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, run_info=self._run_info())
+        self._closers.insert(0, self.checkpointer.close)
         self.metrics = MetricsWriter(workdir, self.primary)
+        self._closers.insert(0, self.metrics.close)
+
+    def _run_info(self) -> dict[str, Any]:
+        """What each checkpoint records about the run that wrote it; on resume, a
+        different array layout or tokenizer is an error, other changes a warning."""
+        with open(self.pipeline.tokenizer.path, "rb") as handle:
+            tokenizer_sha256 = hashlib.sha256(handle.read()).hexdigest()
+        fields = ("objective", "seq_len", "batch_size", "total_steps", "seed", "parallelism")
+        return {"model": dataclasses.asdict(self.model_config), "optimizer": self.config.optimizer.to_dict(),
+                "tokenizer_sha256": tokenizer_sha256, **{name: self.config[name] for name in fields}}
+
+    def close(self) -> None:
+        """Waits for pending checkpoint saves, closes the metrics and releases the
+        workdir lock. Idempotent; `run` calls it when it ends."""
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _learning_rate(self, step: int) -> float:
         o = self.config.optimizer
@@ -110,6 +206,8 @@ class Trainer:
         step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
                                   config.accumulation_steps,
                                   axis_name="devices" if config.parallelism == "pmap" else None)
+        if config.nonfinite == "skip":
+            step_fn = skip_nonfinite_updates(step_fn)
         if config.parallelism == "pmap":
             devices = jax.local_device_count()
             self.state = jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)),
@@ -190,9 +288,25 @@ class Trainer:
                 f"checkpoint in {self.checkpointer.directory} is intact. Lower config.optimizer.learning_rate "
                 "or enable config.optimizer.clip_norm, then rerun.")
 
+    def _check_skips(self, step: int, metrics: dict) -> int:
+        """Steps skipped since the last log (config.nonfinite='skip'); stops the run
+        once config.max_consecutive_skips steps in a row were skipped."""
+        skipped, longest = self.skips.read()
+        limit = self.config.max_consecutive_skips
+        if longest >= limit:
+            raise NonFiniteLoss(
+                f"by step {step}, {longest} steps in a row had a non-finite loss, gradient or update and were "
+                f"skipped (config.nonfinite='skip', config.max_consecutive_skips={limit}; loss now "
+                f"{float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}); the parameters are those "
+                f"of the last good step and the last good checkpoint in {self.checkpointer.directory} is intact. "
+                "Lower config.optimizer.learning_rate or raise warmup_steps, then rerun.")
+        return skipped
+
     def _log(self, step: int, metrics: dict, extra: dict | None = None) -> None:
-        """Writes the metrics of `step` (plus `extra`, e.g. eval); stops on a non-finite loss."""
-        self._check_finite(step, metrics)
+        """Writes the metrics of `step` (plus `extra`, e.g. eval); stops on a non-finite
+        loss (config.nonfinite='stop') or too many skipped steps in a row ('skip')."""
+        skipping = self.config.nonfinite == "skip"
+        skipped = self._check_skips(step, metrics) if skipping else self._check_finite(step, metrics)
         metrics = jax.device_get(metrics)
         started, tokens, steps = self._window
         now = time.perf_counter()
@@ -205,6 +319,7 @@ class Trainer:
             "grad_norm": float(metrics["grad_norm"]),
             "tokens_per_sec": tokens_per_sec,
             "mfu": tokens_per_sec * self.flops_per_token / (jax.device_count() * self.peak),
+            **({"skipped_steps": skipped} if skipping else {}),
             **(extra or {}),
         }
         self.metrics.write(step, values)
@@ -212,56 +327,67 @@ class Trainer:
             eta = (self.config.total_steps - step) * (now - started) / max(steps, 1)
             objectives = " ".join(f"{k[5:]}={v:.3f}" for k, v in values.items() if k.startswith("loss/"))
             print(f"step {step}/{self.config.total_steps} loss {values['loss']:.4f} [{objectives}] "
-                  f"{tokens_per_sec:,.0f} tok/s mfu {values['mfu']:.2%} eta {eta / 60:.1f} min", flush=True)
+                  f"{tokens_per_sec:,.0f} tok/s mfu {values['mfu']:.2%} eta {eta / 60:.1f} min"
+                  + (f" skipped {skipped}" if skipped else ""), flush=True)
 
     def run(self) -> int:
-        """Trains to `config.total_steps`; returns the final step."""
-        config = self.config
+        """Trains to `config.total_steps` (or a SIGTERM); returns the final step. Closes
+        the trainer when it ends, however it ends."""
         iterator = iter(self.pipeline.train)
+        try:
+            return self._run(iterator)
+        finally:
+            self.close()
+
+    def _run(self, iterator: Any) -> int:
+        config = self.config
         restored = self.checkpointer.restore(self.abstract_state)
         start = 0
         if restored is not None:
             start, self.state, data_state = restored
             iterator.set_state(data_state)
+            if self.checkpointer.steps()[-1] > start:  # damaged newer steps: out of the way of the saves to come
+                self.checkpointer.set_aside_newer_than(start, self.primary)
             log.info("resumed from step %d", start)
         self.metrics.truncate_after(start)
-        if self.primary:
-            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as handle:
+        if self.primary:  # atomically: evaluation reads it while the run goes on
+            path = os.path.join(self.workdir, "config.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
                 handle.write(config.to_json_best_effort(indent=2))
+            os.replace(path + ".tmp", path)
         self.peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
         log.info("model: %d parameters; MFU peak %.3g FLOP/s per device (%s)", self.parameters, self.peak,
                  peak_source)
         preemption = Preemption()
+        self.skips = SkipCounter()
         self._window = (time.perf_counter(), 0, 0)  # start time, real tokens, steps
         pending = None  # (step, metrics) logged one step late: no host sync on every step
         step = start
-        try:
-            while step < config.total_steps:
-                batch = next(iterator)
-                tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
-                self.state, metrics = self.train_step(self.state, self.put_batch(batch))
-                step += 1
-                metrics = self.unreplicate(metrics)
-                if pending is not None:
-                    self._log(*pending)
-                    pending = None
-                self._window = (self._window[0], self._window[1] + tokens, self._window[2] + 1)
-                last = step == config.total_steps
-                save = last or preemption.requested or step % config.checkpoint_every == 0
-                evaluate = last or (config.eval_every and step % config.eval_every == 0)
-                if save or evaluate:
-                    # Logged before the save, so a resume from here finds every step <= it logged.
-                    self._log(step, metrics, self.evaluate() if evaluate else {})
-                    if save:
-                        self._check_parameters_finite(step)
-                        self.checkpointer.save(step, self.state, iterator.get_state())
-                elif step % config.log_every == 0:
-                    pending = (step, metrics)
-                if preemption.requested:
-                    break
-        finally:
-            self.checkpointer.close()
-            self.metrics.close()
+        while step < config.total_steps:
+            batch = next(iterator)
+            tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
+            self.state, metrics = self.train_step(self.state, self.put_batch(batch))
+            step += 1
+            metrics = self.unreplicate(metrics)
+            if pending is not None:
+                self._log(*pending)
+                pending = None
+            if config.nonfinite == "skip":
+                self.skips.add(metrics["skipped"])
+            self._window = (self._window[0], self._window[1] + tokens, self._window[2] + 1)
+            last = step == config.total_steps
+            save = last or preemption.requested or step % config.checkpoint_every == 0
+            evaluate = last or (config.eval_every and step % config.eval_every == 0)
+            if save or evaluate:
+                # Logged before the save, so a resume from here finds every step <= it logged.
+                self._log(step, metrics, self.evaluate() if evaluate else {})
+                if save:
+                    self._check_parameters_finite(step)
+                    self.checkpointer.save(step, self.state, iterator.get_state())
+            elif step % config.log_every == 0:
+                pending = (step, metrics)
+            if preemption.requested:
+                break
         return step
 
 
