@@ -43,7 +43,7 @@ from ml_collections import config_flags
 from pretrain import cli, compare_report
 from pretrain.config_checks import validate_config
 from pretrain.evaluate import RESULT_FILENAME, evaluate_run, write_json
-from pretrain.inference import checkpoint_steps, load_trained
+from pretrain.inference import checkpoint_steps
 from pretrain.tokenizer import MODEL_FILENAME
 
 RUN_RECORD = "compare_run.json"
@@ -195,7 +195,7 @@ def train_run(run: Run, tokenizer_path: str) -> None:
         write_json({"config": wanted, "wall_time_s": run.wall_time_s}, _record_path(run.directory))
 
 
-def evaluate(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict) -> dict:
+def score_run(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict) -> dict:
     """The run's held-out matrix row, reused from its evaluation.json when it is for the
     same checkpoint step and held-out settings."""
     names = [n.strip() for n in evaluation.objectives.split(",") if n.strip()] or None
@@ -207,8 +207,7 @@ def evaluate(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collect
             cached = json.load(handle)
         if cached.get("step") == finished_step(run.directory) and cached.get("settings") == settings:
             return cached
-    trained = load_trained(run.directory)
-    result = evaluate_run(run.directory, data_config=budget.data, trained=trained, **settings)
+    result = evaluate_run(run.directory, data_config=budget.data, **settings)
     result["settings"] = settings
     write_json(result, path)
     return result
@@ -224,7 +223,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     for run in runs:
         train_run(run, tokenizer_path)
     for run in runs:
-        run.evaluation = evaluate(run, config.budget, config.evaluation)
+        run.evaluation = score_run(run, config.budget, config.evaluation)
     fingerprints = {run.name: run.evaluation["heldout"]["fingerprint"] for run in runs}
     if len(set(fingerprints.values())) > 1:
         raise ValueError(f"the runs were scored on different held-out sets ({fingerprints}); their tokenizers or "

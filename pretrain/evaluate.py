@@ -25,7 +25,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,7 +43,6 @@ from pretrain.tokenizer import Tokenizer
 
 EVAL_SEED = 0  # the held-out examples' seed: fixed, so models are scored on the same batches
 RESULT_FILENAME = "evaluation.json"
-METRICS = ("loss", "accuracy", "perplexity")
 
 
 def evaluation_objectives(vocab: objectives.Vocabulary, names: Sequence[str] | None = None
@@ -62,11 +61,10 @@ def evaluation_objectives(vocab: objectives.Vocabulary, names: Sequence[str] | N
     return leaves
 
 
-def heldout_batches(documents: Sequence[Any], tokenizer: Tokenizer, leaf: objectives.Objective, *,
-                    seq_len: int, batch_size: int, seed: int = EVAL_SEED) -> list[dict[str, np.ndarray]]:
+def heldout_batches(documents: Sequence[Any], tokenize: Callable[[str], np.ndarray], leaf: objectives.Objective,
+                    *, seq_len: int, batch_size: int, seed: int = EVAL_SEED) -> list[dict[str, np.ndarray]]:
     """The fixed held-out batches of one objective: every document once."""
-    encode = functools.lru_cache(maxsize=None)(tokenizer.encode)
-    return data.evaluation_batches(documents, encode, objectives.Mixture([(leaf, 1.0)]), seq_len=seq_len,
+    return data.evaluation_batches(documents, tokenize, objectives.Mixture([(leaf, 1.0)]), seq_len=seq_len,
                                    global_batch_size=batch_size, seed=seed)
 
 
@@ -121,10 +119,14 @@ def evaluate_model(model: Transformer, tokenizer: Tokenizer, data_config: Any, *
     if count == 0:
         raise ValueError("the held-out split has no documents; raise config.data.heldout_fraction (or give "
                          "config.data.tfds_heldout_split)")
+    if seq_len > model.config.max_positions:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_positions={model.config.max_positions}; "
+                         "evaluate with a shorter --seq_len")
     documents = [documents[index] for index in range(count)]
+    encode = functools.lru_cache(maxsize=None)(tokenizer.encode)  # each sentence once, for every objective
     scorer, results, prints = Scorer(model), {}, {}
     for leaf in evaluation_objectives(tokenizer.vocabulary(), objective_names):
-        batches = heldout_batches(documents, tokenizer, leaf, seq_len=seq_len, batch_size=batch_size, seed=seed)
+        batches = heldout_batches(documents, encode, leaf, seq_len=seq_len, batch_size=batch_size, seed=seed)
         results[leaf.name] = scorer(batches)
         prints[leaf.name] = fingerprint(batches)
     heldout = {"documents": count, "seq_len": seq_len, "seed": seed, "batch_size": batch_size,

@@ -24,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from objectives import parse_mixture_spec
 from pretrain.checkpoint import Checkpointer
 from pretrain.model import Transformer, TransformerConfig, create_model, parameter_count
 from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer
@@ -57,7 +58,6 @@ class TrainedModel:
     @property
     def trained_objectives(self) -> tuple[str, ...]:
         """The registered objective names the run trained with (its mixture spec)."""
-        from objectives import parse_mixture_spec
         return tuple(parse_mixture_spec(self.config.objective))
 
 
