@@ -30,6 +30,9 @@ def shared_run(factory: pytest.TempPathFactory) -> Path:
     if "run" not in _MADE:
         workdir = factory.mktemp("shared_run")
         shutil.copy(shared_tokenizer(factory), workdir / "tokenizer.model")
-        Trainer(tiny_config(ALL_OBJECTIVES, total_steps=10, checkpoint_every=10), str(workdir)).run()
+        config = tiny_config(ALL_OBJECTIVES, total_steps=10, checkpoint_every=10)
+        config.tokenizer.sample_documents = 100  # the tokenizer is given; this only bounds start-up statistics
+        config.peak_flops_per_device = 1e12  # MFU's denominator given, not measured
+        Trainer(config, str(workdir)).run()
         _MADE["run"] = workdir
     return _MADE["run"]
