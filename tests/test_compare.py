@@ -11,7 +11,7 @@ from matplotlib import image
 
 from configs.compare import get_config
 from pretrain import compare
-from trained_run import shared_tokenizer
+from train_helpers import shared_tokenizer
 
 
 def small_budget(preset: str = "mlm_rate") -> ml_collections.ConfigDict:

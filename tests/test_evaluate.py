@@ -10,7 +10,7 @@ import objectives
 from pretrain import evaluate
 from pretrain.inference import load_trained
 from pretrain.model import create_model
-from test_train import tiny_config
+from train_helpers import tiny_config
 from trained_run import shared_run
 
 LEAVES = ["clm", "mass", "mlm", "unilm/bidirectional", "unilm/seq2seq", "unilm/left_to_right",

@@ -13,7 +13,7 @@ from objectives import L2R, PREFIX, Vocabulary
 from objectives.vocab import EOS_ID, MASK_ID
 from pretrain import generate as gen
 from pretrain.model import create_model, preset
-from test_train import tiny_config
+from train_helpers import tiny_config
 from trained_run import shared_run
 
 VOCAB = Vocabulary(400)
