@@ -62,6 +62,7 @@ class Run:
 
     @property
     def objective(self) -> str:
+        """The run's objective spec (a name or a mixture)."""
         return self.config.objective
 
 
