@@ -17,6 +17,7 @@ with `config.nonfinite='skip'` such a step is skipped instead (counted in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -136,8 +137,9 @@ class Trainer:
         validate_config(config, jax.device_count())
         self.primary = jax.process_index() == 0
         self.workdir = prepare_workdir(workdir)
-        self._lock = WorkdirLock(self.workdir) if self.primary else None
-        self._closers: list[Callable[[], None]] = [self._lock.release] if self._lock else []
+        self._closing = contextlib.ExitStack()  # run last-in first-out by close(), even if one raises
+        if self.primary:
+            self._closing.callback(WorkdirLock(self.workdir).release)
         try:
             self._build()
         except BaseException:
@@ -165,9 +167,9 @@ class Trainer:
                                                self.model_config.model_dim, config.seq_len)
         self._setup_parallelism(params)
         self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, run_info=self._run_info())
-        self._closers.insert(0, self.checkpointer.close)
+        self._closing.callback(self.checkpointer.close)
         self.metrics = MetricsWriter(workdir, self.primary)
-        self._closers.insert(0, self.metrics.close)
+        self._closing.callback(self.metrics.close)
 
     def _run_info(self) -> dict[str, Any]:
         """What each checkpoint records about the run that wrote it; on resume, a
@@ -181,9 +183,7 @@ class Trainer:
     def close(self) -> None:
         """Waits for pending checkpoint saves, closes the metrics and releases the
         workdir lock. Idempotent; `run` calls it when it ends."""
-        closers, self._closers = self._closers, []
-        for close in closers:
-            close()
+        self._closing.close()
 
     def __enter__(self) -> Trainer:
         return self
