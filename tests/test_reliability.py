@@ -2,6 +2,7 @@
 (stop or skip), and, under the `slow` marker, SIGKILL at seeded points of a run.
 
     python -m pytest -m slow tests/test_reliability.py    # the SIGKILL suite (a few minutes)
+    KILL_SEED=3 python -m pytest -m slow tests/test_reliability.py    # other kill points
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def test_a_killed_holder_does_not_leave_a_stale_lock(tmp_path):
 
 # -- SIGKILL anywhere (slow) -----------------------------------------------------------------
 
-KILL_SEED = 7
+KILL_SEED = int(os.environ.get("KILL_SEED", "7"))  # other kill points: KILL_SEED=3 python -m pytest -m slow
 KILL_TOTAL, KILL_EVERY, KILL_DEVICES = 80, 5, 2
 
 
