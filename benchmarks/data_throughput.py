@@ -22,12 +22,19 @@ from pretrain import input_pipeline
 OBJECTIVES = ("mlm", "clm", "mass", "unilm", "mlm:1,clm:1,mass:1,unilm:1")
 
 
-def measure(objective: str, workdir: str, args: argparse.Namespace) -> dict:
+def build_pipeline(objective: str, workdir: str, args: argparse.Namespace) -> input_pipeline.InputPipeline:
+    """The default pipeline (pydocs, `small` config) for `objective` with the
+    shape in `args` (`seq_len`, `batch_size`, `vocab_size`); the tokenizer is
+    trained into `workdir` on first use and reused after."""
     config = get_config(f"objective={objective},size=small")
     config.seq_len, config.batch_size = args.seq_len, args.batch_size
     config.tokenizer.vocab_size = args.vocab_size
-    pipeline = input_pipeline.build_input_pipeline(config, workdir)
-    iterator = iter(pipeline.train)
+    return input_pipeline.build_input_pipeline(config, workdir)
+
+
+def measure(objective: str, workdir: str, args: argparse.Namespace) -> dict:
+    """Pipeline tokens/s and packing of `objective` over `args.batches` batches."""
+    iterator = iter(build_pipeline(objective, workdir, args).train)
     for _ in range(args.warmup):
         next(iterator)
     start_stats = dict(iterator.get_state()["stats"])

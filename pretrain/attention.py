@@ -58,9 +58,9 @@ def visibility(
 def attention_mask(segment_ids: jax.Array, attention_kind: jax.Array) -> jax.Array:
     """bool [B, 1, L, L] mask of a packed batch (the head axis broadcasts).
 
-    Padding (segment 0) rows see nothing; `jax.nn.dot_product_attention` then
-    spreads their weight uniformly instead of dividing by zero, so they carry no
-    NaN, and no real token ever attends to them.
+    Padding (segment 0) rows see nothing; the model's attention then spreads
+    their weight uniformly instead of dividing by zero, so they carry no NaN, and
+    no real token ever attends to them.
     """
     slots = jnp.arange(segment_ids.shape[-1])
     mask = visibility(segment_ids, attention_kind, slots, segment_ids, attention_kind, slots)

@@ -2,16 +2,21 @@
 
 The model owns the loss; objectives only say where it is taken (`weights`) and
 which objective made each token (`objective_id`), so per-objective loss and
-accuracy come out of one pass for any mixture.
+accuracy come out of one pass for any mixture. Training takes it through
+`weighted_token_statistics`, which computes vocabulary logits at the weighted
+positions only; `token_statistics` is the same quantity from full logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import math
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from pretrain.model import Transformer
 
@@ -34,6 +39,141 @@ def token_statistics(
         "correct_sum": jnp.einsum("bl,blo->o", correct, one_hot),
         "weight_sum": one_hot.sum(axis=(0, 1)),
     }
+
+
+def _first_argmax(logits: jax.Array, maximum: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (the first maximal index) given the row maxima,
+    as a plain min-reduction, which XLA CPU runs far faster than argmax's
+    value-and-index reduction."""
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == maximum, index, logits.shape[-1]), axis=-1)
+
+
+def _chunk_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array, objective_id: jax.Array,
+                      num_objectives: int) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Statistics sums of one chunk of logits [..., V], and d(sum of weighted
+    cross-entropies)/d logits."""
+    maximum = jnp.max(logits, axis=-1, keepdims=True)
+    shifted = logits - jax.lax.stop_gradient(maximum)
+    exp = jnp.exp(shifted)
+    total = exp.sum(axis=-1, keepdims=True)
+    target_logit = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    losses = jnp.log(total[..., 0]) - target_logit
+    correct = (_first_argmax(logits, maximum) == targets).astype(jnp.float32)
+    one_hot = jax.nn.one_hot(objective_id, num_objectives, dtype=jnp.float32) * weights[..., None]
+    stats = {
+        "loss_sum": jnp.einsum("...,...o->o", losses, one_hot),
+        "correct_sum": jnp.einsum("...,...o->o", correct, one_hot),
+        "weight_sum": one_hot.reshape(-1, num_objectives).sum(axis=0),
+    }
+    target_one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    d_logits = (exp / total - target_one_hot) * weights[..., None]
+    return stats, d_logits
+
+
+def weighted_token_statistics(
+    model: Transformer,
+    hidden: jax.Array,  # [B, L, D]
+    targets: jax.Array,  # int [B, L]
+    weights: jax.Array,  # float [B, L]
+    objective_id: jax.Array,  # int [B, L]
+    num_objectives: int,
+    chunk_tokens: int = 256,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(sum of weighted token cross-entropies, statistics sums), with vocabulary
+    logits computed only where `weights` is non-zero.
+
+    Equal to `token_statistics(model.logits(hidden), ...)` (its `loss_sum` summed
+    for the first element) up to float rounding, and so is the gradient. Only
+    the weighted positions carry a loss (about 15% of the tokens for MLM and
+    UniLM, a third for MASS), so the output projection, the softmax and their
+    gradients run on those alone: the weighted positions are moved to the front
+    and the head runs over `chunk_tokens` of them at a time, for as many chunks
+    as there are weighted tokens. The gradient with respect to the head and
+    `hidden` is computed in that same pass (a custom VJP), so no [B, L, V] array
+    is kept for the backward pass. The statistics are not differentiated.
+
+    The rows are compacted in `gcd(B, device count)` groups, so that a batch
+    sharded over devices compacts each device's rows where they are (one group
+    on a single device).
+    """
+    rows, length = weights.shape
+    groups = math.gcd(rows, jax.device_count())
+    grouped = lambda x: x.reshape(groups, rows // groups * length, *x.shape[2:])
+    graphdef, head = nnx.split(model.output_head())
+    head_loss = _head_loss(graphdef, num_objectives, min(rows // groups * length, max(1, chunk_tokens // groups)))
+    total, stats = head_loss(head, grouped(hidden), grouped(targets), grouped(weights), grouped(objective_id))
+    return total, jax.lax.stop_gradient(stats)
+
+
+def _head_pass(head_fn: Callable, head: nnx.State, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+               objective_id: jax.Array, num_objectives: int, chunk: int, with_gradients: bool):
+    """The chunked head over the weighted positions of each group [G, N]
+    (see weighted_token_statistics): statistics, and with `with_gradients`
+    d(loss sum)/d(head, hidden)."""
+    groups, length = weights.shape
+    padded = -(-length // chunk) * chunk
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)))
+    order = pad(jnp.argsort(weights == 0, axis=1, stable=True))  # weighted positions first, in order
+    sorted_weights = jnp.where(jnp.arange(padded) < length,  # padding slots weigh 0
+                               jnp.take_along_axis(weights, order, axis=1), 0.0)
+    sorted_targets = jnp.take_along_axis(targets, order, axis=1)
+    sorted_objectives = jnp.take_along_axis(objective_id, order, axis=1)
+    chunks = -(-jnp.max(jnp.sum(weights != 0, axis=1)) // chunk)
+
+    def body(index, carry):
+        stats, d_head, d_sorted = carry
+        start = index * chunk
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
+        h = jnp.take_along_axis(hidden, take(order)[..., None], axis=1)
+        if with_gradients:
+            logits, vjp = jax.vjp(head_fn, head, h)
+        else:
+            logits = head_fn(head, h)
+        chunk_stats, d_logits = _chunk_statistics(logits, take(sorted_targets), take(sorted_weights),
+                                                  take(sorted_objectives), num_objectives)
+        stats = jax.tree.map(jnp.add, stats, chunk_stats)
+        if with_gradients:
+            d_head_chunk, d_h = vjp(d_logits)
+            d_head = jax.tree.map(jnp.add, d_head, d_head_chunk)
+            d_sorted = jax.lax.dynamic_update_slice_in_dim(d_sorted, d_h, start, axis=1)
+        return stats, d_head, d_sorted
+
+    zeros = jnp.zeros((num_objectives,), jnp.float32)
+    stats = {"loss_sum": zeros, "correct_sum": zeros, "weight_sum": zeros}
+    d_head = jax.tree.map(jnp.zeros_like, head) if with_gradients else None
+    d_sorted = jnp.zeros((groups, padded, hidden.shape[-1]), hidden.dtype) if with_gradients else None
+    stats, d_head, d_sorted = jax.lax.fori_loop(0, chunks, body, (stats, d_head, d_sorted))
+    if not with_gradients:
+        return stats, None
+    inverse = jnp.argsort(order[:, :length], axis=1)  # slot of each position; unweighted ones got 0
+    return stats, (d_head, jnp.take_along_axis(d_sorted, inverse[..., None], axis=1))
+
+
+def _head_loss(graphdef: nnx.GraphDef, num_objectives: int, chunk: int) -> Callable:
+    """f(head, hidden, targets, weights, objective_id) over groups [G, N] ->
+    (loss sum, statistics), differentiable in `head` and `hidden`."""
+
+    def head_fn(head: nnx.State, h: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, head)(h)
+
+    run = functools.partial(_head_pass, head_fn, num_objectives=num_objectives, chunk=chunk)
+
+    @jax.custom_vjp
+    def head_loss(head, hidden, targets, weights, objective_id):
+        stats, _ = run(head, hidden, targets, weights, objective_id, with_gradients=False)
+        return stats["loss_sum"].sum(), stats
+
+    def forward(head, hidden, targets, weights, objective_id):
+        stats, gradients = run(head, hidden, targets, weights, objective_id, with_gradients=True)
+        return (stats["loss_sum"].sum(), stats), gradients
+
+    def backward(gradients, cotangents):
+        scale = cotangents[0]  # the statistics are outputs without gradients
+        return (*jax.tree.map(lambda g: g * scale.astype(g.dtype), gradients), None, None, None)
+
+    head_loss.defvjp(forward, backward)
+    return head_loss
 
 
 def nsp_statistics(nsp_logits: jax.Array, nsp_labels: jax.Array) -> dict[str, jax.Array]:
@@ -60,9 +200,9 @@ def pretraining_loss(
     The statistics are sums, so they add up across devices and accumulation steps.
     """
     hidden = model(batch, deterministic=deterministic)
-    stats = token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
-                             batch["objective_id"], num_objectives)
-    loss = stats["loss_sum"].sum() / jnp.maximum(stats["weight_sum"].sum(), 1.0)
+    loss_sum, stats = weighted_token_statistics(model, hidden, batch["targets"], batch["weights"],
+                                                batch["objective_id"], num_objectives)
+    loss = loss_sum / jnp.maximum(stats["weight_sum"].sum(), 1.0)
     if model.config.nsp_head and "nsp_labels" in batch:
         stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
         loss = loss + stats["nsp_loss_sum"] / jnp.maximum(stats["nsp_weight_sum"], 1.0)

@@ -1,8 +1,8 @@
 """The Transformer every objective trains: one stack steered only by attention masks.
 
 Flax NNX. Token, learned-position and token-type embeddings; pre-LayerNorm blocks
-(post-LN for BERT fidelity); multi-head attention through
-`jax.nn.dot_product_attention` with the mask of `pretrain.attention`; GELU MLP; an
+(post-LN for BERT fidelity); multi-head softmax attention under the mask of
+`pretrain.attention`; GELU MLP; an
 output projection tied to the token embedding (with an optional BERT MLM transform
 head in front); an NSP head on each example's first token; and a KV cache for
 incremental left-to-right decoding.
@@ -25,6 +25,7 @@ from flax import nnx
 from pretrain.attention import attention_mask, visibility
 
 INIT_STDDEV = 0.02  # BERT's and GPT-2's initializer range
+_HIDDEN_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # the score of a key a query may not see
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,14 +137,27 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q, k, v [B, L, H, K] of x [B, L, D]."""
         dtype = self.config.compute_dtype
-        qkv = jnp.einsum("bld,dthk->btlhk", x, self.qkv_kernel[...].astype(dtype))
-        qkv = qkv + self.qkv_bias[...].astype(dtype)[None, :, None]
-        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        # [B, L, 3, H, K]: the token axes stay in front, so the product is one
+        # [B*L, D] x [D, 3*H*K] matmul with no transposed copies.
+        qkv = jnp.einsum("bld,dthk->blthk", x, self.qkv_kernel[...].astype(dtype))
+        qkv = qkv + self.qkv_bias[...].astype(dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Attention output [B, Lq, D] for queries q over keys k and values v."""
+        """Attention output [B, Lq, D] for queries q over keys k and values v.
+
+        softmax(q k^T / sqrt(K)) v with hidden keys set to a large negative score,
+        written out rather than through `jax.nn.dot_product_attention`: its XLA
+        implementation (the one a dense mask gets) vmaps over head groups, which on
+        CPU adds transposes and a slow reduction to the backward pass (the body's
+        gradient took about 9% longer; see README, Performance). A query that sees
+        nothing (padding) spreads its weight uniformly, so it carries no NaN.
+        """
         dtype = self.config.compute_dtype
-        context = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), _HIDDEN_SCORE)
+        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        context = jnp.einsum("bhqt,bthk->bqhk", weights, v)
         out = jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype))
         return out + self.out_bias[...].astype(dtype)
 
@@ -204,6 +218,30 @@ class Block(nnx.Module):
         return x, (k, v)
 
 
+class OutputHead(nnx.Module):
+    """Hidden states -> vocabulary logits: BERT's optional transform head, then the
+    projection tied to the token embedding, plus the output bias. It holds the
+    Transformer's own variables (shared, not copied)."""
+
+    def __init__(self, model: Transformer):
+        self.config = model.config
+        self.token_embedding = model.token_embedding
+        self.output_bias = model.output_bias
+        if self.config.mlm_transform_head:
+            self.head_kernel = model.head_kernel
+            self.head_bias = model.head_bias
+            self.head_norm = model.head_norm
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits [..., V] (float32) from hidden states [..., D]."""
+        dtype = self.config.compute_dtype
+        if self.config.mlm_transform_head:
+            hidden = jax.nn.gelu(hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
+            hidden = self.head_norm(hidden).astype(dtype)
+        logits = hidden @ self.token_embedding[...].astype(dtype).T
+        return logits.astype(jnp.float32) + self.output_bias[...]
+
+
 class Transformer(nnx.Module):
     """The shared encoder/decoder stack (see module docstring)."""
 
@@ -259,12 +297,13 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits [..., V] (float32) from hidden states [..., D]."""
-        dtype = self.config.compute_dtype
-        if self.config.mlm_transform_head:
-            hidden = jax.nn.gelu(hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
-            hidden = self.head_norm(hidden).astype(dtype)
-        logits = hidden @ self.token_embedding[...].astype(dtype).T
-        return logits.astype(jnp.float32) + self.output_bias[...]
+        return self.output_head()(hidden)
+
+    def output_head(self) -> OutputHead:
+        """The vocabulary projection as a module of its own over this model's
+        variables, so `nnx.split(model.output_head())` gives the head's parameters
+        alone (the loss differentiates the head apart from the stack)."""
+        return OutputHead(self)
 
     def nsp_logits(self, hidden: jax.Array) -> jax.Array:
         """Sentence-pair logits [..., 2] (float32) through BERT's pooler (dense +
@@ -327,3 +366,12 @@ def create_model(config: TransformerConfig, seed: int = 0) -> Transformer:
 def parameter_count(model: nnx.Module) -> int:
     """Number of trainable parameters."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+EMBEDDING_PARAMETERS = ("token_embedding", "position_embedding", "type_embedding")
+
+
+def non_embedding_parameter_count(model: Transformer) -> int:
+    """Trainable parameters outside the embedding tables: the N of MFU's 6N
+    FLOPs per token (PaLM appendix B; `pretrain.metrics.flops_per_token`)."""
+    return parameter_count(model) - sum(getattr(model, name).size for name in EMBEDDING_PARAMETERS)

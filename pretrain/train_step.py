@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pretrain.loss import nsp_statistics, token_statistics
+from pretrain.loss import nsp_statistics, weighted_token_statistics
 
 Batch = Mapping[str, jax.Array]
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
@@ -37,9 +37,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int
     def loss_fn(params, batch, token_total, nsp_total):
         model = nnx.merge(graphdef, params, rest)
         hidden = model(batch, deterministic=True)
-        stats = token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
-                                 batch["objective_id"], num_objectives)
-        loss = stats["loss_sum"].sum() / token_total
+        loss_sum, stats = weighted_token_statistics(model, hidden, batch["targets"], batch["weights"],
+                                                    batch["objective_id"], num_objectives)
+        loss = loss_sum / token_total
         if model.config.nsp_head:
             stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
             loss = loss + stats["nsp_loss_sum"] / nsp_total

@@ -1,0 +1,124 @@
+"""The training loss path (logits only at weighted positions, gradient in one pass)
+equals the full-logits loss: same statistics, same loss and same gradients, for
+every objective, both model forms, any chunk size, sharded rows and empty batches.
+
+Tolerances: the sums are taken in another order, so float32 losses agree to rtol
+1e-6, and each gradient leaf to rtol 1e-5 plus 1e-6 of its largest element
+(elements near zero are differences of larger terms); counts (correct
+predictions, weights) are exact.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import objectives
+from objectives.example import TextChunk
+from pretrain.loss import pretraining_loss, token_statistics, weighted_token_statistics
+from pretrain.model import create_model, preset
+from pretrain.packing import pack
+
+VOCAB_SIZE, SEQ_LEN, ROWS = 96, 48, 6
+BERT_FORM = dict(pre_layer_norm=False, mlm_transform_head=True)
+
+
+def packed_batch(spec: str, seed: int = 0) -> tuple[dict, int]:
+    mixture = objectives.build_mixture(spec, objectives.Vocabulary(VOCAB_SIZE))
+    rng = np.random.default_rng(seed)
+    examples = []
+    while len(examples) < 4 * ROWS:
+        tokens = rng.integers(7, VOCAB_SIZE, size=int(rng.integers(6, 30)))
+        examples.append(mixture(TextChunk(tokens, [0, len(tokens) // 2], tokens[::-1].copy()), rng))
+    packed = pack(examples, SEQ_LEN)
+    return {name: jnp.asarray(values[:ROWS]) for name, values in packed.items()}, len(mixture.names)
+
+
+def both_losses(batch: dict, num_objectives: int, chunk_tokens: int, **model_overrides):
+    """((loss sum, stats), grads) of the full-logits reference and of the fast path."""
+    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, **model_overrides))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    args = (batch["targets"], batch["weights"], batch["objective_id"], num_objectives)
+
+    def reference(params):
+        model = nnx.merge(graphdef, params, rest)
+        stats = token_statistics(model.logits(model(batch)), *args)
+        return stats["loss_sum"].sum(), stats
+
+    def fast(params):
+        model = nnx.merge(graphdef, params, rest)
+        return weighted_token_statistics(model, model(batch), *args, chunk_tokens=chunk_tokens)
+
+    grad = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+    return grad(reference), grad(fast)
+
+
+def assert_same(reference, fast) -> None:
+    (ref_total, ref_stats), ref_grads = reference
+    (total, stats), grads = fast
+    np.testing.assert_allclose(total, ref_total, rtol=1e-6)
+    np.testing.assert_allclose(stats["loss_sum"], ref_stats["loss_sum"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(stats["correct_sum"], ref_stats["correct_sum"])
+    np.testing.assert_array_equal(stats["weight_sum"], ref_stats["weight_sum"])
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+    for ref, got in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("spec", ["mlm", "clm", "mass", "unilm", "mlm:1,clm:1,mass:1,unilm:1"])
+@pytest.mark.parametrize("form", [{}, BERT_FORM], ids=["pre_ln", "bert"])
+def test_fast_loss_equals_full_logits_loss(spec, form):
+    batch, num_objectives = packed_batch(spec)
+    assert_same(*both_losses(batch, num_objectives, chunk_tokens=32, **form))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 256, 10_000])
+def test_any_chunk_size_gives_the_same_loss(chunk_tokens):
+    batch, num_objectives = packed_batch("mlm:1,clm:1,mass:1,unilm:1", seed=1)
+    assert_same(*both_losses(batch, num_objectives, chunk_tokens))
+
+
+def test_rows_without_loss_and_an_empty_batch():
+    batch, num_objectives = packed_batch("mass", seed=2)
+    batch = dict(batch, weights=batch["weights"].at[1:4].set(0.0))
+    assert_same(*both_losses(batch, num_objectives, chunk_tokens=16))
+    empty = dict(batch, weights=jnp.zeros_like(batch["weights"]))
+    reference, fast = both_losses(empty, num_objectives, chunk_tokens=16)
+    assert_same(reference, fast)
+    assert float(fast[0][0]) == 0.0
+    assert all(not np.any(g) for g in jax.tree.leaves(fast[1])), "no weighted token, no gradient"
+
+
+def test_ties_count_as_correct_only_for_the_first_maximal_token():
+    """Accuracy follows jnp.argmax: with tied logits only the lowest id is the prediction."""
+    batch, num_objectives = packed_batch("clm", seed=3)
+    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE))
+    model.token_embedding[...] = jnp.zeros_like(model.token_embedding[...])  # every logit = the bias
+    model.output_bias[...] = jnp.zeros(VOCAB_SIZE).at[jnp.array([9, 11])].set(1.0)  # ids 9 and 11 tie
+    hidden = model(batch)
+    args = (batch["targets"], batch["weights"], batch["objective_id"], num_objectives)
+    _, stats = weighted_token_statistics(model, hidden, *args)
+    reference = token_statistics(model.logits(hidden), *args)
+    np.testing.assert_array_equal(stats["correct_sum"], reference["correct_sum"])
+    weighted = np.asarray(batch["weights"]) > 0
+    assert float(stats["correct_sum"].sum()) == float((np.asarray(batch["targets"])[weighted] == 9).sum())
+
+
+def test_rows_compacted_in_device_groups_agree():
+    """On the 8 simulated devices 6 rows form gcd(6, 8) = 2 groups, as a batch sharded
+    over devices would; the result is the same."""
+    assert jax.device_count() == 8
+    batch, num_objectives = packed_batch("mlm:1,clm:1,mass:1,unilm:1", seed=4)
+    assert_same(*both_losses(batch, num_objectives, chunk_tokens=64))
+
+
+def test_pretraining_loss_is_the_mean_over_weighted_tokens():
+    batch, num_objectives = packed_batch("unilm", seed=5)
+    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, **BERT_FORM, nsp_head=True))
+    loss, stats = jax.jit(lambda b: pretraining_loss(model, b, num_objectives))(batch)
+    reference = token_statistics(model.logits(model(batch)), batch["targets"], batch["weights"],
+                                 batch["objective_id"], num_objectives)
+    expected = reference["loss_sum"].sum() / reference["weight_sum"].sum()
+    expected += stats["nsp_loss_sum"] / max(float(stats["nsp_weight_sum"]), 1.0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
