@@ -78,7 +78,7 @@ def weighted_token_statistics(
     weights: jax.Array,  # float [B, L]
     objective_id: jax.Array,  # int [B, L]
     num_objectives: int,
-    chunk_tokens: int = 256,
+    chunk_tokens: int = 128,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(sum of weighted token cross-entropies, statistics sums), with vocabulary
     logits computed only where `weights` is non-zero.

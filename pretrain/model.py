@@ -92,6 +92,36 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
 _LOGICAL_EMBED = {"out_sharding": ("embed",), "eager_sharding": False}
 
 
+@jax.custom_vjp
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., D] times kernel [D, *O] -> [..., *O], with the kernel gradient
+    written as one product of x and the output gradient over all token axes.
+
+    The same numbers as `jnp.einsum`. The custom backward pass only changes
+    which operand XLA CPU transposes for the kernel gradient (a sum over
+    tokens, which its matmul library takes in one orientation only): x, D
+    wide, instead of the output gradient, 3D (QKV) or F (MLP) wide. That cut
+    the step time by about a tenth (README, Performance).
+    """
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return dense(x, kernel), (x, kernel)
+
+
+def _dense_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    outputs = tuple(range(1, kernel.ndim))
+    d_x = jax.lax.dot_general(grad, kernel, ((tuple(range(x.ndim - 1, grad.ndim)), outputs), ((), ())))
+    tokens = tuple(range(x.ndim - 1))
+    d_kernel = jax.lax.dot_general(x, grad, ((tokens, tokens), ((), ())))
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_forward, _dense_backward)
+
+
 def _layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(
         config.model_dim,
@@ -139,8 +169,7 @@ class Attention(nnx.Module):
         dtype = self.config.compute_dtype
         # [B, L, 3, H, K]: the token axes stay in front, so the product is one
         # [B*L, D] x [D, 3*H*K] matmul with no transposed copies.
-        qkv = jnp.einsum("bld,dthk->blthk", x, self.qkv_kernel[...].astype(dtype))
-        qkv = qkv + self.qkv_bias[...].astype(dtype)
+        qkv = dense(x, self.qkv_kernel[...].astype(dtype)) + self.qkv_bias[...].astype(dtype)
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -175,7 +204,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.config.compute_dtype
-        hidden = jax.nn.gelu(x @ self.wi[...].astype(dtype) + self.bi[...].astype(dtype))
+        hidden = jax.nn.gelu(dense(x, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype))
         return hidden @ self.wo[...].astype(dtype) + self.bo[...].astype(dtype)
 
 

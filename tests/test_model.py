@@ -8,7 +8,8 @@ import pytest
 import objectives
 from objectives.example import L2R, PREFIX, TextChunk
 from pretrain.attention import attention_mask
-from pretrain.model import TransformerConfig, create_model, parameter_count, preset
+from pretrain.model import (TransformerConfig, create_model, dense, non_embedding_parameter_count, parameter_count,
+                            preset)
 from pretrain.packing import pack
 
 VOCAB_SIZE = 64
@@ -182,3 +183,22 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
     assert hidden.dtype == jnp.bfloat16
     assert model.logits(hidden).dtype == jnp.float32
     assert model.token_embedding[...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kernel_shape", [(8, 12), (8, 3, 2, 5)], ids=["mlp", "qkv"])
+def test_dense_equals_the_einsum_in_value_and_gradient(kernel_shape):
+    """`dense` only rewrites the backward pass's layout; the numbers are the einsum's."""
+    x = jax.random.normal(jax.random.key(0), (3, 7, 8))
+    kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+    cotangent = jax.random.normal(jax.random.key(2), (3, 7, *kernel_shape[1:]))
+    einsum = lambda x, k: jnp.tensordot(x, k, axes=1)
+    value, vjp = jax.vjp(dense, x, kernel)
+    expected, expected_vjp = jax.vjp(einsum, x, kernel)
+    np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(cotangent), expected_vjp(cotangent)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_non_embedding_parameters_leave_out_the_three_embedding_tables():
+    model = create_model(tiny())
+    assert non_embedding_parameter_count(model) == parameter_count(model) - (64 + 256 + 8) * 64
