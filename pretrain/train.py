@@ -54,6 +54,17 @@ class NonFiniteLoss(RuntimeError):
     """The loss or gradients became NaN or inf."""
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every array in `tree` is finite (a boolean scalar)."""
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda x: jnp.isfinite(x).all(), tree), jnp.bool_(True))
+
+
+# One compiled program, not one eager reduction per array: many small eager programs
+# over pmap-sharded arrays can deadlock XLA's CPU collectives (seen with a second
+# pmap trainer in one process).
+_all_finite = jax.jit(all_finite)
+
+
 def skip_nonfinite_updates(step_fn: Callable) -> Callable:
     """Wraps a train step so that a step whose loss, gradient norm or updated
     parameters are not finite leaves the parameters and optimizer state as they
@@ -64,9 +75,7 @@ def skip_nonfinite_updates(step_fn: Callable) -> Callable:
 
     def step(state, batch):
         new_state, metrics = step_fn(state, batch)
-        params_finite = jax.tree.reduce(jnp.logical_and,
-                                        jax.tree.map(lambda x: jnp.isfinite(x).all(), new_state["params"]))
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & params_finite
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_state["params"])
         kept = {key: jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state[key], state[key])
                 for key in ("params", "opt_state")}
         return {**new_state, **kept}, {**metrics, "skipped": (~finite).astype(jnp.int32)}
@@ -280,9 +289,7 @@ class Trainer:
     def _check_parameters_finite(self, step: int) -> None:
         """A checkpoint never holds NaN/inf parameters (the loss of step s was taken
         before its update, so it cannot vouch for the parameters saved after it)."""
-        finite = jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(),
-                                                                   self.state["params"]))
-        if not bool(np.all(jax.device_get(finite))):
+        if not bool(_all_finite(self.state["params"])):
             raise NonFiniteLoss(
                 f"parameters became non-finite in the update of step {step}; not saving them. The last good "
                 f"checkpoint in {self.checkpointer.directory} is intact. Lower config.optimizer.learning_rate "

@@ -169,6 +169,19 @@ def test_skip_policy_counts_skipped_steps_and_stops_after_too_many_in_a_row(toke
     assert checkpoint_steps(workdir) == [4, 8]
 
 
+def test_pmap_run_saves_often_without_hanging_and_skips_like_pjit(tokenizer_file, tmp_path):
+    """The classic pmap loop saving every other step (the finiteness check of the
+    parameters, once an eager reduction per array over pmap arrays, deadlocked XLA's
+    CPU collectives by the third save), and a bad batch skipped under pmap."""
+    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    config = tiny_config(total_steps=8, checkpoint_every=2, log_every=2, parallelism="pmap", nonfinite="skip")
+    trainer = Trainer(config, str(workdir))
+    trainer.pipeline.train = trainer.pipeline.train.map(poisoned([4]))  # step 5
+    assert trainer.run() == 8
+    assert [(r["step"], r["skipped_steps"]) for r in read_metrics(workdir)] == [(2, 0), (4, 0), (6, 1), (8, 0)]
+    assert checkpoint_steps(workdir) == [4, 6, 8]
+
+
 # -- the workdir -----------------------------------------------------------------------------
 
 @pytest.fixture
