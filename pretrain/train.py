@@ -45,7 +45,7 @@ from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_devi
 from pretrain.model import TransformerConfig, create_model
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.train_step import make_train_step
-from pretrain.workdir import WorkdirLock, check_free_space, checkpoint_bytes, prepare_workdir
+from pretrain.workdir import WorkdirError, WorkdirLock, check_free_space, checkpoint_bytes, prepare_workdir
 
 log = logging.getLogger("pretrain.train")
 
@@ -398,6 +398,10 @@ class Trainer:
         return step
 
 
+# Problems with the user's config, data, workdir or run, each raised with a message that
+# names it and the fix; main() prints that message alone.
+USER_ERRORS = (ValueError, FileNotFoundError, WorkdirError, NonFiniteLoss)
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "pretraining config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory; rerun the command to resume", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -410,8 +414,14 @@ def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
     logging.getLogger("pretrain").setLevel(logging.INFO)
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    step = Trainer(_CONFIG.value, _WORKDIR.value).run()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        step = Trainer(_CONFIG.value, _WORKDIR.value).run()
+    except USER_ERRORS as error:
+        if os.environ.get("PRETRAIN_TRACEBACK"):
+            raise
+        # One message naming the problem and the fix, not a traceback (PRETRAIN_TRACEBACK=1 shows it).
+        raise SystemExit(f"error: {error}") from None
     print(f"stopped at step {step}; workdir {os.path.abspath(_WORKDIR.value)}", flush=True)
 
 

@@ -245,3 +245,12 @@ def test_bad_command_line_flag(tmp_path, name):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert re.search(message, result.stdout + result.stderr), result.stderr[-2000:]
+
+
+def test_config_error_from_the_command_is_one_message_without_a_traceback(tmp_path):
+    result = subprocess.run(command(tmp_path / "run", 10, **{"optimizer.warmup_steps": 50}), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert ("error: invalid config:\n  config.optimizer.warmup_steps=50 must lie in 0..config.total_steps=10"
+            in result.stderr), result.stderr[-2000:]
