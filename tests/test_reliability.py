@@ -333,18 +333,22 @@ class Watched:
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_then_rerunning_the_command_loses_nothing(tmp_path_factory, tmp_path):
-    """The same command is killed (SIGKILL) at twelve seeded points, including while an
-    asynchronous checkpoint save is in flight, and rerun each time; it ends with the
+@pytest.mark.parametrize("parallelism", ["pjit", "pmap"])
+def test_sigkill_anywhere_then_rerunning_the_command_loses_nothing(tmp_path_factory, tmp_path, parallelism):
+    """The same command (pjit, or pmap) is killed (SIGKILL) at twelve seeded points,
+    including while an asynchronous checkpoint save is in flight, and rerun each time; it ends with the
     parameters, optimizer state, data-iterator state and tokenizer of an uninterrupted
     run, bit for bit, and metrics.jsonl holds every step once, with the same losses."""
     corpus = shared_corpus(tmp_path_factory)
-    flags = dict(checkpoint_every=KILL_EVERY, log_every=1, **{"data.kind": "files", "data.path": str(corpus),
-                                                               "peak_flops_per_device": 1e12})
+    flags = {"checkpoint_every": KILL_EVERY, "log_every": 1, "parallelism": parallelism, "data.kind": "files",
+             "data.path": str(corpus), "peak_flops_per_device": 1e12}
     cache = compile_cache_env(tmp_path / "jax-cache")
+    # A pmap state holds one copy per device, and the comparison below restores onto
+    # this process's 8 devices; a pjit state restores onto any device count.
+    devices = 8 if parallelism == "pmap" else KILL_DEVICES
 
     def launch(workdir: Path) -> Watched:
-        return Watched(start(workdir, KILL_TOTAL, devices=KILL_DEVICES, env=cache, **flags))
+        return Watched(start(workdir, KILL_TOTAL, devices=devices, env=cache, **flags))
 
     reference = launch(tmp_path / "reference")  # trains its own tokenizer, as the killed run does
     assert reference.process.wait() == 0, reference.output()
