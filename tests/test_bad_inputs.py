@@ -20,8 +20,8 @@ from pretrain.checkpoint import CheckpointMismatch
 from pretrain.config_checks import validate_config
 from pretrain.tokenizer import train_tokenizer
 from pretrain.train import Trainer
-from train_helpers import (FINISHED_RUN, ROOT, apply, command, shared_corpus, shared_finished_run, tiny_config,
-                           tokenizer_file, workdir_with)  # noqa: F401 (fixture)
+from train_helpers import (FINISHED_RUN, ROOT, TRAIN_COMMAND, apply, command, shared_corpus,  # noqa: F401
+                           shared_finished_run, tiny_config, tokenizer_file, workdir_with)
 
 DEVICES = 8
 
@@ -241,8 +241,8 @@ CLI_CASES = {
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_bad_command_line_flag(tmp_path, name):
     flags, message = CLI_CASES[name]
-    result = subprocess.run(command(tmp_path / "run", 10)[:3] + [f"--workdir={tmp_path / 'run'}"] + flags, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*TRAIN_COMMAND, f"--workdir={tmp_path / 'run'}", *flags], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode != 0
     assert re.search(message, result.stdout + result.stderr), result.stderr[-2000:]
 

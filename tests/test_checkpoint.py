@@ -18,6 +18,7 @@ from pretrain import sharding
 from pretrain.checkpoint import CheckpointMismatch, Checkpointer, array_checksums
 from pretrain.model import create_model, preset
 from pretrain.optimizer import make_optimizer
+from train_helpers import damage, files_of, largest_file
 
 
 def make_state(seed, vocab_size=64, clip_norm=1.0):
@@ -47,29 +48,6 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert step == 3 and data_state == {"parent": {"next_index": 3}, "open_rows": [[[3, 0]]]}
     assert_identical(state, make_state(3))
     checkpointer.close()
-
-
-def damage(path, kind):
-    """Truncates `path` to half, deletes it, or inverts 16 bytes in its middle."""
-    if kind == "truncate":
-        with open(path, "r+b") as handle:
-            handle.truncate(os.path.getsize(path) // 2)
-    elif kind == "delete":
-        os.remove(path)
-    else:
-        with open(path, "r+b") as handle:
-            handle.seek(os.path.getsize(path) // 2)
-            middle = handle.read(16)
-            handle.seek(os.path.getsize(path) // 2)
-            handle.write(bytes(b ^ 0xFF for b in middle))
-
-
-def files_of(directory):
-    return sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names)
-
-
-def largest_file(directory):
-    return max(files_of(directory), key=os.path.getsize)
 
 
 def two_checkpoints(path):

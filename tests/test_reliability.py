@@ -34,10 +34,9 @@ from pretrain.optimizer import make_optimizer
 from pretrain.train import NonFiniteLoss, Trainer, skip_nonfinite_updates
 from pretrain.train_step import make_train_step
 from pretrain.workdir import WorkdirError, WorkdirLock, WorkdirLocked, check_free_space, prepare_workdir
-from test_checkpoint import damage, largest_file
-from train_helpers import (FINISHED_RUN, ROOT, checkpoint_steps, compile_cache_env, read_metrics,  # noqa: F401
-                           restore_newest, shared_corpus, shared_finished_run, start, tiny_config, tokenizer_file,
-                           workdir_with)
+from train_helpers import (FINISHED_RUN, ROOT, checkpoint_steps, compile_cache_env, damage,  # noqa: F401
+                           largest_file, read_metrics, restore_newest, shared_corpus, shared_finished_run, start,
+                           tiny_config, tokenizer_file, workdir_with)
 
 
 def snapshot(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -243,8 +242,7 @@ def test_second_process_on_a_workdir_refuses_and_changes_nothing(tokenizer_file,
         second = start(workdir, 20, devices=1)
         output, _ = second.communicate(timeout=300)
         assert second.returncode != 0
-        assert f"WorkdirLocked: workdir {workdir} is in use by another training process (pid {os.getpid()} on host" in \
-            output
+        assert f"error: workdir {workdir} is in use by another training process (pid {os.getpid()} on host" in output
         assert "Wait for it to finish or stop it, or pass another --workdir" in output
         assert snapshot(workdir) == before
     with Trainer(tiny_config(), str(workdir)):  # released when the first one closed

@@ -23,6 +23,7 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAIN_COMMAND = [sys.executable, "-m", "pretrain.train"]  # run in ROOT
 # The tiny run every training test starts from: config fields and their values, as
 # `tiny_config` applies them and as `command` passes them on the command line.
 TINY = {"seq_len": 64, "batch_size": 8, "log_every": 10, "checkpoint_every": 20, "eval_every": 0,
@@ -106,11 +107,37 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
 
 
+def damage(path: Path | str, kind: str) -> None:
+    """Damages a file the three ways a disk or a person does: 'truncate' (to half),
+    'delete', or 'overwrite' (16 bytes in its middle inverted)."""
+    if kind == "truncate":
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+    elif kind == "delete":
+        os.remove(path)
+    else:
+        with open(path, "r+b") as handle:
+            handle.seek(os.path.getsize(path) // 2)
+            middle = handle.read(16)
+            handle.seek(os.path.getsize(path) // 2)
+            handle.write(bytes(b ^ 0xFF for b in middle))
+
+
+def files_of(directory: Path | str) -> list[str]:
+    """Every file under `directory`, sorted."""
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names)
+
+
+def largest_file(directory: Path | str) -> str:
+    """The largest file under `directory` (in a checkpoint's state: the array data)."""
+    return max(files_of(directory), key=os.path.getsize)
+
+
 def command(workdir: Path, total_steps: int, objective: str = "mlm", **overrides: Any) -> list[str]:
     """`python -m pretrain.train` for the tiny config with `overrides` (dotted keys)."""
     flags = [f"--config.{k}={v}" for k, v in {**TINY, "total_steps": total_steps, **overrides}.items()]
-    return [sys.executable, "-m", "pretrain.train", f"--config=configs/pretrain.py:objective={objective},size=tiny",
-            f"--workdir={workdir}", *flags]
+    return [*TRAIN_COMMAND, f"--config=configs/pretrain.py:objective={objective},size=tiny", f"--workdir={workdir}",
+            *flags]
 
 
 def start(workdir: Path, total_steps: int, devices: int = 8, env: dict[str, str] | None = None,
