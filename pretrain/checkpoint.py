@@ -45,6 +45,10 @@ class CheckpointMismatch(ValueError):
     """A readable checkpoint that another model, optimizer or tokenizer wrote."""
 
 
+class NoGoodCheckpoint(RuntimeError):
+    """Checkpoints exist, but every one of them is damaged (none was deleted)."""
+
+
 class _Damaged(Exception):
     """A checkpoint that cannot be restored as it was saved (the message says why)."""
 
@@ -88,7 +92,7 @@ class Checkpointer:
         Raises:
           CheckpointMismatch: the newest readable checkpoint was written for another
             model, optimizer structure or tokenizer.
-          RuntimeError: checkpoints exist but every one is damaged (none is deleted).
+          NoGoodCheckpoint: checkpoints exist but every one is damaged (none is deleted).
         """
         failures = []
         for step in reversed(self.steps()):
@@ -106,7 +110,7 @@ class Checkpointer:
                             step, failures)
             return step, state, data_state
         if failures:
-            raise RuntimeError(
+            raise NoGoodCheckpoint(
                 f"no checkpoint in {self.directory} can be restored (damaged steps {failures}); nothing was "
                 "deleted. Move the directory aside to start afresh, or restore it from a backup.")
         return None
