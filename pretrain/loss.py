@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pretrain.model import Transformer
+from pretrain.model import Transformer, tied_logits
 
 Batch = Mapping[str, jax.Array]
 
@@ -41,33 +41,28 @@ def token_statistics(
     }
 
 
-def _first_argmax(logits: jax.Array, maximum: jax.Array) -> jax.Array:
-    """`jnp.argmax(logits, -1)` (the first maximal index) given the row maxima,
-    as a plain min-reduction, which XLA CPU runs far faster than argmax's
-    value-and-index reduction."""
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.min(jnp.where(logits == maximum, index, logits.shape[-1]), axis=-1)
-
-
 def _chunk_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array, objective_id: jax.Array,
                       num_objectives: int) -> tuple[dict[str, jax.Array], jax.Array]:
     """Statistics sums of one chunk of logits [..., V], and d(sum of weighted
-    cross-entropies)/d logits."""
+    cross-entropies)/d logits. Written for few passes over the logits: the
+    exponentials are recomputed rather than stored, and argmax (which XLA CPU
+    runs as a slow value-and-index reduction) becomes two fused comparisons."""
     maximum = jnp.max(logits, axis=-1, keepdims=True)
-    shifted = logits - jax.lax.stop_gradient(maximum)
-    exp = jnp.exp(shifted)
-    total = exp.sum(axis=-1, keepdims=True)
-    target_logit = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-    losses = jnp.log(total[..., 0]) - target_logit
-    correct = (_first_argmax(logits, maximum) == targets).astype(jnp.float32)
+    log_normalizer = maximum + jnp.log(jnp.sum(jnp.exp(logits - maximum), axis=-1, keepdims=True))
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    losses = (log_normalizer - target_logit)[..., 0]
+    vocabulary = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    # jnp.argmax(logits) == target: the target is maximal and no lower id is.
+    earlier_maximum = jnp.any((logits == maximum) & (vocabulary < targets[..., None]), axis=-1)
+    correct = ((target_logit == maximum)[..., 0] & ~earlier_maximum).astype(jnp.float32)
     one_hot = jax.nn.one_hot(objective_id, num_objectives, dtype=jnp.float32) * weights[..., None]
     stats = {
         "loss_sum": jnp.einsum("...,...o->o", losses, one_hot),
         "correct_sum": jnp.einsum("...,...o->o", correct, one_hot),
         "weight_sum": one_hot.reshape(-1, num_objectives).sum(axis=0),
     }
-    target_one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-    d_logits = (exp / total - target_one_hot) * weights[..., None]
+    is_target = (vocabulary == targets[..., None]).astype(logits.dtype)
+    d_logits = (jnp.exp(logits - log_normalizer) - is_target) * weights[..., None]
     return stats, d_logits
 
 
@@ -100,17 +95,29 @@ def weighted_token_statistics(
     rows, length = weights.shape
     groups = math.gcd(rows, jax.device_count())
     grouped = lambda x: x.reshape(groups, rows // groups * length, *x.shape[2:])
-    graphdef, head = nnx.split(model.output_head())
-    head_loss = _head_loss(graphdef, num_objectives, min(rows // groups * length, max(1, chunk_tokens // groups)))
-    total, stats = head_loss(head, grouped(hidden), grouped(targets), grouped(weights), grouped(objective_id))
+    head = model.output_head()
+    if head.transform is None:
+        transform, transform_state = None, {}
+    else:
+        graphdef, transform_state = nnx.split(head.transform)
+        transform = lambda state, h: nnx.merge(graphdef, state)(h)
+    chunk = min(rows // groups * length, max(1, chunk_tokens // groups))
+    head_loss = _head_loss(transform, model.config.compute_dtype, num_objectives, chunk)
+    total, stats = head_loss(transform_state, head.token_embedding[...], head.output_bias[...], grouped(hidden),
+                             grouped(targets), grouped(weights), grouped(objective_id))
     return total, jax.lax.stop_gradient(stats)
 
 
-def _head_pass(head_fn: Callable, head: nnx.State, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
-               objective_id: jax.Array, num_objectives: int, chunk: int, with_gradients: bool):
+def _head_pass(transform: Callable | None, dtype: jnp.dtype, transform_state: nnx.State, embedding: jax.Array,
+               bias: jax.Array, hidden: jax.Array, targets: jax.Array, weights: jax.Array, objective_id: jax.Array,
+               num_objectives: int, chunk: int, with_gradients: bool):
     """The chunked head over the weighted positions of each group [G, N]
     (see weighted_token_statistics): statistics, and with `with_gradients`
-    d(loss sum)/d(head, hidden)."""
+    d(loss sum)/d(transform state, embedding, bias, hidden).
+
+    The projection's gradients are written out: the embedding's is summed
+    transposed, [D, V], and transposed once at the end, so no chunk's [C, V]
+    logit gradient is ever transposed (XLA CPU copies an operand for that)."""
     groups, length = weights.shape
     padded = -(-length // chunk) * chunk
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)))
@@ -120,52 +127,67 @@ def _head_pass(head_fn: Callable, head: nnx.State, hidden: jax.Array, targets: j
     sorted_targets = jnp.take_along_axis(targets, order, axis=1)
     sorted_objectives = jnp.take_along_axis(objective_id, order, axis=1)
     chunks = -(-jnp.max(jnp.sum(weights != 0, axis=1)) // chunk)
+    tokens = ((0, 1), (0, 1))
 
     def body(index, carry):
-        stats, d_head, d_sorted = carry
+        stats, gradients = carry
         start = index * chunk
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
         h = jnp.take_along_axis(hidden, take(order)[..., None], axis=1)
-        if with_gradients:
-            logits, vjp = jax.vjp(head_fn, head, h)
+        if transform is None:
+            t = h
+        elif with_gradients:
+            t, transform_vjp = jax.vjp(transform, transform_state, h)
         else:
-            logits = head_fn(head, h)
+            t = transform(transform_state, h)
+        logits = tied_logits(t, embedding, bias, dtype)
         chunk_stats, d_logits = _chunk_statistics(logits, take(sorted_targets), take(sorted_weights),
                                                   take(sorted_objectives), num_objectives)
         stats = jax.tree.map(jnp.add, stats, chunk_stats)
-        if with_gradients:
-            d_head_chunk, d_h = vjp(d_logits)
-            d_head = jax.tree.map(jnp.add, d_head, d_head_chunk)
-            d_sorted = jax.lax.dynamic_update_slice_in_dim(d_sorted, d_h, start, axis=1)
-        return stats, d_head, d_sorted
+        if not with_gradients:
+            return stats, gradients
+        d_state, d_embedding_t, d_bias, d_sorted = gradients
+        d_compute = d_logits.astype(dtype)
+        d_t = d_compute @ embedding.astype(dtype)
+        d_embedding_t = d_embedding_t + jax.lax.dot_general(t, d_compute, (tokens, ((), ()))).astype(jnp.float32)
+        d_bias = d_bias + d_logits.sum(axis=(0, 1))
+        if transform is None:
+            d_h = d_t
+        else:
+            d_state_chunk, d_h = transform_vjp(d_t)
+            d_state = jax.tree.map(jnp.add, d_state, d_state_chunk)
+        d_sorted = jax.lax.dynamic_update_slice_in_dim(d_sorted, d_h.astype(d_sorted.dtype), start, axis=1)
+        return stats, (d_state, d_embedding_t, d_bias, d_sorted)
 
     zeros = jnp.zeros((num_objectives,), jnp.float32)
     stats = {"loss_sum": zeros, "correct_sum": zeros, "weight_sum": zeros}
-    d_head = jax.tree.map(jnp.zeros_like, head) if with_gradients else None
-    d_sorted = jnp.zeros((groups, padded, hidden.shape[-1]), hidden.dtype) if with_gradients else None
-    stats, d_head, d_sorted = jax.lax.fori_loop(0, chunks, body, (stats, d_head, d_sorted))
+    gradients = None
+    if with_gradients:
+        gradients = (jax.tree.map(jnp.zeros_like, transform_state), jnp.zeros(embedding.shape[::-1], jnp.float32),
+                     jnp.zeros_like(bias), jnp.zeros((groups, padded, hidden.shape[-1]), hidden.dtype))
+    stats, gradients = jax.lax.fori_loop(0, chunks, body, (stats, gradients))
     if not with_gradients:
         return stats, None
+    d_state, d_embedding_t, d_bias, d_sorted = gradients
     inverse = jnp.argsort(order[:, :length], axis=1)  # slot of each position; unweighted ones got 0
-    return stats, (d_head, jnp.take_along_axis(d_sorted, inverse[..., None], axis=1))
+    d_hidden = jnp.take_along_axis(d_sorted, inverse[..., None], axis=1)
+    return stats, (d_state, d_embedding_t.T.astype(embedding.dtype), d_bias, d_hidden)
 
 
-def _head_loss(graphdef: nnx.GraphDef, num_objectives: int, chunk: int) -> Callable:
-    """f(head, hidden, targets, weights, objective_id) over groups [G, N] ->
-    (loss sum, statistics), differentiable in `head` and `hidden`."""
-
-    def head_fn(head: nnx.State, h: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, head)(h)
-
-    run = functools.partial(_head_pass, head_fn, num_objectives=num_objectives, chunk=chunk)
+def _head_loss(transform: Callable | None, dtype: jnp.dtype, num_objectives: int, chunk: int) -> Callable:
+    """f(transform state, embedding, bias, hidden, targets, weights, objective_id),
+    over groups [G, N] -> (loss sum, statistics), differentiable in the first four."""
+    run = functools.partial(_head_pass, transform, dtype, num_objectives=num_objectives, chunk=chunk)
 
     @jax.custom_vjp
-    def head_loss(head, hidden, targets, weights, objective_id):
-        stats, _ = run(head, hidden, targets, weights, objective_id, with_gradients=False)
+    def head_loss(transform_state, embedding, bias, hidden, targets, weights, objective_id):
+        stats, _ = run(transform_state, embedding, bias, hidden, targets, weights, objective_id,
+                       with_gradients=False)
         return stats["loss_sum"].sum(), stats
 
-    def forward(head, hidden, targets, weights, objective_id):
-        stats, gradients = run(head, hidden, targets, weights, objective_id, with_gradients=True)
+    def forward(transform_state, embedding, bias, hidden, targets, weights, objective_id):
+        stats, gradients = run(transform_state, embedding, bias, hidden, targets, weights, objective_id,
+                               with_gradients=True)
         return (stats["loss_sum"].sum(), stats), gradients
 
     def backward(gradients, cotangents):

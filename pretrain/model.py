@@ -247,28 +247,45 @@ class Block(nnx.Module):
         return x, (k, v)
 
 
+def tied_logits(hidden: jax.Array, embedding: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Vocabulary logits [..., V] (float32): hidden states [..., D] times the token
+    embedding [V, D] (the output projection is tied to it), plus the output bias."""
+    return (hidden @ embedding.astype(dtype).T).astype(jnp.float32) + bias
+
+
+class MLMTransform(nnx.Module):
+    """BERT's MLM transform head (dense, GELU, LayerNorm) over the Transformer's own
+    variables (shared, not copied)."""
+
+    def __init__(self, model: Transformer):
+        self.config = model.config
+        self.head_kernel = model.head_kernel
+        self.head_bias = model.head_bias
+        self.head_norm = model.head_norm
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        dtype = self.config.compute_dtype
+        hidden = jax.nn.gelu(hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
+        return self.head_norm(hidden).astype(dtype)
+
+
 class OutputHead(nnx.Module):
-    """Hidden states -> vocabulary logits: BERT's optional transform head, then the
-    projection tied to the token embedding, plus the output bias. It holds the
-    Transformer's own variables (shared, not copied)."""
+    """Hidden states -> vocabulary logits: BERT's transform head when the model has
+    one (`transform`, else None), then `tied_logits`. It holds the Transformer's
+    own variables (shared, not copied), so the loss can take the head's parameters
+    apart from the stack's."""
 
     def __init__(self, model: Transformer):
         self.config = model.config
         self.token_embedding = model.token_embedding
         self.output_bias = model.output_bias
-        if self.config.mlm_transform_head:
-            self.head_kernel = model.head_kernel
-            self.head_bias = model.head_bias
-            self.head_norm = model.head_norm
+        self.transform = MLMTransform(model) if model.config.mlm_transform_head else None
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits [..., V] (float32) from hidden states [..., D]."""
-        dtype = self.config.compute_dtype
-        if self.config.mlm_transform_head:
-            hidden = jax.nn.gelu(hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
-            hidden = self.head_norm(hidden).astype(dtype)
-        logits = hidden @ self.token_embedding[...].astype(dtype).T
-        return logits.astype(jnp.float32) + self.output_bias[...]
+        if self.transform is not None:
+            hidden = self.transform(hidden)
+        return tied_logits(hidden, self.token_embedding[...], self.output_bias[...], self.config.compute_dtype)
 
 
 class Transformer(nnx.Module):
@@ -329,9 +346,8 @@ class Transformer(nnx.Module):
         return self.output_head()(hidden)
 
     def output_head(self) -> OutputHead:
-        """The vocabulary projection as a module of its own over this model's
-        variables, so `nnx.split(model.output_head())` gives the head's parameters
-        alone (the loss differentiates the head apart from the stack)."""
+        """The vocabulary head as a module of its own over this model's variables
+        (the loss differentiates it apart from the stack)."""
         return OutputHead(self)
 
     def nsp_logits(self, hidden: jax.Array) -> jax.Array:
