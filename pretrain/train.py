@@ -37,7 +37,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from pretrain import distributed, sharding
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint import Checkpointer, NoGoodCheckpoint
 from pretrain.config_checks import validate_config
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.loss import nsp_statistics, token_statistics
@@ -400,7 +400,7 @@ class Trainer:
 
 # Problems with the user's config, data, workdir or run, each raised with a message that
 # names it and the fix; main() prints that message alone.
-USER_ERRORS = (ValueError, FileNotFoundError, WorkdirError, NonFiniteLoss)
+USER_ERRORS = (ValueError, FileNotFoundError, WorkdirError, NonFiniteLoss, NoGoodCheckpoint)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "pretraining config file")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory; rerun the command to resume", required=True)
