@@ -31,7 +31,8 @@ def test_each_objective_trains_end_to_end(tokenizer_file, tmp_path, objective):
     assert events and os.path.getsize(workdir / "tensorboard" / events[0]) > 100
 
 
-@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+@pytest.mark.parametrize("stop", [pytest.param(signal.SIGKILL, id="sigkill", marks=pytest.mark.slow),  # and 24 more
+                                  pytest.param(signal.SIGTERM, id="sigterm")])            # in test_reliability.py
 def test_interrupted_run_resumes_bit_identically(tokenizer_file, tmp_path_factory, tmp_path, stop):
     """The command stopped after its first checkpoint and run again ends where an
     uninterrupted run ends. tests/test_reliability.py kills it at many more points."""
