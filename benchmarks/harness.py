@@ -22,6 +22,7 @@ from flax import nnx
 
 import data_throughput
 from pretrain.input_pipeline import take
+from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token, measure_matmul_peak
 from pretrain.model import TransformerConfig, create_model, non_embedding_parameter_count
 from pretrain.optimizer import make_optimizer
@@ -59,15 +60,17 @@ class OurStep:
     on batches already on the device, dispatched back to back as the training loop
     does, with one wait at the end of a run."""
 
-    def __init__(self, config: TransformerConfig, num_objectives: int, batches: Sequence[Batch], seed: int = 0):
+    def __init__(self, config: TransformerConfig, num_objectives: int, batches: Sequence[Batch],
+                 statistics: Callable = weighted_token_statistics, seed: int = 0):
         model = create_model(config, seed=seed)
         seq_len = batches[0]["inputs"].shape[1]
         self.flops_per_token = flops_per_token(non_embedding_parameter_count(model), config.num_layers,
                                                config.model_dim, seq_len)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         optimizer = make_optimizer(learning_rate=1e-4, warmup_steps=10, total_steps=1_000_000)
         self.state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-        self.step = jax.jit(make_train_step(graphdef, rest, optimizer, num_objectives), donate_argnums=0)
+        self.step = jax.jit(make_train_step(self.graphdef, self.rest, optimizer, num_objectives,
+                                            statistics=statistics), donate_argnums=0)
         self.batches = [jax.device_put(batch) for batch in batches]
         self.tokens = [real_tokens(batch) for batch in batches]
         self.next = 0

@@ -41,6 +41,15 @@ def token_statistics(
     }
 
 
+def full_logits_statistics(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                           objective_id: jax.Array, num_objectives: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`weighted_token_statistics` computed from the full [B, L, V] logits with
+    plain autodiff: the reference it is tested against, and the baseline the
+    benchmarks compare it with."""
+    stats = token_statistics(model.logits(hidden), targets, weights, objective_id, num_objectives)
+    return stats["loss_sum"].sum(), stats
+
+
 def _chunk_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array, objective_id: jax.Array,
                       num_objectives: int) -> tuple[dict[str, jax.Array], jax.Array]:
     """Statistics sums of one chunk of logits [..., V], and d(sum of weighted

@@ -29,16 +29,19 @@ def denominators(batch: Batch) -> tuple[jax.Array, jax.Array]:
             jnp.maximum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32), 1.0))
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int,
+                 statistics: Callable = weighted_token_statistics
                  ) -> Callable[[nnx.State, Batch, jax.Array, jax.Array], tuple[jax.Array, dict]]:
     """loss(params, batch, token_total, nsp_total) -> (this batch's share of the
-    global loss, statistics sums)."""
+    global loss, statistics sums). `statistics` computes the token loss from the
+    hidden states: logits at the weighted positions only, or
+    `pretrain.loss.full_logits_statistics` (the reference, for comparisons)."""
 
     def loss_fn(params, batch, token_total, nsp_total):
         model = nnx.merge(graphdef, params, rest)
         hidden = model(batch, deterministic=True)
-        loss_sum, stats = weighted_token_statistics(model, hidden, batch["targets"], batch["weights"],
-                                                    batch["objective_id"], num_objectives)
+        loss_sum, stats = statistics(model, hidden, batch["targets"], batch["weights"], batch["objective_id"],
+                                     num_objectives)
         loss = loss_sum / token_total
         if model.config.nsp_head:
             stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
@@ -68,10 +71,12 @@ def accumulated_gradients(loss_fn, params, batch: Batch, token_total, nsp_total,
 
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.GradientTransformation,
-                    num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None):
+                    num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None,
+                    statistics: Callable = weighted_token_statistics):
     """step(state, batch) -> (state, metrics). With `axis_name` (pmap), each device
-    holds a slice of the batch and the sums are added across the axis."""
-    loss_fn = make_loss_fn(graphdef, rest, num_objectives)
+    holds a slice of the batch and the sums are added across the axis.
+    `statistics`: see make_loss_fn."""
+    loss_fn = make_loss_fn(graphdef, rest, num_objectives, statistics)
 
     def step(state: TrainState, batch: Batch):
         token_total, nsp_total = denominators(batch)

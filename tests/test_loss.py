@@ -16,7 +16,7 @@ from flax import nnx
 
 import objectives
 from objectives.example import TextChunk
-from pretrain.loss import pretraining_loss, token_statistics, weighted_token_statistics
+from pretrain.loss import full_logits_statistics, pretraining_loss, token_statistics, weighted_token_statistics
 from pretrain.model import create_model, preset
 from pretrain.packing import pack
 
@@ -43,8 +43,7 @@ def both_losses(batch: dict, num_objectives: int, chunk_tokens: int, **model_ove
 
     def reference(params):
         model = nnx.merge(graphdef, params, rest)
-        stats = token_statistics(model.logits(model(batch)), *args)
-        return stats["loss_sum"].sum(), stats
+        return full_logits_statistics(model, model(batch), *args)
 
     def fast(params):
         model = nnx.merge(graphdef, params, rest)

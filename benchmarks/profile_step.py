@@ -1,0 +1,144 @@
+"""Where the training step's time goes: forward vs backward, and an op profile.
+
+    python benchmarks/profile_step.py [--objective=mlm] [--size=small] [--rounds=7]
+
+Part 1 times, alternately in rounds: the stack's forward pass, its forward and
+backward pass, the whole training step, the same step with the loss taken from
+full [B, L, V] logits (`token_statistics(model.logits(...))`, what the loss
+costs without the chunked head), and the float32 matmul peak.
+
+Part 2 traces a few steps with `jax.profiler` and sums the time of every XLA
+operation by kind (matmuls, transposes and copies, other element-wise and
+reduction work) and by phase (forward, backward, the loss head's chunk loop,
+the optimizer update), read from the compiled HLO's op names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import statistics
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import harness
+from pretrain.loss import full_logits_statistics
+from pretrain.model import PRESETS, TransformerConfig, preset
+
+
+def timed_parts(ours: harness.OurStep, config: TransformerConfig, num_objectives: int,
+                args: argparse.Namespace) -> dict[str, float]:
+    """Median milliseconds of each part (see module docstring), measured alternately."""
+    params = jax.tree.map(jnp.copy, ours.state["params"])  # the step donates its own
+    batch = ours.batches[0]
+    stack = lambda p: nnx.merge(ours.graphdef, p, ours.rest)(batch).sum()
+    forward, backward = jax.jit(stack), jax.jit(jax.grad(stack))
+    full = harness.OurStep(config, num_objectives, jax.device_get(ours.batches), statistics=full_logits_statistics)
+    peak = harness.MatmulPeak()
+
+    def repeat(function):
+        def run(steps: int) -> int:
+            for _ in range(steps):
+                jax.block_until_ready(function(params))
+            return 0
+        return run
+
+    rounds = harness.alternate({"stack forward": repeat(forward), "stack forward+backward": repeat(backward),
+                                "training step": ours.run, "step, full-logits loss": full.run,
+                                "matmul peak": peak.run}, args.rounds, args.steps)
+    parts = {name: 1e3 * harness.step_seconds(r, args.steps) for name, r in rounds.items() if name != "matmul peak"}
+    parts["matmul peak GFLOP/s"] = statistics.median(peak.flops_per_sec) / 1e9
+    return parts
+
+
+def _instructions(hlo: str) -> dict[str, tuple[bool, str]]:
+    """Top-level instruction name -> (contains a dot, op_name metadata)."""
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$", line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+        elif current is not None:
+            current.append(line)
+    has_dot = {name: any(" dot(" in line for line in lines) for name, lines in computations.items()}
+    result = {}
+    for lines in computations.values():
+        for line in lines:
+            match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+            if not match:
+                continue
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            result[match.group(1)] = (" dot(" in line or bool(called and has_dot.get(called.group(1))),
+                                      op_name.group(1) if op_name else "")
+    return result
+
+
+def op_profile(ours: harness.OurStep, steps: int = 3) -> dict[tuple[str, str], float]:
+    """Milliseconds per step by (phase, kind), from a profiler trace."""
+    from jax.profiler import ProfileData
+
+    instructions = _instructions(ours.step.lower(ours.state, ours.batches[0]).compile().as_text())
+    ours.run(1)
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory):
+            ours.run(steps)
+        profile = ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0])
+    totals: dict[tuple[str, str], float] = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = event.name
+                if name not in instructions and not name.startswith("while"):
+                    continue
+                has_dot, op_name = instructions.get(name, (False, "/while/"))
+                if "/while/" in op_name or name.startswith("while"):
+                    phase = "loss head (chunk loop)"
+                elif "transpose(jvp" in op_name:
+                    phase = "backward"
+                elif "jvp(" in op_name:
+                    phase = "forward"
+                else:
+                    phase = "optimizer update"
+                kind = ("matmul" if has_dot else "transpose/copy" if re.match(r"(copy|transpose)", name)
+                        else "element-wise/reduction")
+                totals[(phase, kind)] += event.duration_ns / 1e6 / steps
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objective", default="mlm")
+    parser.add_argument("--size", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--batches", type=int, default=2, help="distinct batches cycled through")
+    harness.add_shape_flags(parser)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temporary:
+        batches, names, vocab_size = harness.pipeline_batches(args.objective, args, args.workdir or temporary,
+                                                              args.batches)
+    config = preset(args.size, vocab_size=vocab_size)
+    ours = harness.OurStep(config, len(names), batches)
+    load_before = harness.load_average()
+    parts = timed_parts(ours, config, len(names), args)
+    profile = op_profile(ours)
+    print(f"{harness.machine()}; {args.objective}, {args.size}, batch {args.batch_size} x seq {args.seq_len}; "
+          f"1-min load average {load_before:.1f} -> {harness.load_average():.1f}")
+    print(f"\n{'part':<28} {'ms':>8}")
+    for name, value in parts.items():
+        print(f"{name:<28} {value:>8.1f}")
+    forward = parts["stack forward"]
+    print(f"stack backward / forward: {(parts['stack forward+backward'] - forward) / forward:.2f}")
+    total = sum(profile.values())
+    print(f"\nop time per step (summed over threads): {total:.0f} ms")
+    print(f"{'phase':<24} {'kind':<24} {'ms':>8} {'share':>7}")
+    for (phase, kind), value in sorted(profile.items(), key=lambda item: -item[1]):
+        print(f"{phase:<24} {kind:<24} {value:>8.1f} {value / total:>7.1%}")
+
+
+if __name__ == "__main__":
+    main()
