@@ -23,11 +23,14 @@ damaged steps out of the way of the saves that will replace them.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -94,6 +97,10 @@ class Checkpointer:
             model, optimizer structure or tokenizer.
           NoGoodCheckpoint: checkpoints exist but every one is damaged (none is deleted).
         """
+        with _quiet_abandoned_reads():
+            return self._restore(abstract_state)
+
+    def _restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         failures = []
         for step in reversed(self.steps()):
             try:
@@ -193,6 +200,35 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _UnretrievedTaskErrors(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+    """When one array of a damaged checkpoint fails to read, Orbax raises that error
+    and abandons the other reads, which then report at length: asyncio logs each
+    failed task, and TensorStore's callbacks each print 'Event loop is closed'. The
+    one warning `restore` gives says it all, so both are silenced while it runs."""
+    logger, quiet, previous_hook = logging.getLogger("asyncio"), _UnretrievedTaskErrors(), sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    logger.addFilter(quiet)
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()  # abandoned tasks report when collected: while the filters are on
+        sys.unraisablehook = previous_hook
+        logger.removeFilter(quiet)
 
 
 def array_signature(tree: Any) -> dict[str, list]:
