@@ -213,12 +213,15 @@ class _UnretrievedTaskErrors(logging.Filter):
 def _quiet_abandoned_reads() -> Iterator[None]:
     """When one array of a damaged checkpoint fails to read, Orbax raises that error
     and abandons the other reads, which then report at length: asyncio logs each
-    failed task, and TensorStore's callbacks each print 'Event loop is closed'. The
-    one warning `restore` gives says it all, so both are silenced while it runs."""
+    failed task, the abandoned coroutines complain, and TensorStore's callbacks each
+    print 'Event loop is closed'. The one warning `restore` gives says it all, so
+    these are silenced while it runs."""
     logger, quiet, previous_hook = logging.getLogger("asyncio"), _UnretrievedTaskErrors(), sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        loop_closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # an abandoned Orbax read coroutine
+        if not (loop_closed or (code is not None and "orbax" in code.co_filename)):
             previous_hook(unraisable)
 
     logger.addFilter(quiet)
