@@ -113,7 +113,7 @@ class Checkpointer:
                 failures.append(step)
                 continue
             if failures:
-                log.warning("resumed from step %d; damaged checkpoints at steps %s were skipped and not deleted",
+                log.warning("restored step %d; damaged checkpoints at steps %s were skipped and not deleted",
                             step, failures)
             return step, state, data_state
         if failures:

@@ -88,7 +88,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(finished_run, t
     with caplog.at_level(logging.WARNING):
         assert trainer.run() == 40
     assert f"checkpoint at step 40 in {workdir / 'checkpoints'} is damaged" in caplog.text
-    assert "resumed from step 20" in caplog.text
+    assert "restored step 20; damaged checkpoints at steps [40] were skipped and not deleted" in caplog.text
     assert snapshot(workdir / "damaged_checkpoints" / "40") == damaged, "set aside, not deleted"
     assert checkpoint_steps(workdir) == [20, 40]
     assert_same_state(trainer.state, final_state)
