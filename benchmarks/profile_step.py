@@ -3,9 +3,11 @@
     python benchmarks/profile_step.py [--objective=mlm] [--size=small] [--rounds=7]
 
 Part 1 times, alternately in rounds: the stack's forward pass, its forward and
-backward pass, the whole training step, the same step with the loss taken from
-full [B, L, V] logits (`token_statistics(model.logits(...))`, what the loss
-costs without the chunked head), and the float32 matmul peak.
+backward pass (also with two baselines swapped in while it compiles: attention
+through `jax.nn.dot_product_attention`, and `model.dense` with plain autodiff),
+the whole training step, the same step with the loss taken from full [B, L, V]
+logits (`pretrain.loss.full_logits_statistics`, the loss without the chunked
+head), and the float32 matmul peak.
 
 Part 2 traces a few steps with `jax.profiler` and sums the time of every XLA
 operation by kind (matmuls, transposes and copies, other element-wise and
@@ -17,18 +19,45 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import re
 import statistics
 import tempfile
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import harness
+from pretrain import model as model_lib
 from pretrain.loss import full_logits_statistics
 from pretrain.model import PRESETS, TransformerConfig, preset
+
+
+def _library_attend(self: model_lib.Attention, q: jax.Array, k: jax.Array, v: jax.Array,
+                    mask: jax.Array) -> jax.Array:
+    """`Attention.attend` through `jax.nn.dot_product_attention` (the baseline)."""
+    dtype = self.config.compute_dtype
+    context = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype)) + self.out_bias[...].astype(dtype)
+
+
+def _autodiff_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`model.dense` without its custom backward pass (the baseline)."""
+    return jnp.tensordot(x, kernel, axes=1)
+
+
+@contextlib.contextmanager
+def _swapped(owner: object, name: str, value: object) -> Iterator[None]:
+    """Temporarily replaces owner.name (while a baseline is traced and compiled)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def timed_parts(ours: harness.OurStep, config: TransformerConfig, num_objectives: int,
@@ -37,7 +66,12 @@ def timed_parts(ours: harness.OurStep, config: TransformerConfig, num_objectives
     params = jax.tree.map(jnp.copy, ours.state["params"])  # the step donates its own
     batch = ours.batches[0]
     stack = lambda p: nnx.merge(ours.graphdef, p, ours.rest)(batch).sum()
-    forward, backward = jax.jit(stack), jax.jit(jax.grad(stack))
+    forward = jax.jit(stack).lower(params).compile()
+    backward = jax.jit(jax.grad(stack)).lower(params).compile()
+    with _swapped(model_lib.Attention, "attend", _library_attend):
+        library_attention = jax.jit(jax.grad(stack)).lower(params).compile()
+    with _swapped(model_lib, "dense", _autodiff_dense):
+        autodiff_dense = jax.jit(jax.grad(stack)).lower(params).compile()
     full = harness.OurStep(config, num_objectives, jax.device_get(ours.batches), statistics=full_logits_statistics)
     peak = harness.MatmulPeak()
 
@@ -49,6 +83,8 @@ def timed_parts(ours: harness.OurStep, config: TransformerConfig, num_objectives
         return run
 
     rounds = harness.alternate({"stack forward": repeat(forward), "stack forward+backward": repeat(backward),
+                                "  with dot_product_attention": repeat(library_attention),
+                                "  with autodiff dense": repeat(autodiff_dense),
                                 "training step": ours.run, "step, full-logits loss": full.run,
                                 "matmul peak": peak.run}, args.rounds, args.steps)
     parts = {name: 1e3 * harness.step_seconds(r, args.steps) for name, r in rounds.items() if name != "matmul peak"}

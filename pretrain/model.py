@@ -100,8 +100,8 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
     The same numbers as `jnp.einsum`. The custom backward pass only changes
     which operand XLA CPU transposes for the kernel gradient (a sum over
     tokens, which its matmul library takes in one orientation only): x, D
-    wide, instead of the output gradient, 3D (QKV) or F (MLP) wide. That cut
-    the step time by about a tenth (README, Performance).
+    wide, instead of the output gradient, 3D (QKV) or F (MLP) wide: a
+    narrower transposed copy on every step (README, Performance).
     """
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
@@ -178,9 +178,9 @@ class Attention(nnx.Module):
         softmax(q k^T / sqrt(K)) v with hidden keys set to a large negative score,
         written out rather than through `jax.nn.dot_product_attention`: its XLA
         implementation (the one a dense mask gets) vmaps over head groups, which on
-        CPU adds transposes and a slow reduction to the backward pass (the body's
-        gradient took about 9% longer; see README, Performance). A query that sees
-        nothing (padding) spreads its weight uniformly, so it carries no NaN.
+        CPU adds transposes and a slow reduction to the backward pass (README,
+        Performance). A query that sees nothing (padding) spreads its weight
+        uniformly, so it carries no NaN.
         """
         dtype = self.config.compute_dtype
         scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
