@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 import data_throughput
+from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import take
 from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token, measure_matmul_peak
@@ -40,6 +41,15 @@ def add_shape_flags(parser: argparse.ArgumentParser, batch_size: int = 16) -> No
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; medians are reported")
     parser.add_argument("--steps", type=int, default=4, help="training steps per contender per round")
     parser.add_argument("--workdir", default="", help="keeps the trained tokenizer between runs (default: temporary)")
+    parser.add_argument("--host_memory", choices=("kept", "default"), default="kept",
+                        help="kept: pretrain.host_memory.keep_freed_memory(), as the pretrain commands do, for the "
+                             "whole process (a peer in it gets it too); default: glibc's allocator settings")
+
+
+def apply_host_memory(args: argparse.Namespace) -> bool:
+    """Applies --host_memory before any computation starts JAX's threads;
+    returns whether freed memory is kept."""
+    return args.host_memory == "kept" and keep_freed_memory()
 
 
 def pipeline_batches(objective: str, args: argparse.Namespace, workdir: str, count: int
@@ -142,7 +152,8 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def machine() -> str:
+def machine(host_memory_kept: bool) -> str:
     """One line describing where the numbers come from."""
     kind = jax.devices()[0].device_kind
-    return f"{jax.default_backend()} ({kind}), {os.cpu_count()} cores, jax {jax.__version__}"
+    memory = "freed host memory kept" if host_memory_kept else "glibc's default allocator"
+    return f"{jax.default_backend()} ({kind}), {os.cpu_count()} cores, jax {jax.__version__}, {memory}"

@@ -144,7 +144,7 @@ def compare(args: argparse.Namespace, workdir: str) -> dict:
             "optimizer": "AdamW(lr=1e-4, b=(0.9, 0.999), eps=1e-8, wd=0.01 on matrices; torch: fused), clip 1.0",
             "precision": "float32", "rounds": args.rounds, "steps_per_round": args.steps,
             "load_average_1min": [round(load_before, 2), round(harness.load_average(), 2)],
-            "machine": harness.machine(), "torch": torch.__version__,
+            "machine": harness.machine(args.host_memory_kept), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
         },
     }
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     harness.add_shape_flags(parser)
     args = parser.parse_args()
+    args.host_memory_kept = harness.apply_host_memory(args)
     if args.workdir:
         result = compare(args, args.workdir)
     else:

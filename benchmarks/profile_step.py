@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2, help="distinct batches cycled through")
     harness.add_shape_flags(parser)
     args = parser.parse_args()
+    args.host_memory_kept = harness.apply_host_memory(args)
     with tempfile.TemporaryDirectory() as temporary:
         batches, names, vocab_size = harness.pipeline_batches(args.objective, args, args.workdir or temporary,
                                                               args.batches)
@@ -162,7 +163,8 @@ def main() -> None:
     load_before = harness.load_average()
     parts = timed_parts(ours, config, len(names), args)
     profile = op_profile(ours)
-    print(f"{harness.machine()}; {args.objective}, {args.size}, batch {args.batch_size} x seq {args.seq_len}; "
+    print(f"{harness.machine(args.host_memory_kept)}; {args.objective}, {args.size}, "
+          f"batch {args.batch_size} x seq {args.seq_len}; "
           f"1-min load average {load_before:.1f} -> {harness.load_average():.1f}")
     print(f"\n{'part':<28} {'ms':>8}")
     for name, value in parts.items():

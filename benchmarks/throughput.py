@@ -91,7 +91,8 @@ def pipeline_ratios(step_results: list[dict], args: argparse.Namespace, workdir:
 
 def print_tables(steps: list[dict], mask: dict, pipeline: list[dict], args: argparse.Namespace,
                  load: tuple[float, float]) -> None:
-    print(f"{harness.machine()}; batch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab_size}, float32, "
+    print(f"{harness.machine(args.host_memory_kept)}; batch {args.batch_size} x seq {args.seq_len}, "
+          f"vocab {args.vocab_size}, float32, "
           f"{args.rounds} rounds x {args.steps} steps (medians); 1-min load average {load[0]:.1f} -> {load[1]:.1f}")
     print(f"\n{'size':<6} {'objective':<28} {'tokens/s':>9} {'step ms':>8} {'real tok':>8} "
           f"{'GFLOP/tok':>9} {'peak GFLOP/s':>12} {'MFU':>6}")
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print all results as one JSON line")
     harness.add_shape_flags(parser)
     args = parser.parse_args()
+    args.host_memory_kept = harness.apply_host_memory(args)
     load_before = harness.load_average()
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or temporary
@@ -127,7 +129,8 @@ def main() -> None:
     print_tables(steps, mask, pipeline, args, load)
     if args.json:
         print(json.dumps({"steps": steps, "mask_overhead": mask, "pipeline": pipeline, "load_average_1min": load,
-                          "machine": harness.machine(), "batch_size": args.batch_size, "seq_len": args.seq_len}))
+                          "machine": harness.machine(args.host_memory_kept), "batch_size": args.batch_size,
+                          "seq_len": args.seq_len}))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from ml_collections import config_flags
 from pretrain import cli, compare_report
 from pretrain.config_checks import validate_config
 from pretrain.evaluate import RESULT_FILENAME, evaluate_run, write_json
+from pretrain.host_memory import keep_freed_memory
 from pretrain.inference import checkpoint_steps
 from pretrain.tokenizer import MODEL_FILENAME
 
@@ -263,4 +264,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before JAX starts its threads: no page faults on every step (pretrain/host_memory.py)
     main()

@@ -39,6 +39,7 @@ from ml_collections import config_flags
 from pretrain import distributed, sharding
 from pretrain.checkpoint import Checkpointer, NoGoodCheckpoint
 from pretrain.config_checks import validate_config
+from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.loss import nsp_statistics, token_statistics
 from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -412,6 +413,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 
 def main(argv: list[str]) -> None:
     del argv
+    keep_freed_memory()  # before JAX starts its threads: no page faults on every step (pretrain/host_memory.py)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
     logging.getLogger("pretrain").setLevel(logging.INFO)
     try:
