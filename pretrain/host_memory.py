@@ -6,7 +6,8 @@ worker thread. glibc serves big blocks on such threads with `mmap` (a thread's
 arena cannot hold them) and hands them back with `munmap` when freed, so the
 next step touches brand-new pages: for the `small` MLM step on a 2-core machine
 that was about 77,000 page faults and a sixth of the step time, all in the
-kernel (`benchmarks/peer.py --allocator=...` measures it; README, Performance).
+kernel (`benchmarks/peer.py --host_memory=kept|default` measures it; README,
+Performance).
 With one arena, no `mmap` below 1 GiB and no trimming, freed blocks stay in the
 heap and the next step reuses them: the step then page-faults not at all.
 
