@@ -1,13 +1,15 @@
 """Where the training step's time goes: forward vs backward, and an op profile.
 
     python benchmarks/profile_step.py [--objective=mlm] [--size=small] [--rounds=7]
+        [--chunk_tokens=N] [--host_memory=kept|default]
 
 Part 1 times, alternately in rounds: the stack's forward pass, its forward and
 backward pass (also with two baselines swapped in while it compiles: attention
 through `jax.nn.dot_product_attention`, and `model.dense` with plain autodiff),
 the whole training step, the same step with the loss taken from full [B, L, V]
 logits (`pretrain.loss.full_logits_statistics`, the loss without the chunked
-head), and the float32 matmul peak.
+head), and the float32 matmul peak; then the step's page faults and the share
+of its CPU time spent in the kernel (what --host_memory=kept removes).
 
 Part 2 traces a few steps with `jax.profiler` and sums the time of every XLA
 operation by kind (matmuls, transposes and copies, other element-wise and
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import glob
 import re
+import resource
 import statistics
 import tempfile
 from collections.abc import Iterator
@@ -32,7 +36,7 @@ from flax import nnx
 
 import harness
 from pretrain import model as model_lib
-from pretrain.loss import full_logits_statistics
+from pretrain.loss import full_logits_statistics, weighted_token_statistics
 from pretrain.model import PRESETS, TransformerConfig, preset
 
 
@@ -90,6 +94,17 @@ def timed_parts(ours: harness.OurStep, config: TransformerConfig, num_objectives
     parts = {name: 1e3 * harness.step_seconds(r, args.steps) for name, r in rounds.items() if name != "matmul peak"}
     parts["matmul peak GFLOP/s"] = statistics.median(peak.flops_per_sec) / 1e9
     return parts
+
+
+def kernel_share(ours: harness.OurStep, steps: int = 5) -> tuple[float, float, float]:
+    """(minor page faults, kernel CPU seconds, all CPU seconds) per training step:
+    what glibc's default allocator costs (compare --host_memory=kept and default)."""
+    ours.run(1)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    ours.run(steps)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    kernel = (after.ru_stime - before.ru_stime) / steps
+    return (after.ru_minflt - before.ru_minflt) / steps, kernel, kernel + (after.ru_utime - before.ru_utime) / steps
 
 
 def _instructions(hlo: str) -> dict[str, tuple[bool, str]]:
@@ -152,6 +167,8 @@ def main() -> None:
     parser.add_argument("--objective", default="mlm")
     parser.add_argument("--size", choices=sorted(PRESETS), default="small")
     parser.add_argument("--batches", type=int, default=2, help="distinct batches cycled through")
+    parser.add_argument("--chunk_tokens", type=int, default=0,
+                        help="the loss head's chunk (weighted_token_statistics); 0: its default")
     harness.add_shape_flags(parser)
     args = parser.parse_args()
     args.host_memory_kept = harness.apply_host_memory(args)
@@ -159,9 +176,13 @@ def main() -> None:
         batches, names, vocab_size = harness.pipeline_batches(args.objective, args, args.workdir or temporary,
                                                               args.batches)
     config = preset(args.size, vocab_size=vocab_size)
-    ours = harness.OurStep(config, len(names), batches)
+    statistics_fn = weighted_token_statistics
+    if args.chunk_tokens:
+        statistics_fn = functools.partial(weighted_token_statistics, chunk_tokens=args.chunk_tokens)
+    ours = harness.OurStep(config, len(names), batches, statistics=statistics_fn)
     load_before = harness.load_average()
     parts = timed_parts(ours, config, len(names), args)
+    faults, kernel_seconds, cpu_seconds = kernel_share(ours)
     profile = op_profile(ours)
     print(f"{harness.machine(args.host_memory_kept)}; {args.objective}, {args.size}, "
           f"batch {args.batch_size} x seq {args.seq_len}; "
@@ -171,6 +192,8 @@ def main() -> None:
         print(f"{name:<28} {value:>8.1f}")
     forward = parts["stack forward"]
     print(f"stack backward / forward: {(parts['stack forward+backward'] - forward) / forward:.2f}")
+    print(f"training step: {faults:,.0f} page faults, {kernel_seconds / cpu_seconds:.0%} of its CPU time "
+          f"in the kernel")
     total = sum(profile.values())
     print(f"\nop time per step (summed over threads): {total:.0f} ms")
     print(f"{'phase':<24} {'kind':<24} {'ms':>8} {'share':>7}")

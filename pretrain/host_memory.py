@@ -4,9 +4,9 @@ are not faulted in from the kernel again on every step.
 Why: XLA CPU allocates a step's large temporaries afresh on every call, from a
 worker thread. glibc serves big blocks on such threads with `mmap` (a thread's
 arena cannot hold them) and hands them back with `munmap` when freed, so the
-next step touches brand-new pages: for the `small` MLM step on a 2-core machine
-that was about 77,000 page faults and a sixth of the step time, all in the
-kernel (`benchmarks/peer.py --host_memory=kept|default` measures it; README,
+next step touches brand-new pages: tens of thousands of page faults per step
+and a fifth of its CPU time in the kernel for the `small` MLM step
+(`benchmarks/profile_step.py --host_memory=default` prints both; README,
 Performance).
 With one arena, no `mmap` below 1 GiB and no trimming, freed blocks stay in the
 heap and the next step reuses them: the step then page-faults not at all.

@@ -55,7 +55,7 @@ def _chunk_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     """Statistics sums of one chunk of logits [..., V], and d(sum of weighted
     cross-entropies)/d logits. Written for few passes over the logits: the
     exponentials are taken once and kept for the gradient (a chunk fits in the
-    cache; recomputing them made the CLM step about 6% slower), and argmax (which
+    cache; recomputing them was slower for CLM), and argmax (which
     XLA CPU runs as a slow value-and-index reduction) becomes two fused
     comparisons."""
     maximum = jnp.max(logits, axis=-1, keepdims=True)
@@ -101,8 +101,8 @@ def weighted_token_statistics(
     `hidden` is computed in that same pass (a custom VJP), so no [B, L, V] array
     is kept for the backward pass. The statistics are not differentiated.
     512-token chunks: smaller ones add the [D, V] embedding-gradient sum once
-    more per chunk (the CLM step was about 6% slower with 128; MLM, with about
-    300 weighted tokens a batch, the same; `benchmarks/profile_step.py`).
+    more per chunk (`benchmarks/profile_step.py --objective=clm
+    --chunk_tokens=128` times the alternative; README, Performance).
 
     The rows are compacted in `gcd(B, device count)` groups, so that a batch
     sharded over devices compacts each device's rows where they are (one group
