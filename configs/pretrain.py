@@ -3,7 +3,9 @@
 Variants (comma-separated `key=value` in the argument):
   objective  an objective spec: 'mlm', 'clm', 'mass', 'unilm', or a mixture such as
              'mlm:1,clm:1' (see objectives.parse_mixture_spec).
-  size       model preset: tiny, small, base, large.
+  size       model preset the `config.model` fields start from: tiny, small, base,
+             large. It is a variant, not a field: `--config.model.num_layers=...`
+             and the other `config.model` fields change the shape after it.
   data       corpus: 'pydocs' (built in, the default), 'files' (set --config.data.path)
              or 'tfds' (set --config.data.tfds_name).
 
@@ -55,10 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.objective = variants["objective"]  # objective spec: name, or 'name:rate,...' mixture
     config.objectives = ml_collections.ConfigDict(  # settings of every registered objective
         {name: objectives.default_settings(name) for name in objectives.registered_names()})
-    config.size = variants["size"]  # model preset the `model` fields start from
     model_defaults = dataclasses.asdict(TransformerConfig(**PRESETS[variants["size"]]))
     del model_defaults["vocab_size"]  # always the tokenizer's (config.tokenizer.vocab_size)
-    config.model = ml_collections.ConfigDict(model_defaults)  # TransformerConfig fields
+    config.model = ml_collections.ConfigDict(model_defaults)  # TransformerConfig fields, from the `size` variant
     config.seq_len = 128  # tokens per packed row
     config.batch_size = 32  # global batch, in packed rows, across all hosts
     config.seed = 0  # parameter initialisation and example sampling
@@ -83,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peak_flops_per_device = 0.0  # MFU denominator; 0: known table or measured
     config.nonfinite = "stop"  # NaN/inf loss or gradients: 'stop' the run, or 'skip' the step (update not applied)
     config.max_consecutive_skips = 10  # nonfinite='skip': stop once this many steps in a row were skipped
+    config.sample_at_end = True  # at the end, print one line of what the model does (a continuation or a fill)
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = variants["data"]  # 'pydocs' (built in, no download), 'files' or 'tfds'

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pretrain.errors import UserError
+
 log = logging.getLogger(__name__)
 
 META_FORMAT = 1
@@ -48,7 +50,7 @@ class CheckpointMismatch(ValueError):
     """A readable checkpoint that another model, optimizer or tokenizer wrote."""
 
 
-class NoGoodCheckpoint(RuntimeError):
+class NoGoodCheckpoint(UserError, RuntimeError):
     """Checkpoints exist, but every one of them is damaged (none was deleted)."""
 
 

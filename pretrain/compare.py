@@ -38,14 +38,15 @@ from typing import Any
 import jax
 import ml_collections
 from absl import flags
-from ml_collections import config_flags
 
 from pretrain import cli, compare_report
 from pretrain.config_checks import validate_config
 from pretrain.evaluate import RESULT_FILENAME, evaluate_run, write_json
 from pretrain.host_memory import keep_freed_memory
 from pretrain.inference import checkpoint_steps
+from pretrain.input_pipeline import build_input_pipeline
 from pretrain.tokenizer import MODEL_FILENAME
+from pretrain.train import Trainer
 
 RUN_RECORD = "compare_run.json"
 
@@ -162,8 +163,6 @@ def finished_step(directory: str) -> int:
 
 def shared_tokenizer(budget: ml_collections.ConfigDict, workdir: str) -> str:
     """`workdir/tokenizer.model`, trained on the budget's data when missing."""
-    from pretrain.input_pipeline import build_input_pipeline
-
     path = os.path.join(workdir, MODEL_FILENAME)
     if not os.path.exists(path):
         build_input_pipeline(budget, workdir)
@@ -185,8 +184,6 @@ def train_run(run: Run, tokenizer_path: str) -> None:
     target = os.path.join(run.directory, MODEL_FILENAME)
     if not os.path.exists(target):
         shutil.copy(tokenizer_path, target)
-    from pretrain.train import Trainer  # defines pretrain.train's global flags; only needed to train
-
     print(f"== training {run.name} ({run.objective}) in {run.directory}", flush=True)
     started = time.perf_counter()
     try:
@@ -234,28 +231,26 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     return runs
 
 
-FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/compare.py", "comparison config file",
-                                          flag_values=FLAGS)
-_WORKDIR = flags.DEFINE_string("workdir", None, "the comparison's directory; rerun the command to resume",
-                               flag_values=FLAGS)
-
-
 def command_line(argv: Sequence[str]) -> str:
     """The shell command that reproduces this invocation."""
     return " ".join(["python -m pretrain.compare", *(shlex.quote(arg) for arg in argv[1:])])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pretrain.compare`: flags are defined here, not at import."""
     argv = list(sys.argv if argv is None else argv)
-    cli.parse(FLAGS, argv, __doc__)
+    flag_values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "the comparison's directory; rerun the command to resume",
+                                  flag_values=flag_values)
+    config = cli.define_config(flag_values, argv, "configs/compare.py", "comparison config file")
+    cli.parse(flag_values, argv, __doc__)
 
     def command() -> str:
-        if not _WORKDIR.value:
+        if not workdir.value:
             raise ValueError("--workdir is required: where the runs and the report go, e.g. --workdir=runs/compare")
         started = time.perf_counter()
-        runs = compare(_CONFIG.value, _WORKDIR.value, command_line(argv))
-        report = os.path.join(os.path.abspath(_WORKDIR.value), compare_report.REPORT)
+        runs = compare(cli.config_value(config, argv), workdir.value, command_line(argv))
+        report = os.path.join(os.path.abspath(workdir.value), compare_report.REPORT)
         trained = [run.name for run in runs if run.trained_now]
         return (f"{len(runs)} runs ({', '.join(trained) or 'none'} trained now); wall time "
                 f"{time.perf_counter() - started:.0f} s; report: {report}")

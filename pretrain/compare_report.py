@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pretrain.evaluate import write_json
+from pretrain.model import preset_name
 
 if TYPE_CHECKING:
     from pretrain.compare import Run
@@ -144,7 +145,7 @@ def plot_matrix(runs: Sequence[Run], path: str) -> None:
 def _budget_line(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
     model, first = config.budget.model, runs[0].config
     slots = first.total_steps * first.batch_size * first.seq_len
-    return (f"Every run: model `{config.budget.size}` ({model.num_layers} layers, width {model.model_dim}, "
+    return (f"Every run: model `{preset_name(model)}` ({model.num_layers} layers, width {model.model_dim}, "
             f"{model.num_heads} heads, {runs[0].evaluation['parameters']:,} parameters), data "
             f"`{config.budget.data.kind}`, one SentencePiece tokenizer of {config.budget.tokenizer.vocab_size:,} "
             f"pieces, {first.total_steps:,} steps x {first.batch_size} rows x {first.seq_len} tokens = "

@@ -21,7 +21,8 @@ import grain
 import numpy as np
 
 from objectives import Example, Mixture, TextChunk
-from pretrain.packing import PACKED_FIELDS, STRATEGIES, pack_row
+from pretrain.errors import raise_problems
+from pretrain.packing import PACKED_FIELDS, pack_row, strategy_problems
 
 Tokenize = Callable[[str], np.ndarray]
 ExampleKey = tuple[int, int]  # (stream position of the document, example number within it)
@@ -220,8 +221,7 @@ class PackedRows(grain.IterDataset):
     def __init__(self, examples: grain.MapDataset, seq_len: int, open_rows: int = 8,
                  strategy: str = "best_fit", read_options: grain.ReadOptions | None = None,
                  barren_limit: int | None = None):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"data.packing={strategy!r} is not one of {STRATEGIES}")
+        raise_problems(strategy_problems(strategy))
         super().__init__(examples.to_iter_dataset(read_options))
         self._examples = examples
         self._seq_len, self._open_rows, self._strategy = seq_len, open_rows, strategy

@@ -37,8 +37,8 @@ import objectives
 from pretrain import cli, data
 from pretrain.inference import TrainedModel, load_trained
 from pretrain.input_pipeline import source_from_config
-from pretrain.loss import token_statistics
 from pretrain.model import Transformer
+from pretrain.train_step import make_eval_step
 from pretrain.tokenizer import Tokenizer
 
 EVAL_SEED = 0  # the held-out examples' seed: fixed, so models are scored on the same batches
@@ -79,25 +79,18 @@ def fingerprint(batches: Sequence[dict[str, np.ndarray]]) -> str:
 
 
 class Scorer:
-    """Loss, accuracy and perplexity of one model over batches (compiled once per shape)."""
+    """Loss, accuracy and perplexity of one model over batches: the training loss's
+    evaluation step (`pretrain.train_step.make_eval_step`), compiled once per shape."""
 
     def __init__(self, model: Transformer):
-        graphdef, self._state = nnx.split(model)
-
-        @jax.jit
-        def statistics(state, batch):
-            model = nnx.merge(graphdef, state)
-            hidden = model(batch, deterministic=True)
-            return token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
-                                    batch["objective_id"], 1)
-
-        self._statistics = statistics
+        graphdef, self._params, rest = nnx.split(model, nnx.Param, ...)
+        self._statistics = jax.jit(make_eval_step(graphdef, rest, num_objectives=1))
 
     def __call__(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
         """Metrics over the weighted targets of `batches` (sums in float64 on the host)."""
         loss = correct = weight = 0.0
         for batch in batches:
-            stats = jax.device_get(self._statistics(self._state, batch))
+            stats = jax.device_get(self._statistics(self._params, batch))
             loss += float(stats["loss_sum"][0])
             correct += float(stats["correct_sum"][0])
             weight += float(stats["weight_sum"][0])
@@ -172,36 +165,39 @@ def write_json(result: dict[str, Any], path: str) -> None:
     os.replace(temporary, path)
 
 
-FLAGS = flags.FlagValues()
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory (pretrain.train --workdir)",
-                               flag_values=FLAGS)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "held-out row length; 0: the run's config.seq_len", flag_values=FLAGS)
-_BATCH = flags.DEFINE_integer("batch_size", 16, "rows per evaluation batch (does not change the numbers)",
-                              flag_values=FLAGS)
-_SEED = flags.DEFINE_integer("seed", EVAL_SEED, "seed of the held-out examples; keep it fixed to compare models",
-                             flag_values=FLAGS)
-_MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", 0, "score only the first N held-out documents (0: all)",
-                                      flag_values=FLAGS)
-_OBJECTIVES = flags.DEFINE_list("objectives", [], "registered objectives to score (default: all)", flag_values=FLAGS)
-_OUTPUT = flags.DEFINE_string("output", "", f"JSON path; default workdir/{RESULT_FILENAME}", flag_values=FLAGS)
-
-
-def command() -> str:
-    """Evaluates the run of the parsed flags, writes the JSON; returns the printed report."""
-    if not _WORKDIR.value:
-        raise ValueError("--workdir is required: the directory of a training run, e.g. --workdir=runs/mlm")
-    result = evaluate_run(_WORKDIR.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value, seed=_SEED.value,
-                          max_documents=_MAX_DOCUMENTS.value, objective_names=_OBJECTIVES.value or None)
-    output = _OUTPUT.value or os.path.join(_WORKDIR.value, RESULT_FILENAME)
-    write_json(result, output)
-    heldout = result["heldout"]
-    return (f"{result['workdir']} at step {result['step']} (trained on {result['trained_objective']}); held-out: "
-            f"{heldout['documents']} documents, seq_len {heldout['seq_len']}, fingerprint {heldout['fingerprint']}\n"
-            f"{format_table(result)}\nwrote {output}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.parse(FLAGS, sys.argv if argv is None else argv, __doc__)
+    """`python -m pretrain.evaluate`: flags are defined here, not at import."""
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "a training run's directory (pretrain.train --workdir)",
+                                  flag_values=flag_values)
+    seq_len = flags.DEFINE_integer("seq_len", 0, "held-out row length; 0: the run's config.seq_len",
+                                   flag_values=flag_values)
+    batch_size = flags.DEFINE_integer("batch_size", 16, "rows per evaluation batch (does not change the numbers)",
+                                      flag_values=flag_values)
+    seed = flags.DEFINE_integer("seed", EVAL_SEED, "seed of the held-out examples; keep it fixed to compare models",
+                                flag_values=flag_values)
+    max_documents = flags.DEFINE_integer("max_documents", 0, "score only the first N held-out documents (0: all)",
+                                         flag_values=flag_values)
+    names = flags.DEFINE_list("objectives", [], "registered objectives to score (default: all)",
+                              flag_values=flag_values)
+    output = flags.DEFINE_string("output", "", f"JSON path; default workdir/{RESULT_FILENAME}",
+                                 flag_values=flag_values)
+    cli.parse(flag_values, argv, __doc__)
+
+    def command() -> str:
+        """Evaluates the run, writes the JSON; returns the printed report."""
+        if not workdir.value:
+            raise ValueError("--workdir is required: the directory of a training run, e.g. --workdir=runs/mlm")
+        result = evaluate_run(workdir.value, seq_len=seq_len.value, batch_size=batch_size.value, seed=seed.value,
+                              max_documents=max_documents.value, objective_names=names.value or None)
+        path = output.value or os.path.join(workdir.value, RESULT_FILENAME)
+        write_json(result, path)
+        heldout = result["heldout"]
+        return (f"{result['workdir']} at step {result['step']} (trained on {result['trained_objective']}); "
+                f"held-out: {heldout['documents']} documents, seq_len {heldout['seq_len']}, fingerprint "
+                f"{heldout['fingerprint']}\n{format_table(result)}\nwrote {path}")
+
     print(cli.run_reporting_bad_input(command))
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from objectives import L2R, PREFIX, Vocabulary
+from objectives import L2R, PREFIX, Vocabulary, parse_mixture_spec
 from objectives.vocab import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID
 from pretrain import cli
 from pretrain.model import DecodeCache, Transformer
@@ -291,89 +291,166 @@ def encode_with_masks(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-# -- command line -----------------------------------------------------------------------
+# -- which mode and layout ---------------------------------------------------------------
 
 MODE_LAYOUTS: dict[str, tuple[str, ...]] = {
     "continue": ("clm",), "seq2seq": ("unilm", "mass"), "fill": ("mlm", "unilm")}
 
 
-def resolve_mode(mode: str, layout: str, trained: Sequence[str], prompts: Sequence[str]) -> tuple[str, str]:
-    """(mode, layout) from the flags ('auto' picks what the model was trained for)."""
+def trained_modes(trained: Sequence[str]) -> list[str]:
+    """The modes a model trained with the objectives `trained` was trained for."""
+    return [mode for mode, layouts in MODE_LAYOUTS.items() if set(layouts) & set(trained)]
+
+
+def resolve_mode(mode: str, layout: str, trained: Sequence[str], prompts: Sequence[str]
+                 ) -> tuple[str, str, str | None]:
+    """(mode, layout, warning) from the flags; 'auto' picks what the model was trained for.
+
+    Asking for a mode or layout the model never trained in is refused with what
+    it can do, unless the layout is given explicitly (`--layout=...`), which
+    forces it with a warning: a model asked in a layout it never saw answers
+    nonsense (a causal LM never saw [MASK]; a seq2seq layout is empty to it)."""
+    names = "+".join(trained)
+    can = trained_modes(trained)
     if mode == "auto":
         if any(MASK_TEXT in prompt for prompt in prompts):
             mode = "fill"
-        elif "clm" in trained:
+        elif "continue" in can:
             mode = "continue"
-        elif set(MODE_LAYOUTS["seq2seq"]) & set(trained):
+        elif "seq2seq" in can:
             mode = "seq2seq"
         else:
-            raise ValueError(f"a model trained with {'+'.join(trained)} fills masks: put {MASK_TEXT} in --prompt, "
+            raise ValueError(f"a model trained with {names} fills masks: put {MASK_TEXT} in --prompt, "
                              "or choose --mode=continue or --mode=seq2seq")
     if mode not in MODE_LAYOUTS:
         raise ValueError(f"--mode={mode!r} is not one of auto, {', '.join(MODE_LAYOUTS)}")
     candidates = MODE_LAYOUTS[mode]
     if layout == "auto":
-        layout = next((name for name in candidates if name in trained), candidates[0])
+        matching = [name for name in candidates if name in trained]
+        if not matching:
+            what = {"continue": "continue text (next-token prediction)", "fill": f"fill {MASK_TEXT}",
+                    "seq2seq": "generate a target from a source"}[mode]
+            instead = f"; it can {' or '.join('--mode=' + m for m in can)}" if can else ""
+            raise ValueError(f"--mode={mode} needs a model trained with {' or '.join(candidates)}, but this run "
+                             f"was trained with {names}, which never learnt to {what}{instead}. To force it "
+                             f"anyway, name the layout: --layout={candidates[0]}")
+        layout = matching[0]
     if layout not in candidates:
         raise ValueError(f"--layout={layout!r} cannot do --mode={mode}; choose one of {', '.join(candidates)}")
-    return mode, layout
+    warning = None
+    if layout not in trained:
+        warning = (f"warning: the model was trained with {names}, never in the {layout} layout; "
+                   "expect text unrelated to the prompt")
+    return mode, layout, warning
 
 
-FLAGS = flags.FlagValues()
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training run's directory (pretrain.train --workdir)",
-                               flag_values=FLAGS)
-_PROMPTS = flags.DEFINE_multi_string("prompt", None, "text to continue, translate or fill; repeat for a batch",
-                                     flag_values=FLAGS)
-_MODE = flags.DEFINE_enum("mode", "auto", ["auto", *MODE_LAYOUTS], "auto: fill when a prompt holds [MASK], else "
-                          "continue (clm models) or seq2seq (unilm / mass models)", flag_values=FLAGS)
-_LAYOUT = flags.DEFINE_enum("layout", "auto", ["auto", *LAYOUTS, *FILL_DELIMITERS],
-                            "which objective's layout to use (auto: one the model was trained with)",
-                            flag_values=FLAGS)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "tokens to generate at most (mass: exactly, the span)",
-                                flag_values=FLAGS)
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample", flag_values=FLAGS)
-_TOP_K = flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: off)", flag_values=FLAGS)
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of probability p (1: off)", flag_values=FLAGS)
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+def decode_continuation(tokenizer: Tokenizer, context: np.ndarray, ids: np.ndarray) -> str:
+    """The text `ids` add after `context`, with the space that joins them (decoding
+    `ids` alone drops a leading word boundary)."""
+    context = np.asarray(context, np.int32)
+    ids = np.asarray([i for i in np.asarray(ids).tolist() if i != EOS_ID], np.int32)
+    head = tokenizer.decode(context)
+    whole = tokenizer.decode(np.concatenate([context, ids]))
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids)
+
+
+def demonstrate(model: Transformer, tokenizer: Tokenizer, trained: Sequence[str], sentence: str,
+                max_new_tokens: int = 12) -> str:
+    """One line of what a model trained with `trained` now does with `sentence` (a
+    held-out sentence), next to what the text really says: greedy continuation of
+    its first half of words (or, for a seq2seq model, generation after it), else
+    filling one masked piece in the middle."""
+    vocab = tokenizer.vocabulary()
+    words = sentence.split()
+    can = trained_modes(trained)
+    if ("continue" in can or "seq2seq" in can) and len(words) >= 4:
+        mode = "continue" if "continue" in can else "seq2seq"
+        _, layout, _ = resolve_mode(mode, "auto", trained, [sentence])
+        head_text = " ".join(words[: len(words) // 2])
+        head, truth = tokenizer.encode(head_text), tokenizer.encode(" ".join(words[len(words) // 2:]))
+        made = generate(model, [LAYOUTS[layout](head, min(max_new_tokens, len(truth)))], vocab=vocab)[0]
+        verb = "continues" if mode == "continue" else "generates after"
+        return (f"{verb} {head_text!r} with {decode_continuation(tokenizer, head, made)!r} "
+                f"(the held-out text: {decode_continuation(tokenizer, head, truth[:max_new_tokens])!r})")
+    tokens = tokenizer.encode(sentence)
+    if "fill" not in can or len(tokens) < 3:
+        return f"(no demonstration: the sentence {sentence!r} is too short)"
+    _, layout, _ = resolve_mode("fill", "auto", trained, [MASK_TEXT])
+    lengths = [len(tokenizer.piece(int(t)).lstrip("\u2581")) for t in tokens]
+    lengths[0] = -1  # a middle piece: the first has no left context
+    position = int(np.argmax(lengths))
+    masked = tokens.copy()
+    masked[position] = MASK_ID
+    filled = fill_masks(model, [masked], layout=layout, vocab=vocab)[0]
+    shown = f"{tokenizer.decode(tokens[:position])} {MASK_TEXT} {tokenizer.decode(tokens[position + 1:])}".strip()
+    return (f"fills {MASK_TEXT} in {shown!r} with {tokenizer.piece(int(filled[position]))!r} "
+            f"(the held-out text has {tokenizer.piece(int(tokens[position]))!r})")
+
+
+# -- command line -----------------------------------------------------------------------
 
 
 def run(workdir: str, prompts: Sequence[str], *, mode: str = "auto", layout: str = "auto",
         max_new_tokens: int = 32, sampling: Sampling = GREEDY, seed: int = 0) -> list[str]:
-    """The command: one output line per prompt (checks the prompts before loading anything)."""
+    """The command: one output line per prompt. The prompts and the mode are checked
+    against the run's config before its checkpoint is loaded."""
+    from pretrain.inference import load_trained, read_run_config  # checkpoint readers only when run
+
     if not prompts:
         raise ValueError("no --prompt given: pass --prompt='some text' (repeat it for a batch)")
     empty = [index for index, prompt in enumerate(prompts) if not prompt.strip()]
     if empty:
         raise ValueError(f"--prompt number {empty[0] + 1} is empty: give text to continue, translate or fill, "
                          "e.g. --prompt='Return the sum'")
-    from pretrain.inference import load_trained  # checkpoints only once the flags make sense
-
+    trained_names = tuple(parse_mixture_spec(read_run_config(workdir).objective))
+    mode, layout, warning = resolve_mode(mode, layout, trained_names, prompts)
     trained = load_trained(workdir)
-    mode, layout = resolve_mode(mode, layout, trained.trained_objectives, prompts)
     tokenizer, vocab = trained.tokenizer, trained.tokenizer.vocabulary()
+    notes = [warning] if warning else []
     if mode == "fill":
         texts = [encode_with_masks(tokenizer, prompt) for prompt in prompts]
         filled = fill_masks(trained.model, texts, layout=layout, sampling=sampling, seed=seed, vocab=vocab)
-        return [f"{prompt!r} -> {tokenizer.decode(ids)!r}  (filled: "
-                f"{', '.join(repr(tokenizer.piece(int(t))) for t in ids[text == MASK_ID])})"
-                for prompt, text, ids in zip(prompts, texts, filled)]
-    made = [LAYOUTS[layout](tokenizer.encode(prompt), max_new_tokens) for prompt in prompts]
+        return notes + [f"{prompt!r} -> {tokenizer.decode(ids)!r}  (filled: "
+                        f"{', '.join(repr(tokenizer.piece(int(t))) for t in ids[text == MASK_ID])})"
+                        for prompt, text, ids in zip(prompts, texts, filled)]
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
+    made = [LAYOUTS[layout](tokens, max_new_tokens) for tokens in encoded]
     outputs = generate(trained.model, made, sampling=sampling, seed=seed, vocab=vocab)
-    return [f"{prompt!r} -> {tokenizer.decode(ids)!r}" + ("  [EOS]" if len(ids) and ids[-1] == EOS_ID else "")
-            for prompt, ids in zip(prompts, outputs)]
-
-
-def command() -> str:
-    """Generates for the parsed flags; returns the lines to print."""
-    if not _WORKDIR.value:
-        raise ValueError("--workdir is required: the directory of a training run, e.g. --workdir=runs/clm")
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    return "\n".join(run(_WORKDIR.value, _PROMPTS.value or [], mode=_MODE.value, layout=_LAYOUT.value,
-                         max_new_tokens=_MAX_NEW.value, sampling=sampling, seed=_SEED.value))
+    return notes + [f"{prompt!r} -> {decode_continuation(tokenizer, tokens, ids)!r}"
+                    + ("  [EOS]" if len(ids) and ids[-1] == EOS_ID else "")
+                    for prompt, tokens, ids in zip(prompts, encoded, outputs)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.parse(FLAGS, sys.argv if argv is None else argv, __doc__)
+    """`python -m pretrain.generate`: flags are defined here, not at import."""
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "a training run's directory (pretrain.train --workdir)",
+                                  flag_values=flag_values)
+    prompts = flags.DEFINE_multi_string("prompt", None, "text to continue, translate or fill; repeat for a batch",
+                                        flag_values=flag_values)
+    mode = flags.DEFINE_enum("mode", "auto", ["auto", *MODE_LAYOUTS], "auto: fill when a prompt holds [MASK], "
+                             "else continue (clm models) or seq2seq (unilm / mass models)", flag_values=flag_values)
+    layout = flags.DEFINE_enum("layout", "auto", list(dict.fromkeys(["auto", *LAYOUTS, *FILL_DELIMITERS])),
+                               "which objective's layout to use (auto: one the model was trained with; naming one "
+                               "it was not trained with forces it, with a warning)", flag_values=flag_values)
+    max_new = flags.DEFINE_integer("max_new_tokens", 32, "tokens to generate at most (mass: exactly, the span)",
+                                   flag_values=flag_values)
+    temperature = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample", flag_values=flag_values)
+    top_k = flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens (0: off)",
+                                 flag_values=flag_values)
+    top_p = flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of probability p (1: off)",
+                               flag_values=flag_values)
+    seed = flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=flag_values)
+    cli.parse(flag_values, argv, __doc__)
+
+    def command() -> str:
+        if not workdir.value:
+            raise ValueError("--workdir is required: the directory of a training run, e.g. --workdir=runs/clm")
+        sampling = Sampling(temperature.value, top_k.value, top_p.value)
+        return "\n".join(run(workdir.value, prompts.value or [], mode=mode.value, layout=layout.value,
+                             max_new_tokens=max_new.value, sampling=sampling, seed=seed.value))
+
     print(cli.run_reporting_bad_input(command))
 
 

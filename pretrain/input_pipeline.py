@@ -20,28 +20,58 @@ import numpy as np
 
 import objectives
 from pretrain import data, distributed, sources
+from pretrain.errors import raise_problems
+from pretrain.packing import strategy_problems
 from pretrain.tokenizer import Tokenizer, ensure_tokenizer
+from pretrain.tokenizer import settings_problems as tokenizer_settings_problems
 
 log = logging.getLogger(__name__)
 
 
+def data_problems(data_config: Any) -> list[str]:
+    """Every problem of `config.data` (the one home of these rules: the config checks
+    report them before training, `source_from_config` enforces them)."""
+    problems = []
+    if data_config.kind not in sources.SOURCE_KINDS:
+        problems.append(f"config.data.kind={data_config.kind!r} must be one of {tuple(sources.SOURCE_KINDS)}")
+    elif data_config.kind == "files" and not data_config.path:
+        problems.append("config.data.path is empty but config.data.kind='files'; set it to a .txt/.jsonl file, "
+                        "directory or glob")
+    elif data_config.kind == "tfds" and not data_config.tfds_name:
+        problems.append("config.data.tfds_name is empty but config.data.kind='tfds'; set it (e.g. 'c4/en')")
+    if not 0 < data_config.heldout_fraction < 1:
+        problems.append(f"config.data.heldout_fraction={data_config.heldout_fraction!r} must lie in (0, 1) "
+                        "(e.g. 0.02)")
+    problems += strategy_problems(data_config.packing)
+    for field in ("open_rows", "num_threads"):
+        if not isinstance(data_config[field], int) or data_config[field] < 1:
+            problems.append(f"config.data.{field}={data_config[field]!r} must be a positive integer")
+    return problems
+
+
+def tokenizer_problems(tokenizer_config: Any) -> list[str]:
+    """Every problem of `config.tokenizer`: a given model file that is not there, or
+    a size and type a tokenizer cannot be trained with."""
+    if tokenizer_config.model_path:
+        if not os.path.isfile(tokenizer_config.model_path):
+            return [f"config.tokenizer.model_path={tokenizer_config.model_path!r} is not a file; give the path of a "
+                    "SentencePiece .model file, or leave it empty to train one"]
+        return []
+    return tokenizer_settings_problems(tokenizer_config.vocab_size, tokenizer_config.model_type)
+
+
 def source_from_config(data_config: Any) -> sources.Source:
     """The source named by `config.data` (flat fields, so each is a CLI flag)."""
+    raise_problems(data_problems(data_config))
     kind = data_config.kind
     if kind == "pydocs":
         return sources.make_source("pydocs", heldout_fraction=data_config.heldout_fraction)
     if kind == "files":
-        if not data_config.path:
-            raise ValueError("config.data.kind='files' needs config.data.path (a file, directory or glob)")
         return sources.make_source("files", pattern=data_config.path, text_field=data_config.text_field,
                                    heldout_fraction=data_config.heldout_fraction)
-    if kind == "tfds":
-        if not data_config.tfds_name:
-            raise ValueError("config.data.kind='tfds' needs config.data.tfds_name (e.g. 'c4/en')")
-        splits = {"train": data_config.tfds_train_split, "heldout": data_config.tfds_heldout_split}
-        return sources.make_source("tfds", name=data_config.tfds_name, data_dir=data_config.tfds_data_dir or None,
-                                   text_feature=data_config.text_field, splits=splits)
-    raise ValueError(f"config.data.kind={kind!r} is not one of 'pydocs', 'files', 'tfds'")
+    splits = {"train": data_config.tfds_train_split, "heldout": data_config.tfds_heldout_split}
+    return sources.make_source("tfds", name=data_config.tfds_name, data_dir=data_config.tfds_data_dir or None,
+                               text_feature=data_config.text_field, splits=splits)
 
 
 def _sentences(documents: sources.DocumentSequence, limit: int) -> Iterator[str]:

@@ -10,29 +10,42 @@ packing efficiency of the first batches, and one decoded example per objective.
 
 from __future__ import annotations
 
-import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from pretrain import input_pipeline
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "pretraining config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (the tokenizer is kept here)", required=True)
-_BATCHES = flags.DEFINE_integer("batches", 4, "batches to draw")
+from pretrain import cli, input_pipeline
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    logging.getLogger().setLevel(logging.INFO)
-    config = _CONFIG.value
-    pipeline = input_pipeline.build_input_pipeline(config, _WORKDIR.value)
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pretrain.inspect_data`: flags are defined here, not at import."""
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "run directory (the tokenizer is kept here)",
+                                  flag_values=flag_values)
+    batches = flags.DEFINE_integer("batches", 4, "batches to draw", flag_values=flag_values)
+    config = cli.define_config(flag_values, argv, "configs/pretrain.py", "pretraining config file")
+    cli.parse(flag_values, argv, __doc__)
+
+    def command() -> None:
+        if not workdir.value:
+            raise ValueError("--workdir is required: where the tokenizer is kept, e.g. --workdir=runs/mlm")
+        show(cli.config_value(config, argv), workdir.value, batches.value)
+
+    cli.run_reporting_bad_input(command)
+
+
+def show(config: Any, workdir: str, count: int) -> None:
+    """Prints the corpus, the mixture, packing and one decoded example per objective."""
+    pipeline = input_pipeline.build_input_pipeline(config, workdir)
     print(f"source: {pipeline.source.describe()}")
     print(f"tokenizer: {pipeline.tokenizer.path} ({pipeline.tokenizer.vocab_size} pieces)")
     print(f"objectives: {pipeline.mixture}")
     iterator = iter(pipeline.train)
-    batches = [next(iterator) for _ in range(_BATCHES.value)]
+    batches = [next(iterator) for _ in range(count)]
     stats = iterator.get_state()["stats"]
     print(f"first {len(batches)} batches: {stats['rows']} rows, {stats['examples']} examples, "
           f"packing {stats['real_tokens'] / (stats['rows'] * config.seq_len):.2%} real tokens, "
@@ -58,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -2,9 +2,10 @@
 
 The model owns the loss; objectives only say where it is taken (`weights`) and
 which objective made each token (`objective_id`), so per-objective loss and
-accuracy come out of one pass for any mixture. Training takes it through
-`weighted_token_statistics`, which computes vocabulary logits at the weighted
-positions only; `token_statistics` is the same quantity from full logits.
+accuracy come out of one pass for any mixture. `batch_loss` is the one loss
+function; it takes the token loss through `weighted_token_statistics`, which
+computes vocabulary logits at the weighted positions only; `token_statistics` is
+the same quantity from full logits.
 """
 
 from __future__ import annotations
@@ -228,20 +229,40 @@ def nsp_statistics(nsp_logits: jax.Array, nsp_labels: jax.Array) -> dict[str, ja
     }
 
 
-def pretraining_loss(
-    model: Transformer, batch: Batch, num_objectives: int, *, deterministic: bool = True
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, statistics) of a packed batch.
+def denominators(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(total token weight, number of NSP-labelled pairs) of a batch, each at least 1."""
+    return (jnp.maximum(batch["weights"].sum(), 1.0),
+            jnp.maximum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32), 1.0))
 
-    loss = sum of weighted token cross-entropies / sum of weights, plus the mean
-    NSP cross-entropy when the model has an NSP head and the batch labels pairs.
-    The statistics are sums, so they add up across devices and accumulation steps.
+
+def batch_loss(
+    model: Transformer,
+    batch: Batch,
+    num_objectives: int,
+    totals: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    deterministic: bool = True,
+    statistics: Callable = weighted_token_statistics,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, statistics sums) of a packed batch: the one loss of the project, which
+    training, evaluation and the tests all take.
+
+    loss = sum of weighted token cross-entropies / token_total, plus the summed NSP
+    cross-entropy / nsp_total when the model has an NSP head. `totals` are the
+    global denominators (`denominators` of the whole global batch) when this batch
+    is one micro-batch or one device's share, so the shares add up to the loss of
+    the global batch; by default they are this batch's own. `statistics` computes
+    the token loss from the hidden states: vocabulary logits at the weighted
+    positions only (`weighted_token_statistics`), or `full_logits_statistics`, the
+    reference. The statistics are sums, so they add up across devices and
+    accumulation steps.
     """
+    token_total, nsp_total = denominators(batch) if totals is None else totals
     hidden = model(batch, deterministic=deterministic)
-    loss_sum, stats = weighted_token_statistics(model, hidden, batch["targets"], batch["weights"],
-                                                batch["objective_id"], num_objectives)
-    loss = loss_sum / jnp.maximum(stats["weight_sum"].sum(), 1.0)
-    if model.config.nsp_head and "nsp_labels" in batch:
+    loss_sum, stats = statistics(model, hidden, batch["targets"], batch["weights"], batch["objective_id"],
+                                 num_objectives)
+    loss = loss_sum / token_total
+    if model.config.nsp_head:
         stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
-        loss = loss + stats["nsp_loss_sum"] / jnp.maximum(stats["nsp_weight_sum"], 1.0)
+        loss = loss + stats["nsp_loss_sum"] / nsp_total
     return loss, stats

@@ -5,8 +5,9 @@ MFU follows the PaLM / MaxText convention: model FLOPs per token are
 score and value matmuls, forward and backward), and MFU = FLOPs per second
 achieved on real tokens / (devices * peak FLOPs per device). The peak is
 `config.peak_flops_per_device` when set, else a table entry for known
-accelerators, else (CPU) a float32 matmul measured at start-up; the run log says
-which.
+accelerators, else (CPU) a float32 matmul peak measured at the run's first start
+(the median of several trials) and kept in the workdir, so a resumed run divides
+by the same number; the run log says which.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ KNOWN_PEAKS = {
 
 
 def measure_matmul_peak(size: int = 1024, seconds: float = 0.5) -> float:
-    """float32 FLOP/s of a square matmul on the default device (the CPU peak)."""
+    """float32 FLOP/s of a square matmul on the default device, over about `seconds`
+    (one trial; benchmarks take it inside every round they time)."""
     a = jnp.ones((size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
@@ -51,14 +53,50 @@ def measure_matmul_peak(size: int = 1024, seconds: float = 0.5) -> float:
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
-def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number came from)."""
+def robust_matmul_peak(trials: int = 7, seconds: float = 0.15) -> float:
+    """The median of `trials` short `measure_matmul_peak` trials: one trial on a shared
+    CPU swings by a factor of three, the median of several much less."""
+    return float(np.median([measure_matmul_peak(seconds=seconds) for _ in range(trials)]))
+
+
+PEAK_FILENAME = "mfu_peak.json"
+PEAK_FIX = "set --config.peak_flops_per_device=<FLOP/s per device> to fix it"
+
+
+def peak_flops_per_device(configured: float = 0.0, workdir: str | os.PathLike | None = None,
+                          primary: bool = True) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from): MFU's denominator.
+
+    `configured` > 0 wins; else the dense bfloat16 peak of a known accelerator;
+    else (CPU) a measured float32 matmul peak. A measured peak is kept in
+    `workdir/mfu_peak.json` at the run's first start and read back on every
+    resume, so the MFU of one run stays comparable across restarts (the primary
+    process writes it)."""
     if configured > 0:
         return configured, "config.peak_flops_per_device"
     kind = jax.devices()[0].device_kind
     if kind in KNOWN_PEAKS:
-        return KNOWN_PEAKS[kind], f"bfloat16 dense peak of {kind}"
-    return measure_matmul_peak(), f"measured float32 matmul peak of {kind}"
+        return KNOWN_PEAKS[kind], f"bfloat16 dense peak of {kind}; {PEAK_FIX}"
+    path = os.path.join(workdir, PEAK_FILENAME) if workdir is not None else None
+    if path and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                kept = json.load(handle)
+            if kept.get("device_kind") == kind and float(kept["flops_per_device"]) > 0:
+                return float(kept["flops_per_device"]), (
+                    f"float32 matmul peak of {kind} measured at the run's first start ({kept.get('measured', '?')}), "
+                    f"kept in {PEAK_FILENAME}; {PEAK_FIX}")
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s cannot be read; measuring the peak again", path)
+    peak = robust_matmul_peak()
+    if path and primary:
+        record = {"flops_per_device": peak, "device_kind": kind,
+                  "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "method": "median of 7 float32 1024x1024 matmul trials"}
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+        os.replace(path + ".tmp", path)
+    where = f", kept in {PEAK_FILENAME} for resumes" if path else ""
+    return peak, f"float32 matmul peak of {kind}, median of 7 trials{where}; {PEAK_FIX}"
 
 
 def flops_per_token(non_embedding_params: int, num_layers: int, model_dim: int, seq_len: int) -> float:
@@ -69,14 +107,41 @@ def flops_per_token(non_embedding_params: int, num_layers: int, model_dim: int, 
 class MetricsWriter:
     """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
 
-    Only the primary process writes. On resume, `truncate_after(step)` drops lines
-    from steps a crash left behind, so every step appears once.
+    Only the primary process writes. A run that resumed from `start_step` > 0 drops
+    the lines a crash left behind after it (`truncate_after`), so every step
+    appears once. A run that starts from step 0 in a workdir that already holds
+    metrics (an earlier run that saved no checkpoint) keeps them: `metrics.jsonl`
+    and `tensorboard/` are renamed with the time they were set aside
+    (`set_aside`), never overwritten.
     """
 
-    def __init__(self, workdir: str | os.PathLike, primary: bool = True):
+    def __init__(self, workdir: str | os.PathLike, primary: bool = True, start_step: int = 0):
         self.primary = primary
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.set_aside: list[str] = []  # where an earlier run's metrics went (fresh starts only)
+        if primary:
+            if start_step == 0:
+                self.set_aside = self._set_aside_earlier_run(os.fspath(workdir))
+            else:
+                self.truncate_after(start_step)
         self._events = EventFileWriter(os.path.join(workdir, "tensorboard")) if primary else None
+
+    def _set_aside_earlier_run(self, workdir: str) -> list[str]:
+        """Renames a non-empty metrics.jsonl (and tensorboard/) to names stamped with
+        the current time; returns the new paths."""
+        if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+            return []
+        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 1
+        while os.path.exists(os.path.join(workdir, f"metrics-{stamp}.jsonl")):  # two fresh starts in one second
+            suffix += 1
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+        moved = []
+        for name, renamed in (("metrics.jsonl", f"metrics-{stamp}.jsonl"), ("tensorboard", f"tensorboard-{stamp}")):
+            source, target = os.path.join(workdir, name), os.path.join(workdir, renamed)
+            if os.path.exists(source) and not os.path.exists(target):
+                os.rename(source, target)
+                moved.append(target)
+        return moved
 
     def truncate_after(self, step: int) -> None:
         """Keeps only lines with step <= `step` (atomically rewritten)."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pretrain.attention import attention_mask, visibility
+from pretrain.errors import raise_problems
 
 INIT_STDDEV = 0.02  # BERT's and GPT-2's initializer range
 _HIDDEN_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # the score of a key a query may not see
@@ -47,15 +48,7 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
     def __post_init__(self) -> None:
-        if self.model_dim % self.num_heads:
-            raise ValueError(
-                f"model.model_dim={self.model_dim} is not divisible by "
-                f"model.num_heads={self.num_heads}"
-            )
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError:
-            raise ValueError(f"model.dtype={self.dtype!r} is not a JAX dtype (e.g. 'float32', 'bfloat16')") from None
+        raise_problems(config_problems(dataclasses.asdict(self)))
 
     @property
     def head_dim(self) -> int:
@@ -64,6 +57,29 @@ class TransformerConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+
+def config_problems(fields: Mapping[str, Any]) -> list[str]:
+    """Every problem of a model shape (`config.model` fields), naming field and fix:
+    the one home of these rules (the config checks report them before training,
+    `TransformerConfig` enforces them)."""
+    problems = []
+    for name in ("num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types"):
+        if name in fields and not (isinstance(fields[name], int) and fields[name] >= 1):
+            problems.append(f"config.model.{name}={fields[name]!r} must be a positive integer")
+    dim, heads = fields.get("model_dim"), fields.get("num_heads")
+    if isinstance(dim, int) and isinstance(heads, int) and dim >= 1 and heads >= 1 and dim % heads:
+        divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0]
+        problems.append(f"config.model.model_dim={dim} is not divisible by config.model.num_heads={heads}; "
+                        f"choose num_heads among {divisors} (or change model_dim)")
+    if "dropout_rate" in fields and not 0 <= fields["dropout_rate"] < 1:
+        problems.append(f"config.model.dropout_rate={fields['dropout_rate']!r} must lie in [0, 1)")
+    if "dtype" in fields:
+        try:
+            jnp.dtype(fields["dtype"])
+        except TypeError:
+            problems.append(f"config.model.dtype={fields['dtype']!r} is not a JAX dtype (e.g. 'float32', 'bfloat16')")
+    return problems
 
 
 # Size presets. `small` is the benchmark shape of the performance issue; `base`
@@ -81,6 +97,15 @@ def preset(size: str, **overrides: Any) -> TransformerConfig:
     if size not in PRESETS:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(PRESETS)}")
     return TransformerConfig(**{**PRESETS[size], **overrides})
+
+
+def preset_name(model_fields: Mapping[str, Any]) -> str:
+    """The name of the size preset whose shape `model_fields` (a config's `model`
+    section) has, or 'custom' when the shape is its own."""
+    for name, shape in PRESETS.items():
+        if all(model_fields.get(field) == value for field, value in shape.items()):
+            return name
+    return "custom"
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], init=None) -> nnx.Param:

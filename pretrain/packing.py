@@ -14,17 +14,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from objectives.example import NO_NSP_LABEL, TOKEN_FIELDS, Example
+from pretrain.errors import raise_problems
 
 PACKED_FIELDS = TOKEN_FIELDS + ("segment_ids", "nsp_labels")
 STRATEGIES = ("first_fit", "best_fit")
+
+
+def strategy_problems(strategy: str) -> list[str]:
+    """Why `strategy` is no packing strategy (`config.data.packing`), or nothing."""
+    return [] if strategy in STRATEGIES else [f"config.data.packing={strategy!r} must be one of {STRATEGIES}"]
 
 
 def assign_rows(lengths: Sequence[int], seq_len: int, strategy: str = "best_fit") -> list[list[int]]:
     """Example indices per row. `first_fit` puts each example in the first row
     with room, `best_fit` in the row it fills most tightly; a new row opens when
     none fits. Examples keep their order within a row."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown packing strategy {strategy!r}; choose one of {STRATEGIES}")
+    raise_problems(strategy_problems(strategy))
     rows: list[list[int]] = []
     room: list[int] = []
     for index, length in enumerate(lengths):

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pretrain.errors import raise_problems
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -30,6 +32,24 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 }
 
 
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes with data=-1 filled in from `device_count`."""
+    if data == -1 and fsdp >= 1 and tensor >= 1 and device_count % (fsdp * tensor) == 0:
+        data = device_count // (fsdp * tensor)
+    return data, fsdp, tensor
+
+
+def mesh_problems(data: int, fsdp: int, tensor: int, device_count: int) -> list[str]:
+    """Why a ('data', 'fsdp', 'tensor') mesh of these sizes cannot span `device_count`
+    devices (the one home of this rule; the config checks report it before training,
+    `make_mesh` enforces it)."""
+    sizes = mesh_shape(data, fsdp, tensor, device_count)
+    if min(sizes) < 1 or sizes[0] * sizes[1] * sizes[2] != device_count:
+        return [f"config.mesh data={data} x fsdp={fsdp} x tensor={tensor} does not match the {device_count} "
+                f"devices; make the product {device_count} (data=-1 fills in)"]
+    return []
+
+
 def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ('data', 'fsdp', 'tensor') mesh over all devices (of every process).
 
@@ -37,17 +57,8 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] |
     means "whatever is left".
     """
     devices = list(jax.devices() if devices is None else devices)
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(
-                f"mesh fsdp={fsdp} x tensor={tensor} does not divide the {len(devices)} devices")
-        data = len(devices) // (fsdp * tensor)
-    if min(data, fsdp, tensor) < 1 or data * fsdp * tensor != len(devices):
-        raise ValueError(
-            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} does not match "
-            f"the {len(devices)} devices; set config.mesh so the product is {len(devices)} "
-            "(data=-1 fills in the rest)")
-    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
+    raise_problems(mesh_problems(data, fsdp, tensor, len(devices)))
+    return Mesh(np.asarray(devices).reshape(mesh_shape(data, fsdp, tensor, len(devices))), MESH_AXES)
 
 
 def mesh_spec(logical: PartitionSpec | Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

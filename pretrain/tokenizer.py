@@ -40,6 +40,7 @@ import sentencepiece as spm
 
 from objectives.vocab import (BOS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID, SPECIAL_TOKENS,
                               UNK_ID, Vocabulary)
+from pretrain.errors import raise_problems
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,21 @@ class Tokenizer:
         return f"Tokenizer({self._path!r}, vocab_size={self.vocab_size})"
 
 
+def settings_problems(vocab_size: int, model_type: str, byte_fallback: bool = True) -> list[str]:
+    """Why a tokenizer of this size and type cannot be trained (`config.tokenizer`
+    fields; the one home of these rules), or nothing."""
+    problems = []
+    if model_type not in MODEL_TYPES:
+        problems.append(f"config.tokenizer.model_type={model_type!r} must be one of {MODEL_TYPES}")
+    minimum = NUM_SPECIAL_TOKENS + (NUM_BYTE_PIECES if byte_fallback else 0)
+    if not isinstance(vocab_size, int) or vocab_size <= minimum:
+        pieces = f"{NUM_SPECIAL_TOKENS} special tokens" + (f" and {NUM_BYTE_PIECES} byte pieces" if byte_fallback
+                                                           else "")
+        problems.append(f"config.tokenizer.vocab_size={vocab_size} is too small: it must exceed {minimum} "
+                        f"({pieces}); raise it (8000 is the default)")
+    return problems
+
+
 def train_tokenizer(sentences: Iterable[str], model_prefix_path: str | os.PathLike[str],
                     vocab_size: int, model_type: ModelType = "unigram", *,
                     character_coverage: float = 0.9995, byte_fallback: bool = True,
@@ -149,15 +165,7 @@ def train_tokenizer(sentences: Iterable[str], model_prefix_path: str | os.PathLi
     The files appear atomically (temp file, then rename), so a crash never leaves a
     half-written model; existing files are replaced.
     """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"tokenizer model_type {model_type!r} is not one of {MODEL_TYPES}")
-    minimum = NUM_SPECIAL_TOKENS + (NUM_BYTE_PIECES if byte_fallback else 0)
-    if vocab_size <= minimum:
-        raise ValueError(
-            f"tokenizer.vocab_size={vocab_size} is too small: it must exceed {minimum} (the "
-            f"{NUM_SPECIAL_TOKENS} special tokens"
-            + (f" and {NUM_BYTE_PIECES} byte-fallback pieces)" if byte_fallback else ")")
-            + "; raise tokenizer.vocab_size")
+    raise_problems(settings_problems(vocab_size, model_type, byte_fallback))
     sample = _reservoir_sample(_training_lines(sentences), max_sentences, seed)
     if not sample:
         raise ValueError("no text to train the tokenizer on: the sentence source gave no "

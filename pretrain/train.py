@@ -4,15 +4,22 @@
         [--config.total_steps=2000] [--config.mesh.fsdp=4] [--config.parallelism=pmap]
 
 The workdir is the run: `tokenizer.model`, `checkpoints/`, `metrics.jsonl`,
-`tensorboard/`, `config.json` and `train.lock`. Rerunning the command restores the
-newest good checkpoint (parameters, optimizer, step and the data iterator) and
-continues exactly; a damaged newest checkpoint is skipped with a warning and moved
-to `damaged_checkpoints/`. Before anything is compiled the workdir is checked
-(writable, room for a checkpoint) and locked, so a second process on it refuses
-to start. SIGTERM saves a checkpoint and exits 0. A non-finite loss stops the run
-with the step, the objective and the gradient norm, keeping the last checkpoint;
-with `config.nonfinite='skip'` such a step is skipped instead (counted in
-`skipped_steps`) until `config.max_consecutive_skips` come in a row.
+`tensorboard/`, `config.json`, `mfu_peak.json` and `train.lock`. Rerunning the
+command restores the newest good checkpoint (parameters, optimizer, step and the
+data iterator) and continues exactly; a damaged newest checkpoint is skipped with
+a warning and moved to `damaged_checkpoints/`; a run that already reached
+`config.total_steps` says so and trains nothing. Before anything is compiled the
+workdir is checked (writable, room for a checkpoint) and locked, so a second
+process on it refuses to start. SIGTERM and the first Ctrl-C save a checkpoint of
+the step that is running and exit 0 (`pretrain.stopping`). A non-finite loss stops
+the run with the step, the objective and the gradient norm, keeping the last
+checkpoint; with `config.nonfinite='skip'` such a step is skipped instead
+(counted in `skipped_steps`) until `config.max_consecutive_skips` come in a row.
+
+The console shows the run's effective settings once, a progress line every
+`log_every` steps, the held-out loss next to the unigram baseline
+(`pretrain.baseline`) at every evaluation, and at the end one line of what the
+model now does (`config.sample_at_end`).
 """
 
 from __future__ import annotations
@@ -20,38 +27,66 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import logging
 import os
-import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
-from pretrain import distributed, sharding
-from pretrain.checkpoint import Checkpointer, NoGoodCheckpoint
+from objectives import parse_mixture_spec
+from pretrain import cli, distributed, sharding
+from pretrain.baseline import unigram_baseline
+from pretrain.checkpoint import Checkpointer
 from pretrain.config_checks import validate_config
+from pretrain.errors import UserError
+from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import build_input_pipeline
-from pretrain.loss import nsp_statistics, token_statistics
 from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
-from pretrain.model import TransformerConfig, create_model
+from pretrain.model import TransformerConfig, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
-from pretrain.train_step import make_train_step
-from pretrain.workdir import WorkdirError, WorkdirLock, check_free_space, checkpoint_bytes, prepare_workdir
+from pretrain.stopping import StopRequest
+from pretrain.train_step import make_eval_step, make_train_step
+from pretrain.workdir import WorkdirLock, check_free_space, checkpoint_bytes, prepare_workdir
 
 log = logging.getLogger("pretrain.train")
 
 
-class NonFiniteLoss(RuntimeError):
+PARALLELISMS = ("pjit", "pmap")
+NONFINITE_POLICIES = ("stop", "skip")
+POSITIVE_INTEGERS = ("total_steps", "batch_size", "seq_len", "log_every", "checkpoint_every", "accumulation_steps",
+                     "keep_checkpoints", "max_consecutive_skips")
+
+
+def loop_problems(config: Any) -> list[str]:
+    """Every problem of the training loop's own fields (the top-level ones), naming
+    field and fix; `pretrain.config_checks.validate_config` reports them with the rest."""
+    problems = []
+    for field in POSITIVE_INTEGERS:
+        if not isinstance(config[field], int) or config[field] < 1:
+            problems.append(f"config.{field}={config[field]!r} must be a positive integer")
+    if not isinstance(config.eval_every, int) or config.eval_every < 0:
+        problems.append(f"config.eval_every={config.eval_every!r} must be an integer >= 0 (0: evaluate at the end)")
+    if config.parallelism not in PARALLELISMS:
+        problems.append(f"config.parallelism={config.parallelism!r} must be one of {PARALLELISMS}")
+    if config.nonfinite not in NONFINITE_POLICIES:
+        problems.append(f"config.nonfinite={config.nonfinite!r} must be one of {NONFINITE_POLICIES} ('stop' ends "
+                        "the run at a NaN/inf loss, 'skip' drops that step's update)")
+    if not config.peak_flops_per_device >= 0:
+        problems.append(f"config.peak_flops_per_device={config.peak_flops_per_device!r} must be >= 0 (0: detect)")
+    return problems
+
+
+class NonFiniteLoss(UserError, RuntimeError):
     """The loss or gradients became NaN or inf."""
 
 
@@ -107,18 +142,6 @@ class SkipCounter:
         window, run, longest = (int(x) for x in jax.device_get(self._counts))
         self._counts = (jnp.zeros((), jnp.int32), self._counts[1], self._counts[1])
         return window, longest
-
-
-class Preemption:
-    """Remembers a SIGTERM so the loop can save and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
 
 
 def summarize(stats: dict[str, np.ndarray], names: tuple[str, ...], prefix: str = "") -> dict[str, float]:
@@ -178,8 +201,7 @@ class Trainer:
         self._setup_parallelism(params)
         self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, run_info=self._run_info())
         self._closing.callback(self.checkpointer.close)
-        self.metrics = MetricsWriter(workdir, self.primary)
-        self._closing.callback(self.metrics.close)
+        self._baseline: dict[str, float] | None = None  # the unigram baseline, computed at the first evaluation
 
     def _run_info(self) -> dict[str, Any]:
         """What each checkpoint records about the run that wrote it; on resume, a
@@ -192,7 +214,7 @@ class Trainer:
 
     def close(self) -> None:
         """Waits for pending checkpoint saves, closes the metrics and releases the
-        workdir lock. Idempotent; `run` calls it when it ends."""
+        workdir lock and the signal handlers. Idempotent; `run` calls it when it ends."""
         self._closing.close()
 
     def __enter__(self) -> Trainer:
@@ -216,15 +238,19 @@ class Trainer:
         step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
                                   config.accumulation_steps,
                                   axis_name="devices" if config.parallelism == "pmap" else None)
+        eval_fn = make_eval_step(self.graphdef, self.rest, len(self.names))
         if config.nonfinite == "skip":
             step_fn = skip_nonfinite_updates(step_fn)
         if config.parallelism == "pmap":
             devices = jax.local_device_count()
+            self.mesh = None
             self.state = jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)),
                                       self._initial_state(params))
             self.abstract_state = jax.eval_shape(lambda: self.state)
             self.train_step = jax.pmap(step_fn, axis_name="devices", donate_argnums=0)
+            self.eval_step = jax.jit(eval_fn)  # on one device, over the unreplicated parameters
             self.put_batch = lambda batch: {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}
+            self.put_eval_batch = lambda batch: batch
             self.unreplicate = lambda tree: jax.tree.map(lambda x: x[0], tree)
             return
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -243,38 +269,94 @@ class Trainer:
         batch_sharding = sharding.batch_sharding(mesh)
         self.train_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+        self.eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, batch_sharding),
+                                 out_shardings=sharding.replicated(mesh))
         self.put_batch = lambda batch: {
             k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+        self.put_eval_batch = self.put_batch
         self.unreplicate = lambda tree: tree
 
     # -- evaluation -------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out loss and accuracy per trained objective."""
+        """Held-out loss and accuracy per trained objective, with the unigram baseline
+        of each (`pretrain.baseline`; computed once, from the start of the training
+        stream)."""
         params = self.unreplicate(self.state["params"])
-        graphdef, rest, num = self.graphdef, self.rest, len(self.names)
-
-        @jax.jit
-        def eval_step(params, batch):
-            model = nnx.merge(graphdef, params, rest)
-            hidden = model(batch)
-            stats = token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
-                                     batch["objective_id"], num)
-            if model.config.nsp_head:
-                stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
-            return stats
-
+        batches = self.pipeline.eval_batches()
         totals = None
-        for batch in self.pipeline.eval_batches():
-            if self.config.parallelism == "pjit":
-                batch = self.put_batch(batch)
-            stats = jax.device_get(eval_step(params, batch))
+        for batch in batches:
+            stats = jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
             totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
         out = summarize(totals, self.names, prefix="eval/")
         out["eval/loss"] = float(totals["loss_sum"].sum() / max(totals["weight_sum"].sum(), 1))
-        return out
+        out["eval/accuracy"] = float(totals["correct_sum"].sum() / max(totals["weight_sum"].sum(), 1))
+        if self._baseline is None:
+            self._baseline = unigram_baseline(itertools.islice(iter(self.pipeline.train), 256), batches,
+                                              self.names, self.pipeline.tokenizer.vocab_size)
+        return {**out, **self._baseline}
 
-    # -- the loop ---------------------------------------------------------------------
+    def _print_evaluation(self, step: int, values: dict[str, float]) -> None:
+        line = f"eval at step {step}: held-out loss {values['eval/loss']:.4f}"
+        if "eval/baseline" in values:
+            line += f" (unigram baseline {values['eval/baseline']:.4f})"
+        line += f", accuracy {values['eval/accuracy']:.2%}"
+        if len(self.names) > 1:
+            line += "".join(
+                f"\n  {name}: loss {values[f'eval/loss/{name}']:.4f}"
+                + (f" (baseline {values[f'eval/baseline/{name}']:.4f})" if f"eval/baseline/{name}" in values else "")
+                + f", accuracy {values[f'eval/accuracy/{name}']:.2%}"
+                for name in self.names if f"eval/loss/{name}" in values)
+        print(line, flush=True)
+
+    def _sample_sentence(self) -> str | None:
+        """A held-out sentence of 8 to 30 words, the first in document order."""
+        documents = self.pipeline.source.split("heldout")
+        for index in range(min(len(documents), 200)):
+            for sentence in documents[index].sentences:
+                if 8 <= len(sentence.split()) <= 30:
+                    return sentence
+        return None
+
+    def _show_sample(self) -> None:
+        """Prints one line of what the trained model does on a held-out sentence."""
+        sentence = self._sample_sentence()
+        if sentence is None:
+            return
+        model = nnx.merge(self.graphdef, jax.device_get(self.unreplicate(self.state["params"])), self.rest)
+        trained = tuple(parse_mixture_spec(self.config.objective))
+        print(f"the model now {demonstrate(model, self.pipeline.tokenizer, trained, sentence)}", flush=True)
+
+    # -- the console ------------------------------------------------------------------
+
+    def _describe(self, start: int) -> str:
+        """The run's effective settings, printed once at start."""
+        config, model = self.config, self.model_config
+        if config.parallelism == "pjit":
+            shape = dict(self.mesh.shape)
+            layout = f"pjit over mesh data={shape['data']} fsdp={shape['fsdp']} tensor={shape['tensor']}"
+        else:
+            layout = f"pmap over {jax.local_device_count()} local devices"
+        o = config.optimizer
+        lines = [
+            ("run", f"{self.workdir} ({f'resuming from step {start}' if start else 'new run'})"),
+            ("objective", f"{config.objective}" + (f" (leaves: {', '.join(self.names)})"
+                                                   if len(self.names) > 1 else "")),
+            ("model", f"{preset_name(config.model)}: {model.num_layers} layers, width {model.model_dim}, "
+                      f"{model.num_heads} heads, MLP {model.mlp_dim}, {'pre' if model.pre_layer_norm else 'post'}-LN, "
+                      f"{model.dtype}; {self.parameters:,} parameters"),
+            ("data", f"{config.data.kind}; vocabulary {self.pipeline.tokenizer.vocab_size:,}; batch "
+                     f"{config.batch_size} rows x seq_len {config.seq_len} = {config.batch_size * config.seq_len:,} "
+                     "token slots per step"),
+            ("steps", f"{config.total_steps:,}; AdamW peak lr {o.learning_rate:g}, {o.warmup_steps} warmup, "
+                      f"{o.schedule} decay; eval every {config.eval_every or config.total_steps}, checkpoint every "
+                      f"{config.checkpoint_every}"),
+            ("devices", f"{jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} "
+                        f"process(es); {layout}"),
+            ("MFU peak", f"{self.peak:.3g} FLOP/s per device ({self.peak_source})"),
+        ]
+        width = max(len(name) for name, _ in lines)
+        return "\n".join(f"{name + ':':<{width + 1}} {text}" for name, text in lines)
 
     def _check_finite(self, step: int, metrics: dict) -> None:
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
@@ -337,95 +419,142 @@ class Trainer:
             print(f"step {step}/{self.config.total_steps} loss {values['loss']:.4f} [{objectives}] "
                   f"{tokens_per_sec:,.0f} tok/s mfu {values['mfu']:.2%} eta {eta / 60:.1f} min"
                   + (f" skipped {skipped}" if skipped else ""), flush=True)
+            if extra and "eval/loss" in extra:
+                self._print_evaluation(step, values)
+
+    # -- the loop ---------------------------------------------------------------------
 
     def run(self) -> int:
-        """Trains to `config.total_steps` (or a SIGTERM); returns the final step. Closes
-        the trainer when it ends, however it ends."""
+        """Trains to `config.total_steps`, or until SIGTERM or Ctrl-C (which save the
+        step that is running); returns the final step. Closes the trainer when it
+        ends, however it ends."""
+        stop = StopRequest()
+        self._closing.callback(stop.close)
         iterator = iter(self.pipeline.train)
         try:
-            return self._run(iterator)
+            return self._run(iterator, stop)
         finally:
             self.close()
 
-    def _run(self, iterator: Any) -> int:
-        config = self.config
+    def _restore(self, iterator: Any) -> int:
+        """Restores the newest good checkpoint, if any; returns its step (0: none)."""
         restored = self.checkpointer.restore(self.abstract_state)
-        start = 0
-        if restored is not None:
-            start, self.state, data_state = restored
-            iterator.set_state(data_state)
-            if self.checkpointer.steps()[-1] > start:  # damaged newer steps: out of the way of the saves to come
-                self.checkpointer.set_aside_newer_than(start, self.primary)
-            log.info("resumed from step %d", start)
-        self.metrics.truncate_after(start)
+        if restored is None:
+            return 0
+        start, self.state, data_state = restored
+        iterator.set_state(data_state)
+        if self.checkpointer.steps()[-1] > start:  # damaged newer steps: out of the way of the saves to come
+            self.checkpointer.set_aside_newer_than(start, self.primary)
+        log.info("resumed from step %d", start)
+        return start
+
+    def _run(self, iterator: Any, stop: StopRequest) -> int:
+        config = self.config
+        start = self._restore(iterator)
+        if start >= config.total_steps:
+            if self.primary:
+                print(f"the run in {self.workdir} is already complete: its checkpoint is at step {start} and "
+                      f"config.total_steps={config.total_steps}; nothing to train. To train longer, raise "
+                      "--config.total_steps (the schedule then stretches to the new end)", flush=True)
+            return start
+        self.metrics = MetricsWriter(self.workdir, self.primary, start_step=start)
+        self._closing.callback(self.metrics.close)
+        if self.metrics.set_aside:
+            log.warning("%s holds metrics of an earlier run but no checkpoint, so this run starts from step 0; "
+                        "the earlier metrics were kept as %s", self.workdir,
+                        " and ".join(os.path.basename(path) for path in self.metrics.set_aside))
         if self.primary:  # atomically: evaluation reads it while the run goes on
             path = os.path.join(self.workdir, "config.json")
             with open(path + ".tmp", "w", encoding="utf-8") as handle:
                 handle.write(config.to_json_best_effort(indent=2))
             os.replace(path + ".tmp", path)
-        self.peak, peak_source = peak_flops_per_device(config.peak_flops_per_device)
-        log.info("model: %d parameters; MFU peak %.3g FLOP/s per device (%s)", self.parameters, self.peak,
-                 peak_source)
-        preemption = Preemption()
+        self.peak, self.peak_source = peak_flops_per_device(config.peak_flops_per_device, self.workdir,
+                                                            self.primary)
+        if self.primary:
+            print(self._describe(start), flush=True)
         self.skips = SkipCounter()
         self._window = (time.perf_counter(), 0, 0)  # start time, real tokens, steps
-        pending = None  # (step, metrics) logged one step late: no host sync on every step
-        step = start
-        while step < config.total_steps:
-            batch = next(iterator)
-            tokens = int((batch["segment_ids"] > 0).sum()) * jax.process_count()
-            self.state, metrics = self.train_step(self.state, self.put_batch(batch))
+        step = self._train(iterator, stop, start)
+        if step == config.total_steps and config.sample_at_end and self.primary and jax.process_count() == 1:
+            self._show_sample()
+        return step
+
+    def _train(self, iterator: Any, stop: StopRequest, step: int) -> int:
+        """The steps from `step` on. The next batch is read and placed on the devices
+        while the device runs the current step; the host then waits for that step
+        before it dispatches the next one, so a stop request is honoured at the next
+        step boundary (the waiting costs one dispatch latency per step)."""
+        config = self.config
+
+        def read() -> tuple[dict, int]:
+            host_batch = next(iterator)
+            return self.put_batch(host_batch), int((host_batch["segment_ids"] > 0).sum()) * jax.process_count()
+
+        data_state = iterator.get_state()  # the iterator's position after the last trained step
+        ahead = read() if step < config.total_steps else None
+        metrics, saved = None, None  # the newest step's metrics; the newest step saved in this call
+        while step < config.total_steps and not stop.requested:
+            batch, tokens = ahead
+            self.state, metrics = self.train_step(self.state, batch)
             step += 1
+            data_state = iterator.get_state()
+            ahead = read() if step < config.total_steps else None  # while the device runs this step
             metrics = self.unreplicate(metrics)
-            if pending is not None:
-                self._log(*pending)
-                pending = None
+            jax.block_until_ready(metrics)
             if config.nonfinite == "skip":
                 self.skips.add(metrics["skipped"])
             self._window = (self._window[0], self._window[1] + tokens, self._window[2] + 1)
+            stopping = bool(stop.requested)
             last = step == config.total_steps
-            save = last or preemption.requested or step % config.checkpoint_every == 0
+            save = last or stopping or step % config.checkpoint_every == 0
             evaluate = last or (config.eval_every and step % config.eval_every == 0)
-            if save or evaluate:
+            if save or evaluate or step % config.log_every == 0:
                 # Logged before the save, so a resume from here finds every step <= it logged.
                 self._log(step, metrics, self.evaluate() if evaluate else {})
-                if save:
-                    self._check_parameters_finite(step)
-                    self.checkpointer.save(step, self.state, iterator.get_state())
-            elif step % config.log_every == 0:
-                pending = (step, metrics)
-            if preemption.requested:
-                break
+            if save:
+                self._save(step, data_state)
+                saved = step
+        if stop.requested and metrics is not None and saved != step:  # the signal came after the last check
+            self._log(step, metrics)
+            self._save(step, data_state)
         return step
 
-
-# Problems with the user's config, data, workdir or run, each raised with a message that
-# names it and the fix; main() prints that message alone.
-USER_ERRORS = (ValueError, FileNotFoundError, WorkdirError, NonFiniteLoss, NoGoodCheckpoint)
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/pretrain.py", "pretraining config file")
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory; rerun the command to resume", required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "multi-host: host:port of process 0 (with --num_processes, --process_id)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: how many processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index, 0..num_processes-1")
+    def _save(self, step: int, data_state: dict) -> None:
+        self._check_parameters_finite(step)
+        self.checkpointer.save(step, self.state, data_state)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pretrain.train`: flags are defined here, not at import."""
+    argv = list(sys.argv if argv is None else argv)
     keep_freed_memory()  # before JAX starts its threads: no page faults on every step (pretrain/host_memory.py)
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
-    logging.getLogger("pretrain").setLevel(logging.INFO)
+    flag_values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "run directory; rerun the command to resume",
+                                  flag_values=flag_values)
+    coordinator = flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 (with "
+                                      "--num_processes, --process_id)", flag_values=flag_values)
+    num_processes = flags.DEFINE_integer("num_processes", None, "multi-host: how many processes in the job",
+                                         flag_values=flag_values)
+    process_id = flags.DEFINE_integer("process_id", None, "multi-host: this process's index, 0..num_processes-1",
+                                      flag_values=flag_values)
+    config = cli.define_config(flag_values, argv, "configs/pretrain.py", "pretraining config file")
+    cli.parse(flag_values, argv, __doc__)
+
+    def command() -> int:
+        if not workdir.value:
+            raise ValueError("--workdir is required: the run's directory, e.g. --workdir=runs/mlm (rerun the same "
+                             "command to resume)")
+        run_config = cli.config_value(config, argv)
+        distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+        return Trainer(run_config, workdir.value).run()
+
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        step = Trainer(_CONFIG.value, _WORKDIR.value).run()
-    except USER_ERRORS as error:
-        if os.environ.get("PRETRAIN_TRACEBACK"):
-            raise
-        # One message naming the problem and the fix, not a traceback (PRETRAIN_TRACEBACK=1 shows it).
-        raise SystemExit(f"error: {error}") from None
-    print(f"stopped at step {step}; workdir {os.path.abspath(_WORKDIR.value)}", flush=True)
+        step = cli.run_reporting_bad_input(command)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: aborted without saving (the newest checkpoint in the workdir is intact; "
+                         "rerun the command to resume from it)") from None
+    print(f"stopped at step {step}; workdir {os.path.abspath(workdir.value)}", flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

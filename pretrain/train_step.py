@@ -1,4 +1,5 @@
-"""One optimisation step, for `jax.jit` over a mesh (pjit) or for `jax.pmap`.
+"""One optimisation step, for `jax.jit` over a mesh (pjit) or for `jax.pmap`, and the
+evaluation step that takes the same loss without gradients.
 
 The loss of a batch is a ratio of sums (weighted token cross-entropy over the total
 weight, plus NSP cross-entropy over the number of pairs), so the step computes the
@@ -17,38 +18,36 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pretrain.loss import nsp_statistics, weighted_token_statistics
+from pretrain.loss import batch_loss, denominators, weighted_token_statistics
 
 Batch = Mapping[str, jax.Array]
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
-
-
-def denominators(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(total token weight, number of NSP-labelled pairs) of a batch, at least 1."""
-    return (jnp.maximum(batch["weights"].sum(), 1.0),
-            jnp.maximum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32), 1.0))
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int,
                  statistics: Callable = weighted_token_statistics
                  ) -> Callable[[nnx.State, Batch, jax.Array, jax.Array], tuple[jax.Array, dict]]:
     """loss(params, batch, token_total, nsp_total) -> (this batch's share of the
-    global loss, statistics sums). `statistics` computes the token loss from the
-    hidden states: logits at the weighted positions only, or
-    `pretrain.loss.full_logits_statistics` (the reference, for comparisons)."""
+    global loss, statistics sums): `pretrain.loss.batch_loss` over parameters."""
 
     def loss_fn(params, batch, token_total, nsp_total):
-        model = nnx.merge(graphdef, params, rest)
-        hidden = model(batch, deterministic=True)
-        loss_sum, stats = statistics(model, hidden, batch["targets"], batch["weights"], batch["objective_id"],
-                                     num_objectives)
-        loss = loss_sum / token_total
-        if model.config.nsp_head:
-            stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
-            loss = loss + stats["nsp_loss_sum"] / nsp_total
-        return loss, stats
+        return batch_loss(nnx.merge(graphdef, params, rest), batch, num_objectives, (token_total, nsp_total),
+                          statistics=statistics)
 
     return loss_fn
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int
+                   ) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
+    """eval_step(params, batch) -> statistics sums (per objective, and NSP): the same
+    loss as training, forward only, vocabulary logits at the weighted positions only.
+    The trainer's held-out evaluation and `pretrain.evaluate` both use it."""
+    loss_fn = make_loss_fn(graphdef, rest, num_objectives)
+
+    def eval_step(params, batch):
+        return loss_fn(params, batch, *denominators(batch))[1]
+
+    return eval_step
 
 
 def accumulated_gradients(loss_fn, params, batch: Batch, token_total, nsp_total, accumulation_steps: int):

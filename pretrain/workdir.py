@@ -24,12 +24,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from pretrain.errors import UserError
+
 LOCK_FILENAME = "train.lock"
 # Orbax metadata, the data-iterator JSON and filesystem slack on top of the arrays.
 CHECKPOINT_OVERHEAD_BYTES = 16 << 20
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
     """The workdir cannot hold this run; the message names the path and the fix."""
 
 
@@ -51,11 +53,12 @@ def prepare_workdir(workdir: str | os.PathLike) -> str:
     except OSError as error:
         ancestor = _nearest_existing(path)
         if not os.path.isdir(ancestor):
-            reason = f"{ancestor} is a file, not a directory"
-        else:
-            reason = f"{ancestor} does not allow creating {os.path.relpath(path, ancestor)} in it ({error.strerror})"
-        raise WorkdirError(f"cannot create workdir {path}: {reason}. Create it yourself (mkdir -p {path}) or pass "
-                           "a --workdir on a writable disk") from error
+            raise WorkdirError(f"cannot create workdir {path}: {ancestor} is a file, not a directory, so nothing can "
+                               f"be created under it. Pass a --workdir whose parents are directories, or move "
+                               f"{ancestor} out of the way") from error
+        raise WorkdirError(f"cannot create workdir {path}: {ancestor} does not allow creating "
+                           f"{os.path.relpath(path, ancestor)} in it ({error.strerror}). Create it yourself "
+                           f"(mkdir -p {path}) or pass a --workdir on a writable disk") from error
     probe = os.path.join(path, f".write-probe-{os.getpid()}")
     try:
         with open(probe, "w", encoding="utf-8") as handle:

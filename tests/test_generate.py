@@ -13,7 +13,8 @@ from objectives import L2R, PREFIX, Vocabulary
 from objectives.vocab import EOS_ID, MASK_ID
 from pretrain import generate as gen
 from pretrain.model import create_model, preset
-from train_helpers import tiny_config
+from pretrain.tokenizer import load_tokenizer
+from train_helpers import tiny_config, tokenizer_file  # noqa: F401 (a fixture)
 from trained_run import shared_run
 
 VOCAB = Vocabulary(400)
@@ -160,13 +161,54 @@ def test_bad_input_gets_one_clear_message(tmp_path):
         gen.run(str(tmp_path / "missing"), ["text"])
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     with pytest.raises(FileNotFoundError, match="has no checkpoints/ directory: the run has not saved"):
-        gen.run(str(tmp_path), ["text"])
+        gen.run(str(tmp_path), ["a [MASK] text"])
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(FileNotFoundError, match="checkpoints holds no finished checkpoint; let the run reach"):
-        gen.run(str(tmp_path), ["text"])
+        gen.run(str(tmp_path), ["a [MASK] text"])
     with pytest.raises(ValueError, match="a model trained with mlm fills masks: put \\[MASK\\] in --prompt"):
         gen.resolve_mode("auto", "auto", ("mlm",), ["no mask here"])
     with pytest.raises(ValueError, match="--layout='mlm' cannot do --mode=continue"):
         gen.resolve_mode("continue", "mlm", ("mlm",), ["text"])
+
+
+def run_dir_trained_with(tmp_path, objective: str):
+    """A workdir with only the config.json of a run trained with `objective`: no
+    tokenizer, no checkpoint, so anything decided here is decided before loading."""
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(objective).to_dict()))
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("objective, mode, prompt, message", [
+    ("clm", "seq2seq", "Return the sum.", r"--mode=seq2seq needs a model trained with unilm or mass, but this run was "
+                                          r"trained with clm, which never learnt to generate a target from a source; "
+                                          r"it can --mode=continue\. To force it anyway, name the layout: "
+                                          r"--layout=unilm"),
+    ("clm", "auto", "Return the [MASK] of it.", r"--mode=fill needs a model trained with mlm or unilm, but this run "
+                                                r"was trained with clm, which never learnt to fill \[MASK\]"),
+    ("mlm", "continue", "Return the", r"--mode=continue needs a model trained with clm, but this run was trained "
+                                      r"with mlm, which never learnt to continue text.*it can --mode=fill"),
+], ids=["seq2seq on clm", "fill on clm", "continue on mlm"])
+def test_a_mode_the_model_never_learnt_is_refused_before_loading(tmp_path, objective, mode, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        gen.run(run_dir_trained_with(tmp_path, objective), [prompt], mode=mode)
+
+
+def test_a_forced_layout_warns_and_the_help_lists_each_layout_once(capsys):
+    assert gen.resolve_mode("seq2seq", "mass", ("clm",), ["x"]) == (
+        "seq2seq", "mass", "warning: the model was trained with clm, never in the mass layout; expect text "
+        "unrelated to the prompt")
+    assert gen.resolve_mode("fill", "auto", ("mlm", "clm"), ["[MASK]"]) == ("fill", "mlm", None)
+    with pytest.raises(SystemExit):
+        gen.main(["generate", "--help"])
+    layout_help = capsys.readouterr().out.split("--layout:")[1].split("--")[0]
+    assert layout_help.count("unilm") == 1 and layout_help.count("mass") == 1, layout_help
+
+
+def test_a_continuation_keeps_the_space_that_joins_it_to_the_prompt(tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    prompt, rest = tokenizer.encode("Return the"), tokenizer.encode("number of items")
+    assert gen.decode_continuation(tokenizer, prompt, rest) == " number of items"
+    assert gen.decode_continuation(tokenizer, prompt, np.append(rest, EOS_ID)) == " number of items"
+    assert tokenizer.decode(rest) == "number of items"  # what the command used to print
     with pytest.raises(ValueError, match="exceeds the model's max_positions=256"):
         gen.generate(create_model(preset("tiny", vocab_size=VOCAB.size)), [gen.clm_prompt(PROMPTS[0], 300)])

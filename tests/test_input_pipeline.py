@@ -9,7 +9,7 @@ from flax import nnx
 import tfds_fixture
 from configs.pretrain import get_config
 from pretrain import input_pipeline, sources
-from pretrain.loss import pretraining_loss
+from pretrain.loss import batch_loss
 from pretrain.model import TransformerConfig, create_model
 
 
@@ -79,7 +79,7 @@ def test_tfds_end_to_end(tmp_path):
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss_fn = lambda p: pretraining_loss(nnx.merge(graphdef, p, rest), batch, 1)[0]  # noqa: E731
+        loss_fn = lambda p: batch_loss(nnx.merge(graphdef, p, rest), batch, 1)[0]  # noqa: E731
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -93,8 +93,8 @@ def test_tfds_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("kind", "s3", "config.data.kind='s3' is not one of"),
-    ("path", "", "config.data.kind='files' needs config.data.path"),
+    ("kind", "s3", r"config.data.kind='s3' must be one of \('pydocs', 'files', 'tfds'\)"),
+    ("path", "", "config.data.path is empty but config.data.kind='files'; set it to a .txt/.jsonl file"),
 ])
 def test_config_errors_name_the_field(tmp_path, field, value, message):
     config = small_config(kind="files", path="x")

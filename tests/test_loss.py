@@ -16,7 +16,7 @@ from flax import nnx
 
 import objectives
 from objectives.example import TextChunk
-from pretrain.loss import full_logits_statistics, pretraining_loss, token_statistics, weighted_token_statistics
+from pretrain.loss import full_logits_statistics, batch_loss, token_statistics, weighted_token_statistics
 from pretrain.model import create_model, preset
 from pretrain.packing import pack
 
@@ -112,10 +112,10 @@ def test_rows_compacted_in_device_groups_agree():
     assert_same(*both_losses(batch, num_objectives, chunk_tokens=64))
 
 
-def test_pretraining_loss_is_the_mean_over_weighted_tokens():
+def test_batch_loss_is_the_mean_over_weighted_tokens_plus_nsp():
     batch, num_objectives = packed_batch("unilm", seed=5)
     model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, **BERT_FORM, nsp_head=True))
-    loss, stats = jax.jit(lambda b: pretraining_loss(model, b, num_objectives))(batch)
+    loss, stats = jax.jit(lambda b: batch_loss(model, b, num_objectives))(batch)
     reference = token_statistics(model.logits(model(batch)), batch["targets"], batch["weights"],
                                  batch["objective_id"], num_objectives)
     expected = reference["loss_sum"].sum() / reference["weight_sum"].sum()

@@ -167,7 +167,7 @@ def test_presets_and_config_errors():
     assert preset("base").num_layers == 12 and preset("large").model_dim == 1024
     with pytest.raises(ValueError, match="unknown model size 'huge'"):
         preset("huge")
-    with pytest.raises(ValueError, match="model_dim=100 is not divisible by model.num_heads=3"):
+    with pytest.raises(ValueError, match=r"config.model.model_dim=100 is not divisible by config.model.num_heads=3; choose num_heads among \[1, 2, 4, 5, 10, 20, 25, 50\]"):
         TransformerConfig(model_dim=100, num_heads=3)
     with pytest.raises(ValueError, match="model.dtype='float17'"):
         TransformerConfig(dtype="float17")

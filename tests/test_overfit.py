@@ -9,7 +9,7 @@ from flax import nnx
 
 import objectives
 from objectives.example import TextChunk
-from pretrain.loss import pretraining_loss
+from pretrain.loss import batch_loss
 from pretrain.model import create_model, preset
 from pretrain.packing import pack
 
@@ -41,7 +41,7 @@ def train_on(batch: dict, num_objectives: int, **model_overrides) -> list[dict]:
     opt_state = optimizer.init(params)
 
     def loss_fn(params):
-        return pretraining_loss(nnx.merge(graphdef, params, rest), batch, num_objectives)
+        return batch_loss(nnx.merge(graphdef, params, rest), batch, num_objectives)
 
     @jax.jit
     def step(params, opt_state):

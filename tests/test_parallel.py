@@ -148,7 +148,8 @@ def test_fsdp_shards_parameters_and_optimizer_state():
 def test_mesh_errors_name_the_fix():
     with pytest.raises(ValueError, match="does not match the 8 devices"):
         sharding.make_mesh(2, 2, 1)
-    with pytest.raises(ValueError, match="fsdp=3 x tensor=1 does not divide the 8 devices"):
+    with pytest.raises(ValueError, match=r"config.mesh data=-1 x fsdp=3 x tensor=1 does not match the 8 devices; make "
+                                          r"the product 8 \(data=-1 fills in\)"):
         sharding.make_mesh(-1, 3, 1)
     assert sharding.make_mesh(-1, 2, 2).shape == {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = sharding.make_mesh(1, 8, 1)

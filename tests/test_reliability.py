@@ -218,7 +218,8 @@ def test_workdir_that_cannot_be_created_is_reported(unwritable_dir, tmp_path):
         prepare_workdir(blocked)
     (tmp_path / "file").write_text("x")
     with pytest.raises(WorkdirError, match=rf"cannot create workdir {tmp_path}/file/run: {tmp_path}/file is a file, "
-                                           "not a directory"):
+                                           rf"not a directory, so nothing can be created under it. Pass a --workdir "
+                                           rf"whose parents are directories, or move {tmp_path}/file out of the way$"):
         prepare_workdir(tmp_path / "file" / "run")
     assert prepare_workdir(tmp_path / "new" / "parents" / "run") == str(tmp_path / "new" / "parents" / "run")
 

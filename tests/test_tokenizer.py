@@ -171,7 +171,7 @@ def test_bpe(tmp_path):
     assert [bpe.piece(i) for i in range(7)] == list(SPECIAL_TOKENS)
     text = "A bright harbor opens 🚀 near the river, 12 times."
     assert bpe.decode(bpe.encode(text)) == text
-    with pytest.raises(ValueError, match="model_type 'wordpiece' is not one of"):
+    with pytest.raises(ValueError, match=r"config.tokenizer.model_type='wordpiece' must be one of \('unigram', 'bpe'\)"):
         train_tokenizer(corpus(), tmp_path / "wp", VOCAB_SIZE, model_type="wordpiece")
 
 
@@ -288,10 +288,10 @@ def test_a_vocab_size_the_corpus_cannot_support(tmp_path, model_type):
 
 def test_vocab_sizes_too_small(tmp_path):
     for size in [0, 7]:
-        with pytest.raises(ValueError, match=rf"vocab_size={size} is too small: it must exceed "
-                           r"263 \(the 7 special tokens and 256 byte-fallback pieces\)"):
+        with pytest.raises(ValueError, match=rf"config.tokenizer.vocab_size={size} is too small: it must exceed "
+                           r"263 \(7 special tokens and 256 byte pieces\); raise it"):
             train_tokenizer(corpus(), tmp_path / "sp", size)
-    with pytest.raises(ValueError, match=r"vocab_size=7 is too small: it must exceed 7 "):
+    with pytest.raises(ValueError, match=r"vocab_size=7 is too small: it must exceed 7 \(7 special tokens\)"):
         train_tokenizer(corpus(), tmp_path / "sp", 7, byte_fallback=False)
     with pytest.raises(ValueError, match=r"vocab_size=270 is too small for the training text: "
                        r"its characters .* need at least (\d+) ids"):

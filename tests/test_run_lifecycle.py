@@ -1,0 +1,145 @@
+"""A run's life as a user meets it: what the console says at start, at each evaluation and
+at the end; Ctrl-C and SIGTERM saving at the next step boundary; a fresh start that keeps an
+earlier run's metrics; a finished run that says so; one MFU peak for the whole run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from pretrain import metrics, stopping
+from pretrain.train import Trainer
+from train_helpers import (FINISHED_RUN, ROOT, checkpoint_steps, command, read_metrics, shared_finished_run,
+                           tiny_config, tokenizer_file, workdir_with)  # noqa: F401 (a fixture)
+
+
+def test_sigterm_saves_the_step_that_was_running_and_exits_cleanly(tokenizer_file, tmp_path):
+    """The checkpoint is at most one step past the last step the console had logged when the
+    signal arrived (the handler's own line marks that moment in the output)."""
+    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    flags = {"log_every": 1, "checkpoint_every": 1000, "peak_flops_per_device": 1e12, "sample_at_end": False}
+    process = subprocess.Popen(command(workdir, 1000, **flags), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, XLA_FLAGS=""))
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 6/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=120) == 0, "".join(lines)
+    received = next(i for i, line in enumerate(lines) if "SIGTERM received: saving a checkpoint at the end of the "
+                                                           "current step, then exiting" in line)
+    logged = [int(m.group(1)) for m in (re.match(r"step (\d+)/", line) for line in lines[:received]) if m]
+    assert checkpoint_steps(workdir) == [read_metrics(workdir)[-1]["step"]]
+    assert logged[-1] <= checkpoint_steps(workdir)[0] <= logged[-1] + 1, (logged, checkpoint_steps(workdir))
+    assert lines[-1].startswith(f"stopped at step {checkpoint_steps(workdir)[0]};")
+
+
+def test_first_ctrl_c_saves_at_the_next_step_boundary_and_a_second_aborts(tokenizer_file, tmp_path, caplog):
+    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    trainer = Trainer(tiny_config(total_steps=50, peak_flops_per_device=1e12, sample_at_end=False), str(workdir))
+    step_fn, calls = trainer.train_step, []
+
+    def step_and_press_ctrl_c_in_step_7(state, batch):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_fn(state, batch)
+
+    trainer.train_step = step_and_press_ctrl_c_in_step_7
+    assert trainer.run() == 7
+    assert checkpoint_steps(workdir) == [7] and len(calls) == 7
+    assert "SIGINT received: saving a checkpoint at the end of the current step, then exiting (press Ctrl-C again " \
+           "to abort without saving)" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is given back"
+
+    request = stopping.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C: aborted without saving"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    finally:
+        request.close()
+
+
+def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_the_console_shows_the_run(tokenizer_file, tmp_path, caplog,
+                                                                                  capsys):
+    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    earlier = '{"step": 10, "loss": 5.0}\n{"step": 20, "loss": 4.0}\n'
+    (workdir / "metrics.jsonl").write_text(earlier)
+    (workdir / "tensorboard").mkdir()
+    (workdir / "tensorboard" / "events.old").write_text("old events")
+    config = tiny_config(total_steps=6, log_every=3, eval_every=3, sample_at_end=False)
+    Trainer(config, str(workdir)).run()
+    kept = sorted(name for name in os.listdir(workdir) if name.startswith("metrics-"))
+    assert len(kept) == 1 and re.fullmatch(r"metrics-\d{8}-\d{6}\.jsonl", kept[0])
+    assert (workdir / kept[0]).read_text() == earlier
+    assert (workdir / kept[0].replace("metrics", "tensorboard").replace(".jsonl", "") / "events.old").exists()
+    assert [record["step"] for record in read_metrics(workdir)] == [3, 6]
+    assert re.search(rf"holds metrics of an earlier run but no checkpoint, so this run starts from step 0; the earlier "
+                     rf"metrics were kept as {kept[0]} and tensorboard-", caplog.text)
+    out = capsys.readouterr().out
+    block = "\n".join([
+        rf"run:       {re.escape(str(workdir))} \(new run\)",
+        r"objective: mlm",
+        r"model:     tiny: 2 layers, width 64, 4 heads, MLP 256, pre-LN, float32; [\d,]+ parameters",
+        r"data:      pydocs; vocabulary 400; batch 8 rows x seq_len 64 = 512 token slots per step",
+        r"steps:     6; AdamW peak lr 0.003, 5 warmup, cosine decay; eval every 3, checkpoint every 20",
+        r"devices:   8 x cpu in 1 process\(es\); pjit over mesh data=8 fsdp=1 tensor=1",
+        r"MFU peak:  \S+ FLOP/s per device \(float32 matmul peak of cpu, median of 7 trials, kept in mfu_peak.json "
+        r"for resumes; set --config.peak_flops_per_device=<FLOP/s per device> to fix it\)"])
+    assert re.search("^" + block + "$", out, re.M), out
+    assert re.search(r"^eval at step 3: held-out loss \d+\.\d{4} \(unigram baseline \d+\.\d{4}\), accuracy ", out,
+                     re.M)
+
+
+def test_a_finished_run_says_it_is_complete_and_trains_nothing(tmp_path_factory, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(shared_finished_run(tmp_path_factory)[0], workdir)
+    before = {path: os.path.getmtime(workdir / path) for path in ("metrics.jsonl", "config.json")}
+    assert Trainer(tiny_config(**FINISHED_RUN), str(workdir)).run() == 40
+    assert (f"the run in {workdir} is already complete: its checkpoint is at step 40 and config.total_steps=40; "
+            "nothing to train. To train longer, raise --config.total_steps") in capsys.readouterr().out
+    assert before == {path: os.path.getmtime(workdir / path) for path in before}
+    assert checkpoint_steps(workdir) == [20, 40]
+
+
+def test_the_measured_mfu_peak_is_kept_with_the_run(tmp_path, monkeypatch):
+    trials = iter([3e10, 9e10, 1e11, 2e11, 1.1e11, 6e10, 1.05e11])  # one trial swings 3x; the median does not
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: next(trials))
+    peak, source = metrics.peak_flops_per_device(0.0, tmp_path)
+    assert peak == 1e11 and "median of 7 trials, kept in mfu_peak.json for resumes; set " \
+                            "--config.peak_flops_per_device=<FLOP/s per device> to fix it" in source
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: pytest.fail("measured again on resume"))
+    again, source = metrics.peak_flops_per_device(0.0, tmp_path)
+    assert again == 1e11 and "measured at the run's first start" in source
+    assert json.loads((tmp_path / "mfu_peak.json").read_text())["flops_per_device"] == 1e11
+    assert metrics.peak_flops_per_device(5e12, tmp_path) == (5e12, "config.peak_flops_per_device")
+
+
+def test_the_quick_start_learns_beyond_the_unigram_baseline(tokenizer_file, tmp_path, capsys):
+    """The tiny version of the README's quick start: held-out loss clearly below the unigram
+    baseline, held-out numbers at each evaluation, and one line of what the model does."""
+    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    config = tiny_config("clm", total_steps=150, log_every=50, eval_every=75, checkpoint_every=150,
+                         **{"optimizer.learning_rate": 0.01, "optimizer.warmup_steps": 15})
+    Trainer(config, str(workdir)).run()
+    final = read_metrics(workdir)[-1]
+    assert final["eval/loss"] < final["eval/baseline"] - 0.25, final
+    out = capsys.readouterr().out
+    evaluations = re.findall(r"^eval at step (\d+): held-out loss (\S+) \(unigram baseline (\S+)\)", out, re.M)
+    assert [int(step) for step, _, _ in evaluations] == [75, 150]
+    assert float(evaluations[-1][1]) == pytest.approx(final["eval/loss"], abs=1e-4)
+    assert re.search(r"^the model now continues '.+' with '.+' \(the held-out text: '.+'\)$", out, re.M), out
+    assert np.isfinite(final["eval/baseline"])
