@@ -37,3 +37,12 @@ def test_every_objective_setting_is_a_config_field():
     config = get_config()
     for name in objectives.registered_names():
         assert dict(config.objectives[name]) == objectives.default_settings(name)
+
+
+def test_importing_the_tools_defines_no_flag():
+    """Each tool defines its flags in its `main`, so the modules import as libraries."""
+    from absl import flags
+
+    from pretrain import compare, evaluate, generate, inspect_data, train  # noqa: F401
+
+    assert not {"config", "workdir", "prompt", "objectives"} & set(flags.FLAGS)

@@ -25,7 +25,7 @@ def test_sigterm_saves_the_step_that_was_running_and_exits_cleanly(tokenizer_fil
     """The checkpoint is at most one step past the last step the console had logged when the
     signal arrived (the handler's own line marks that moment in the output)."""
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
-    flags = {"log_every": 1, "checkpoint_every": 1000, "peak_flops_per_device": 1e12, "sample_at_end": False}
+    flags = {"log_every": 1, "checkpoint_every": 1000, "peak_flops_per_device": 1e12}
     process = subprocess.Popen(command(workdir, 1000, **flags), cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=dict(os.environ, XLA_FLAGS=""))
     lines = []
@@ -46,7 +46,7 @@ def test_sigterm_saves_the_step_that_was_running_and_exits_cleanly(tokenizer_fil
 
 def test_first_ctrl_c_saves_at_the_next_step_boundary_and_a_second_aborts(tokenizer_file, tmp_path, caplog):
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
-    trainer = Trainer(tiny_config(total_steps=50, peak_flops_per_device=1e12, sample_at_end=False), str(workdir))
+    trainer = Trainer(tiny_config(total_steps=50, peak_flops_per_device=1e12), str(workdir))
     step_fn, calls = trainer.train_step, []
 
     def step_and_press_ctrl_c_in_step_7(state, batch):
@@ -80,7 +80,7 @@ def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_the_console_shows_the_r
     (workdir / "metrics.jsonl").write_text(earlier)
     (workdir / "tensorboard").mkdir()
     (workdir / "tensorboard" / "events.old").write_text("old events")
-    config = tiny_config(total_steps=6, log_every=3, eval_every=3, sample_at_end=False)
+    config = tiny_config(total_steps=6, log_every=3, eval_every=3)
     Trainer(config, str(workdir)).run()
     kept = sorted(name for name in os.listdir(workdir) if name.startswith("metrics-"))
     assert len(kept) == 1 and re.fullmatch(r"metrics-\d{8}-\d{6}\.jsonl", kept[0])
@@ -130,16 +130,17 @@ def test_the_measured_mfu_peak_is_kept_with_the_run(tmp_path, monkeypatch):
 
 def test_the_quick_start_learns_beyond_the_unigram_baseline(tokenizer_file, tmp_path, capsys):
     """The tiny version of the README's quick start: held-out loss clearly below the unigram
-    baseline, held-out numbers at each evaluation, and one line of what the model does."""
+    baseline (at least 0.2 nats; it measured 0.3 below, 3.8 against 4.1, when written),
+    held-out numbers at each evaluation, and one line of what the model does."""
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
-    config = tiny_config("clm", total_steps=150, log_every=50, eval_every=75, checkpoint_every=150,
-                         **{"optimizer.learning_rate": 0.01, "optimizer.warmup_steps": 15})
+    config = tiny_config("clm", total_steps=200, batch_size=32, log_every=50, eval_every=100, checkpoint_every=200,
+                         sample_at_end=True, **{"optimizer.warmup_steps": 20})
     Trainer(config, str(workdir)).run()
     final = read_metrics(workdir)[-1]
-    assert final["eval/loss"] < final["eval/baseline"] - 0.25, final
+    assert final["eval/loss"] < final["eval/baseline"] - 0.2, final
     out = capsys.readouterr().out
     evaluations = re.findall(r"^eval at step (\d+): held-out loss (\S+) \(unigram baseline (\S+)\)", out, re.M)
-    assert [int(step) for step, _, _ in evaluations] == [75, 150]
+    assert [int(step) for step, _, _ in evaluations] == [100, 200]
     assert float(evaluations[-1][1]) == pytest.approx(final["eval/loss"], abs=1e-4)
     assert re.search(r"^the model now continues '.+' with '.+' \(the held-out text: '.+'\)$", out, re.M), out
     assert np.isfinite(final["eval/baseline"])
