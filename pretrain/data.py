@@ -22,10 +22,11 @@ import numpy as np
 
 from objectives import Example, Mixture, TextChunk
 from pretrain.errors import raise_problems
-from pretrain.packing import PACKED_FIELDS, pack_row, strategy_problems
+from pretrain.packing import pack_row, strategy_problems
 
 Tokenize = Callable[[str], np.ndarray]
 ExampleKey = tuple[int, int]  # (stream position of the document, example number within it)
+PackRow = Callable[[Sequence[Any], int], dict[str, np.ndarray]]  # (examples of one row, seq_len) -> arrays
 
 
 class HasSentences(Protocol):
@@ -121,8 +122,10 @@ class PackedRowsIterator(grain.DatasetIterator):
     """
 
     def __init__(self, parent: grain.DatasetIterator, examples: grain.MapDataset,
-                 seq_len: int, open_rows: int, strategy: str, barren_limit: int | None = None):
+                 seq_len: int, open_rows: int, strategy: str, barren_limit: int | None = None,
+                 pack: PackRow = pack_row, max_per_row: int | None = None):
         super().__init__(parent)
+        self._pack, self._max_per_row = pack, max_per_row
         self._barren_limit = barren_limit
         self._barren = 0  # documents in a row that gave no example
         self._examples = examples
@@ -134,6 +137,8 @@ class PackedRowsIterator(grain.DatasetIterator):
         self.stats = PackingStats()
 
     def _room(self, row: list[tuple[ExampleKey, Example]]) -> int:
+        if self._max_per_row is not None and len(row) >= self._max_per_row:
+            return 0
         return self._seq_len - sum(len(example) for _, example in row)
 
     def _place(self, key: ExampleKey, example: Example) -> None:
@@ -182,7 +187,7 @@ class PackedRowsIterator(grain.DatasetIterator):
         self.stats.rows += 1
         self.stats.examples += len(row)
         self.stats.real_tokens += sum(len(example) for _, example in row)
-        return pack_row([example for _, example in row], self._seq_len)
+        return self._pack([example for _, example in row], self._seq_len)
 
     def get_state(self) -> dict[str, Any]:
         keys = lambda rows: [[list(key) for key, _ in row] for row in rows]  # noqa: E731
@@ -216,20 +221,24 @@ class PackedRowsIterator(grain.DatasetIterator):
 
 
 class PackedRows(grain.IterDataset):
-    """Grain dataset of packed rows over a MapDataset of per-document examples."""
+    """Grain dataset of packed rows over a MapDataset of per-document examples.
+
+    `pack` turns the examples of one row into its arrays (`pretrain.packing.pack_row`
+    for objective examples; fine-tuning packs its task examples with its own fields);
+    `max_per_row=1` gives one example per row (unpacked)."""
 
     def __init__(self, examples: grain.MapDataset, seq_len: int, open_rows: int = 8,
                  strategy: str = "best_fit", read_options: grain.ReadOptions | None = None,
-                 barren_limit: int | None = None):
+                 barren_limit: int | None = None, pack: PackRow = pack_row, max_per_row: int | None = None):
         raise_problems(strategy_problems(strategy))
         super().__init__(examples.to_iter_dataset(read_options))
         self._examples = examples
         self._seq_len, self._open_rows, self._strategy = seq_len, open_rows, strategy
-        self._barren_limit = barren_limit
+        self._barren_limit, self._pack, self._max_per_row = barren_limit, pack, max_per_row
 
     def __iter__(self) -> PackedRowsIterator:
         return PackedRowsIterator(self._parent.__iter__(), self._examples, self._seq_len,
-                                  self._open_rows, self._strategy, self._barren_limit)
+                                  self._open_rows, self._strategy, self._barren_limit, self._pack, self._max_per_row)
 
 
 def host_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
@@ -264,13 +273,25 @@ def training_batches(
     """
     if len(documents) == 0:
         raise ValueError("the training split has no documents")
-    rows = host_rows(global_batch_size, process_index, process_count)
     make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
-    examples = (grain.MapDataset.source(documents).shuffle(seed=seed).repeat(None)
-                .map_with_index(make_examples))
+    return endless_batches(documents, make_examples, seq_len=seq_len, global_batch_size=global_batch_size,
+                           seed=seed, process_index=process_index, process_count=process_count, packing=packing,
+                           open_rows=open_rows, num_threads=num_threads, barren_limit=len(documents))
+
+
+def endless_batches(items: Sequence[Any], make_examples: Callable[[int, Any], tuple[int, list, int]], *,
+                    seq_len: int, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                    packing: str = "best_fit", open_rows: int = 8, num_threads: int = 2,
+                    barren_limit: int | None = None, pack: PackRow = pack_row,
+                    max_per_row: int | None = None) -> grain.IterDataset:
+    """Endless, checkpointable batches of any items: shuffled with `seed` (a new order
+    every epoch), repeated, `make_examples(position, item) -> (position, examples,
+    dropped tokens)`, packed by `pack`, this host's rows of each global batch."""
+    rows = host_rows(global_batch_size, process_index, process_count)
+    examples = grain.MapDataset.source(items).shuffle(seed=seed).repeat(None).map_with_index(make_examples)
     packed = PackedRows(examples, seq_len, open_rows, packing,
                         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64),
-                        barren_limit=len(documents))
+                        barren_limit=barren_limit, pack=pack, max_per_row=max_per_row)
     return packed.batch(global_batch_size, drop_remainder=True).map(
         lambda batch: {name: values[rows] for name, values in batch.items()})
 
@@ -289,20 +310,29 @@ def evaluation_batches(
 ) -> list[dict[str, np.ndarray]]:
     """The fixed held-out batches: every document once, in order, the last batch
     filled with empty rows (all weights 0) so every host sees the same count."""
-    rows = host_rows(global_batch_size, process_index, process_count)
     make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
-    examples = grain.MapDataset.source(documents).map_with_index(make_examples)
-    packed = list(PackedRows(examples, seq_len, open_rows=8, strategy=packing))
-    if not packed:
+    batches = fixed_batches(documents, make_examples, seq_len=seq_len, global_batch_size=global_batch_size,
+                            process_index=process_index, process_count=process_count, packing=packing)
+    if not batches:
         raise ValueError("the held-out split yields no examples")
-    empty = {name: np.zeros_like(values) for name, values in packed[0].items()}
-    empty["nsp_labels"][:] = -1
-    packed += [empty] * (-len(packed) % global_batch_size)
-    batches = []
-    for start in range(0, len(packed), global_batch_size):
-        chunk = packed[start : start + global_batch_size][rows]
-        batches.append({name: np.stack([row[name] for row in chunk]) for name in PACKED_FIELDS})
     return batches
+
+
+def fixed_batches(items: Sequence[Any], make_examples: Callable[[int, Any], tuple[int, list, int]], *,
+                  seq_len: int, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                  packing: str = "best_fit", pack: PackRow = pack_row, max_per_row: int | None = None
+                  ) -> list[dict[str, np.ndarray]]:
+    """Every item once, in order, packed into batches; the last batch is filled with
+    empty rows (`pack([], seq_len)`: no loss, no labels) so every host sees the same
+    count. Empty when the items give no example."""
+    rows = host_rows(global_batch_size, process_index, process_count)
+    examples = grain.MapDataset.source(items).map_with_index(make_examples)
+    packed = list(PackedRows(examples, seq_len, open_rows=8, strategy=packing, pack=pack, max_per_row=max_per_row))
+    if not packed:
+        return []
+    packed += [pack([], seq_len)] * (-len(packed) % global_batch_size)
+    return [{name: np.stack([row[name] for row in packed[start : start + global_batch_size][rows]])
+             for name in packed[0]} for start in range(0, len(packed), global_batch_size)]
 
 
 def iterate_rows(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:

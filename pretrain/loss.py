@@ -229,10 +229,15 @@ def nsp_statistics(nsp_logits: jax.Array, nsp_labels: jax.Array) -> dict[str, ja
     }
 
 
+def counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(total token weight, number of NSP-labelled pairs) of a batch: the sums a step
+    adds across devices before it divides by them."""
+    return batch["weights"].sum(), (batch["nsp_labels"] >= 0).sum().astype(jnp.float32)
+
+
 def denominators(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(total token weight, number of NSP-labelled pairs) of a batch, each at least 1."""
-    return (jnp.maximum(batch["weights"].sum(), 1.0),
-            jnp.maximum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32), 1.0))
+    """`counts` of a batch, each at least 1: the loss's denominators for this batch alone."""
+    return tuple(jnp.maximum(total, 1.0) for total in counts(batch))
 
 
 def batch_loss(

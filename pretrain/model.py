@@ -357,12 +357,25 @@ class Transformer(nnx.Module):
     def __call__(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True) -> jax.Array:
         """Hidden states [B, L, D] of a packed batch (`inputs`, `positions`,
         `token_types`, `segment_ids`, `attention_kind`, each [B, L])."""
+        return self._stack(batch, deterministic, keep_layers=False)[-1]
+
+    def layer_outputs(self, batch: Mapping[str, jax.Array], *, deterministic: bool = True) -> list[jax.Array]:
+        """The states after the embeddings and after each block, num_layers + 1 of
+        [B, L, D]; the last is what `__call__` returns (after the final norm).
+        ELMo's scalar mix reads them all (`pretrain.transfer.heads.ScalarMix`)."""
+        return self._stack(batch, deterministic, keep_layers=True)
+
+    def _stack(self, batch: Mapping[str, jax.Array], deterministic: bool, keep_layers: bool) -> list[jax.Array]:
         mask = attention_mask(batch["segment_ids"], batch["attention_kind"])
         x = self.embed(batch["inputs"], batch["positions"], batch["token_types"],
                        deterministic=deterministic)
+        layers = [x] if keep_layers else []
         for block in self.blocks:
             x, _ = block(x, mask, deterministic=deterministic)
-        return self._finish(x)
+            if keep_layers:
+                layers.append(x)
+        finished = self._finish(x)
+        return layers[:-1] + [finished] if keep_layers else [finished]
 
     # -- heads -----------------------------------------------------------------------
 

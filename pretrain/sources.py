@@ -237,17 +237,21 @@ class _PyDocsCorpus:
     skipped: Mapping[str, int]
     seconds: float
     fingerprint: str
+    origins: Mapping[str, Document]  # origin -> the corpus document that holds its text (kept or its duplicate)
 
 
-def _docstrings(node: ast.AST) -> str:
-    """A node's docstring and those of the functions directly in its body, joined as paragraphs."""
+def _docstring_units(node: ast.AST, prefix: str) -> list[tuple[str, str]]:
+    """(qualified name, docstring) of a node and of the functions directly in its body."""
     children = [n for n in getattr(node, "body", []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    return "\n\n".join(d for d in map(ast.get_docstring, [node, *children]) if d)
+    units = [(prefix, ast.get_docstring(node))]
+    units += [(f"{prefix}.{child.name}", ast.get_docstring(child)) for child in children]
+    return [(name, doc) for name, doc in units if doc]
 
 
-def _stdlib_docstrings(root: Path, skips: _Skips) -> Iterator[tuple[str, str]]:
-    """(origin, text) per stdlib source file (module and function docstrings) and per
-    class in it (class and method docstrings), in sorted file order."""
+def _stdlib_docstrings(root: Path, skips: _Skips) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(origin, [(qualified name, docstring), ...]) per stdlib source file (module and
+    function docstrings) and per class in it (class and method docstrings), in sorted
+    file order. A pydocs document is the origin's docstrings joined as paragraphs."""
     paths = []
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP_DIRS and not d.startswith("config-")]
@@ -260,38 +264,56 @@ def _stdlib_docstrings(root: Path, skips: _Skips) -> Iterator[tuple[str, str]]:
         except (SyntaxError, ValueError) as error:
             skips.add("unparsable", str(path), str(error))
             continue
-        yield f"module:{module}", _docstrings(tree)
+        yield f"module:{module}", _docstring_units(tree, module)
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
-                yield f"class:{module}.{node.name}", _docstrings(node)
+                yield f"class:{module}.{node.name}", _docstring_units(node, f"{module}.{node.name}")
+
+
+@functools.lru_cache(maxsize=None)
+def pydocs_units() -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """Every pydocs origin with its units, parsed once per process: ('topic:<key>',
+    ((key, text),)) per `pydoc_data.topics` entry, then ('module:<m>' or 'class:<m>.<C>',
+    ((qualified name, docstring), ...)) per stdlib file and class. The pydocs corpus
+    and the built-in downstream tasks (`pretrain.transfer`) both read it."""
+    from pydoc_data.topics import topics  # data only: importing runs nothing else
+
+    skips = _Skips()
+    units = [(f"topic:{key}", ((key, topics[key]),)) for key in sorted(topics)]
+    units += [(origin, tuple(parts)) for origin, parts in _stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"]),
+                                                                             skips)]
+    return tuple(units)
+
+
+def document_of(text: str) -> Document | None:
+    """The pydocs document of a text (reST underlines dropped, split into sentences), or
+    None when it has no sentence."""
+    text = "\n".join(line for line in text.splitlines() if not _UNDERLINE.match(line))
+    sentences = split_sentences(text)
+    return Document(tuple(sentences)) if sentences else None
 
 
 @functools.lru_cache(maxsize=None)
 def _pydocs_corpus(min_sentences: int, min_characters: int) -> _PyDocsCorpus:
     """Parses the interpreter's documentation once per process and logs its sizes."""
-    from pydoc_data.topics import topics  # data only: importing runs nothing else
-
     start = time.perf_counter()
     skips = _Skips()
-    texts = [(f"topic:{key}", topics[key]) for key in sorted(topics)]
-    texts += _stdlib_docstrings(Path(sysconfig.get_paths()["stdlib"]), skips)
-    documents, seen = [], set()
-    for origin, text in texts:
-        text = "\n".join(line for line in text.splitlines() if not _UNDERLINE.match(line))
-        sentences = split_sentences(text)
-        if not _usable(sentences, min_sentences, min_characters):
+    documents, kept, origins = [], {}, {}
+    for origin, parts in pydocs_units():
+        document = document_of("\n\n".join(text for _, text in parts))
+        if document is None or not _usable(list(document.sentences), min_sentences, min_characters):
             skips["short"] += 1  # expected for many small modules: counted, not warned
             continue
-        document = Document(tuple(sentences))
         key = hashlib.sha256(document.text.casefold().encode("utf-8", "surrogatepass")).digest()
-        if key in seen:
+        if key in kept:
             skips["duplicate"] += 1
+            origins[origin] = kept[key]
             continue
-        seen.add(key)
+        kept[key] = origins[origin] = document
         documents.append(document)
     fingerprint = hashlib.sha256("\n\n".join(d.text for d in documents).encode("utf-8", "surrogatepass"))
     corpus = _PyDocsCorpus(tuple(documents), dict(skips), time.perf_counter() - start,
-                           fingerprint.hexdigest()[:12])
+                           fingerprint.hexdigest()[:12], origins)
     log.info("pydocs corpus (Python %d.%d): %d documents, %d sentences, %d characters; skipped %s; "
              "fingerprint %s; built in %.2f s", *sys.version_info[:2], len(documents),
              sum(len(d.sentences) for d in documents), sum(d.characters for d in documents),
@@ -319,6 +341,25 @@ class PyDocsSource(_InMemorySource):
     def describe(self) -> str:
         return (f"pydocs (Python {sys.version_info[0]}.{sys.version_info[1]} documentation, fingerprint "
                 f"{self._corpus.fingerprint}, parsed in {self._corpus.seconds:.2f} s): {self._sizes()}")
+
+    def is_heldout(self, origin: str, text: str) -> bool:
+        """Whether the text of pydocs origin `origin` (e.g. 'module:json.decoder') is in
+        the held-out split: by the corpus document that holds it, or, for an origin too
+        short to be a document, by its own text's hash, as a document's would be."""
+        document = self._corpus.origins.get(origin)
+        if document is not None:
+            return document in self._heldout_set
+        own = document_of(text)
+        return own is not None and heldout_position(own) < self.heldout_fraction
+
+    @functools.cached_property
+    def _heldout_set(self) -> frozenset[Document]:
+        return frozenset(self.split("heldout"))
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the corpus text: equal on machines with the same Python minor version."""
+        return self._corpus.fingerprint
 
 
 

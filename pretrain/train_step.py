@@ -18,21 +18,21 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pretrain.loss import batch_loss, denominators, weighted_token_statistics
+from pretrain.loss import batch_loss, counts, denominators, weighted_token_statistics
 
 Batch = Mapping[str, jax.Array]
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int,
-                 statistics: Callable = weighted_token_statistics
-                 ) -> Callable[[nnx.State, Batch, jax.Array, jax.Array], tuple[jax.Array, dict]]:
-    """loss(params, batch, token_total, nsp_total) -> (this batch's share of the
-    global loss, statistics sums): `pretrain.loss.batch_loss` over parameters."""
+                 statistics: Callable = weighted_token_statistics) -> LossFn:
+    """loss(params, batch, totals, step) -> (this batch's share of the global loss,
+    statistics sums): `pretrain.loss.batch_loss` over parameters; `totals` are the
+    global (token weight, NSP pairs)."""
 
-    def loss_fn(params, batch, token_total, nsp_total):
-        return batch_loss(nnx.merge(graphdef, params, rest), batch, num_objectives, (token_total, nsp_total),
-                          statistics=statistics)
+    def loss_fn(params, batch, totals, step):
+        del step  # the pretraining loss does not change over the run
+        return batch_loss(nnx.merge(graphdef, params, rest), batch, num_objectives, totals, statistics=statistics)
 
     return loss_fn
 
@@ -45,45 +45,48 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int
     loss_fn = make_loss_fn(graphdef, rest, num_objectives)
 
     def eval_step(params, batch):
-        return loss_fn(params, batch, *denominators(batch))[1]
+        return loss_fn(params, batch, denominators(batch), step=0)[1]
 
     return eval_step
 
 
-def accumulated_gradients(loss_fn, params, batch: Batch, token_total, nsp_total, accumulation_steps: int):
+# loss(params, batch, totals, step) -> (loss, statistics sums); totals are global
+# denominators, so shares of a batch (micro-batches, devices) add up to its loss.
+LossFn = Callable[[nnx.State, Batch, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+def accumulated_gradients(loss_fn: LossFn, params, batch: Batch, totals, step, accumulation_steps: int):
     """(loss, grads, stats) summed over `accumulation_steps` equal micro-batches."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accumulation_steps == 1:
-        (loss, stats), grads = grad_fn(params, batch, token_total, nsp_total)
+        (loss, stats), grads = grad_fn(params, batch, totals, step)
         return loss, grads, stats
     micro = jax.tree.map(lambda x: x.reshape(accumulation_steps, -1, *x.shape[1:]), dict(batch))
 
     def body(carry, microbatch):
-        (loss, stats), grads = grad_fn(params, microbatch, token_total, nsp_total)
+        (loss, stats), grads = grad_fn(params, microbatch, totals, step)
         return jax.tree.map(jnp.add, carry, (loss, grads, stats)), None
 
     zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
         lambda: (lambda out: (out[0][0], out[1], out[0][1]))(
-            grad_fn(params, jax.tree.map(lambda x: x[0], micro), token_total, nsp_total))))
+            grad_fn(params, jax.tree.map(lambda x: x[0], micro), totals, step))))
     (loss, grads, stats), _ = jax.lax.scan(body, zero, micro)
     return loss, grads, stats
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.GradientTransformation,
-                    num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None,
-                    statistics: Callable = weighted_token_statistics):
-    """step(state, batch) -> (state, metrics). With `axis_name` (pmap), each device
-    holds a slice of the batch and the sums are added across the axis.
-    `statistics`: see make_loss_fn."""
-    loss_fn = make_loss_fn(graphdef, rest, num_objectives, statistics)
+def make_step(loss_fn: LossFn, totals_fn: Callable[[Batch], Any], optimizer: optax.GradientTransformation,
+              accumulation_steps: int = 1, axis_name: str | None = None):
+    """step(state, batch) -> (state, metrics) for any loss: the denominators
+    `totals_fn(batch)` are summed over the whole global batch (across devices under
+    pmap's `axis_name`) and floored at 1 before the loss divides by them, then the
+    gradients of the micro-batches (and devices) are added and applied."""
 
     def step(state: TrainState, batch: Batch):
-        token_total, nsp_total = denominators(batch)
+        totals = totals_fn(batch)
         if axis_name is not None:
-            token_total = jnp.maximum(jax.lax.psum(batch["weights"].sum(), axis_name), 1.0)
-            nsp_total = jnp.maximum(jax.lax.psum((batch["nsp_labels"] >= 0).sum().astype(jnp.float32),
-                                                 axis_name), 1.0)
-        loss, grads, stats = accumulated_gradients(loss_fn, state["params"], batch, token_total, nsp_total,
+            totals = jax.lax.psum(totals, axis_name)
+        totals = jax.tree.map(lambda total: jnp.maximum(total, 1.0), totals)
+        loss, grads, stats = accumulated_gradients(loss_fn, state["params"], batch, totals, state["step"],
                                                    accumulation_steps)
         if axis_name is not None:
             loss, grads, stats = jax.lax.psum((loss, grads, stats), axis_name)
@@ -93,3 +96,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.Gr
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
+
+
+def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.GradientTransformation,
+                    num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None,
+                    statistics: Callable = weighted_token_statistics):
+    """The pretraining step: `make_step` over the pretraining loss. With `axis_name`
+    (pmap), each device holds a slice of the batch and the sums are added across the
+    axis. `statistics`: see make_loss_fn."""
+    return make_step(make_loss_fn(graphdef, rest, num_objectives, statistics), counts, optimizer,
+                     accumulation_steps, axis_name)

@@ -1,0 +1,12 @@
+"""Transfer: fine-tuning, probing and fusion of pretrained bodies on downstream tasks.
+
+    tasks           Task / TaskExample, loading built-in, file and TFDS (GLUE) tasks
+    pydocs_tasks    the built-in offline tasks derived from the Python documentation
+    scores          the task metrics (accuracy, macro-F1, MCC, Pearson/Spearman, span F1)
+    encoding        task examples -> packed rows in a body's layout, batch streams
+    heads           the task model: pretrained bodies, pooling, scalar mix, fusion, heads
+    methods         fine-tuning methods as optimizer, schedule and update-mask choices
+    trainer         the fine-tuning trainer (the pretraining loop with a task program)
+
+`python -m pretrain.finetune` is the command (DESIGN.md section 11).
+"""

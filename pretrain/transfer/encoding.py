@@ -1,0 +1,226 @@
+"""Task examples as packed rows, in the layout of the body that reads them.
+
+A task example becomes one segment of a packed row, in the same format as
+pretraining rows, so the attention rule keeps examples apart exactly as it keeps
+pretraining examples apart, and task rows and auxiliary language-model rows can
+share one batch:
+
+| layout        | single text           | pair                          | kinds  | label read at |
+|---------------|-----------------------|-------------------------------|--------|---------------|
+| bidirectional | `[CLS] text [SEP]`    | `[CLS] A [SEP] B [SEP]`       | PREFIX | the first token (or the pooled segment) |
+| causal        | `[BOS] text [EOS]`    | `[BOS] A [SEP] B [EOS]`       | L2R    | the last token (or the pooled segment) |
+
+Both layouts have the same length and positions, so each row carries both views
+(`inputs`/`attention_kind` and `inputs_causal`/`attention_kind_causal`) and a
+fusion of bodies of different layouts reads one batch. Token types are 0 for the
+first text and 1 for the second. Texts longer than the row are cut, the longer of
+a pair first (BERT's rule).
+
+Task fields, per token: `task_labels` (the class at the example's first token, or
+each word's tag at the word's first piece; -1 elsewhere), `task_values` (the
+regression target at the first token), `task_example` (the example's index in its
+split where a label sits, -1 elsewhere) and `task_word` (the word's index at a
+tag). A body's layout follows its pretraining: causal when every objective it was
+trained with is all left-to-right, else bidirectional (`layout_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+import objectives
+from objectives.example import L2R, PREFIX
+from objectives.vocab import BOS_ID, CLS_ID, EOS_ID, SEP_ID
+from pretrain import data
+from pretrain.tokenizer import Tokenizer
+from pretrain.transfer.tasks import Task, TaskExample
+
+LAYOUTS = ("bidirectional", "causal")
+# (first, middle, last) special ids of each layout
+SPECIALS = {"bidirectional": (CLS_ID, SEP_ID, SEP_ID), "causal": (BOS_ID, SEP_ID, EOS_ID)}
+NO_LABEL = -1
+# field -> (dtype, value of padding and of tokens without it)
+FIELDS: dict[str, tuple[type, float]] = {
+    "inputs": (np.int32, 0), "inputs_causal": (np.int32, 0), "targets": (np.int32, 0),
+    "weights": (np.float32, 0), "positions": (np.int32, 0), "attention_kind": (np.int32, 0),
+    "attention_kind_causal": (np.int32, 0), "token_types": (np.int32, 0), "objective_id": (np.int32, 0),
+    "task_labels": (np.int32, NO_LABEL), "task_values": (np.float32, 0), "task_example": (np.int32, NO_LABEL),
+    "task_word": (np.int32, NO_LABEL), "segment_ids": (np.int32, 0), "nsp_labels": (np.int32, NO_LABEL)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One segment: parallel arrays of one length (any subset of FIELDS but segment_ids)."""
+
+    fields: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.fields["inputs"])
+
+
+def layout_of(objective_spec: str, settings: Any = None) -> str:
+    """'causal' when every leaf of the objective spec lays out its examples all
+    left-to-right (found by making one example of each), else 'bidirectional'."""
+    mixture = objectives.build_mixture(objective_spec, objectives.Vocabulary(64), settings)
+    rng = np.random.default_rng(0)
+    chunk = objectives.TextChunk(np.arange(10, 40, dtype=np.int32), np.array([0, 15], np.int32),
+                                 np.arange(40, 60, dtype=np.int32))
+    causal = all(np.all(leaf(chunk, rng).attention_kind == L2R) for leaf in mixture.objectives)
+    return "causal" if causal else "bidirectional"
+
+
+def _truncate(first: np.ndarray, second: np.ndarray | None, room: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cuts the longer of the two texts, one token at a time, until both fit in `room`."""
+    if second is None:
+        return first[:room], None
+    first, second = list(first), list(second)
+    while len(first) + len(second) > room:
+        (first if len(first) >= len(second) else second).pop()
+    return np.asarray(first, np.int32), np.asarray(second, np.int32)
+
+
+def encode(example: TaskExample, index: int, task: Task, tokenizer: Tokenizer, seq_len: int) -> Encoded:
+    """The segment of one task example (both layouts' views; see module docstring)."""
+    if task.kind == "tagging":
+        return _encode_tagging(example, index, tokenizer, seq_len)
+    first = tokenizer.encode(example.text)
+    second = tokenizer.encode(example.text_b) if task.kind == "pair" else None
+    first, second = _truncate(first, second, seq_len - (3 if second is not None else 2))
+    parts = [first] if second is None else [first, second]
+    length = sum(len(p) for p in parts) + len(parts) + 1
+    fields = _skeleton(length)
+    for layout, (opening, middle, closing) in SPECIALS.items():
+        view = "inputs" if layout == "bidirectional" else "inputs_causal"
+        pieces = [[opening], first] + ([[middle], second, [closing]] if second is not None else [[closing]])
+        fields[view] = np.concatenate([np.asarray(p, np.int32) for p in pieces])
+    if second is not None:
+        fields["token_types"][len(first) + 2 :] = 1
+    fields["task_labels"][0] = 0 if task.kind == "regression" else int(example.label)
+    fields["task_values"][0] = float(example.label) if task.kind == "regression" else 0.0
+    fields["task_example"][0] = index
+    return Encoded(fields)
+
+
+def word_pieces(words: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
+    """The pieces of each word (encoded alone, so a word's first piece carries its
+    word-boundary mark as in running text)."""
+    return [tokenizer.encode(word) for word in words]
+
+
+def _encode_tagging(example: TaskExample, index: int, tokenizer: Tokenizer, seq_len: int) -> Encoded:
+    """Tags at each word's first piece; words that do not fit are left out (scored as O)."""
+    pieces, firsts, room = [], [], seq_len - 2
+    for number, word in enumerate(word_pieces(example.words, tokenizer)):
+        if not len(word) or len(pieces) + len(word) > room:
+            if len(word):
+                break
+            continue
+        firsts.append((len(pieces) + 1, number))
+        pieces.extend(word.tolist())
+    fields = _skeleton(len(pieces) + 2)
+    for layout, (opening, _, closing) in SPECIALS.items():
+        view = "inputs" if layout == "bidirectional" else "inputs_causal"
+        fields[view] = np.asarray([opening, *pieces, closing], np.int32)
+    for position, number in firsts:
+        fields["task_labels"][position] = example.tags[number]
+        fields["task_example"][position] = index
+        fields["task_word"][position] = number
+    return Encoded(fields)
+
+
+def _skeleton(length: int) -> dict[str, np.ndarray]:
+    fields = {name: np.full(length, fill, dtype) for name, (dtype, fill) in FIELDS.items()
+              if name not in ("segment_ids", "nsp_labels")}
+    fields["positions"] = np.arange(length, dtype=np.int32)
+    fields["attention_kind"][:] = PREFIX
+    fields["attention_kind_causal"][:] = L2R
+    return fields
+
+
+def from_objective(example: objectives.Example, objective_offset: int) -> Encoded:
+    """A pretraining objective's example as a segment of a task batch (the auxiliary LM):
+    the same arrays in both views, objective ids shifted past the task's."""
+    fields = _skeleton(len(example))
+    for name, values in example.fields().items():
+        fields[name] = values
+    fields["inputs_causal"] = example.inputs
+    fields["attention_kind_causal"] = example.attention_kind
+    fields["objective_id"] = example.objective_id + objective_offset
+    return Encoded(fields)
+
+
+def pack(segments: Sequence[Encoded], seq_len: int) -> dict[str, np.ndarray]:
+    """One row [seq_len] per field from segments that fit together (an empty list
+    gives an empty row: no labels, no loss)."""
+    row = {name: np.full(seq_len, fill, dtype) for name, (dtype, fill) in FIELDS.items()}
+    offset = 0
+    for number, segment in enumerate(segments, start=1):
+        end = offset + len(segment)
+        if end > seq_len:
+            raise ValueError(f"segments of {end} tokens do not fit in seq_len={seq_len}")
+        for name, values in segment.fields.items():
+            row[name][offset:end] = values
+        row["segment_ids"][offset:end] = number
+        offset = end
+    return row
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSegments:
+    """The segments of one training example: the task's, and with an auxiliary LM the
+    auxiliary objective's example of the same text (a pure function of (seed, position))."""
+
+    task: Task
+    tokenizer: Tokenizer
+    seq_len: int
+    seed: int
+    aux: objectives.Mixture | None = None
+
+    def __call__(self, position: int, item: tuple[int, TaskExample]) -> tuple[int, list[Encoded], int]:
+        index, example = item
+        segments = [encode(example, index, self.task, self.tokenizer, self.seq_len)]
+        if self.aux is not None:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position, 1])))
+            tokens = self.tokenizer.encode(_text(example))
+            objective = self.aux.choose(rng)
+            tokens = tokens[: objective.text_budget(self.seq_len)]
+            if len(tokens) >= objective.min_text_tokens:
+                other = None
+                if objective.needs_other_document:  # NSP negatives: another training example's text
+                    train = self.task.splits["train"]
+                    other = self.tokenizer.encode(_text(train[int(rng.integers(len(train)))]))
+                chunk = objectives.TextChunk(tokens, None, other)
+                segments.append(from_objective(objective(chunk, rng), objective_offset=1))
+        return position, segments, 0
+
+
+def _text(example: TaskExample) -> str:
+    """The running text of an example (its words, or its texts joined)."""
+    return " ".join(example.words) if example.words else " ".join(t for t in (example.text, example.text_b) if t)
+
+
+def training_stream(task: Task, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                    packed: bool, aux: objectives.Mixture | None = None, process_index: int = 0,
+                    process_count: int = 1, num_threads: int = 2) -> grain.IterDataset:
+    """Endless, checkpointable batches of the training split (shuffled each epoch with
+    `seed`), packed (several examples per row) or one example per row."""
+    items = list(enumerate(task.splits["train"]))
+    return data.endless_batches(items, TaskSegments(task, tokenizer, seq_len, seed, aux), seq_len=seq_len,
+                                global_batch_size=batch_size, seed=seed, process_index=process_index,
+                                process_count=process_count, num_threads=num_threads, pack=pack,
+                                max_per_row=None if packed else (2 if aux is not None else 1))
+
+
+def evaluation_batches(task: Task, split: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                       packed: bool, process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Every example of `split` once, in fixed batches."""
+    items = list(enumerate(task.splits[split]))
+    segments: Callable = TaskSegments(task, tokenizer, seq_len, seed=0)
+    return data.fixed_batches(items, segments, seq_len=seq_len, global_batch_size=batch_size,
+                              process_index=process_index, process_count=process_count, pack=pack,
+                              max_per_row=None if packed else 1)

@@ -1,0 +1,185 @@
+"""Fine-tuning methods: optimizer, schedule and update-mask choices, all inside the
+compiled step (nothing recompiles when a layer group unfreezes).
+
+`config.method` names one method or several joined by '+', which compose because
+each changes one thing (ULMFiT is 'discriminative+stlr+gradual_unfreezing'):
+
+  full                BERT's recipe: AdamW, linear warmup over `warmup_fraction` of
+                      the steps then linear decay to 0, weight decay 0.01 (not on
+                      norms and biases), gradient clipping at 1.0.
+  probe               the bodies frozen, only the task parameters train (a linear
+                      probe); `scalar_mix=True` adds ELMo's learned mix of all layers.
+  discriminative      a learning rate per layer group: lr * decay**depth, depth
+                      counted from the top (`pretrain.transfer.heads`); ULMFiT's
+                      factor is decay = 1/2.6, ELECTRA's 0.8. ELECTRA's code also
+                      skips one depth between the head and the top layer (its
+                      pooler): `head_gap=1` reproduces that.
+  stlr                ULMFiT's slanted triangular learning rate: a linear rise over
+                      the first `cut_frac` of the steps, then a linear fall, from
+                      lr/ratio to lr and back (fastai's CircularLR form).
+  gradual_unfreezing  the top group (the task parameters) trains first, one more
+                      group every `every_steps` steps (0: the steps split evenly over
+                      the groups); frozen groups get zero gradients and zero updates.
+  aux_lm              a pretraining objective (`objective`; empty: the body's own) as
+                      an auxiliary loss on the task's own text, its coefficient
+                      decaying log-linearly from `start` to `end` over the run
+                      (SiATL: 0.2 to 0.1).
+
+Fusion (several bodies) freezes every body, as probing does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pretrain.optimizer import decay_mask
+from pretrain.transfer.heads import parameter_paths, path_of
+
+METHODS = ("full", "probe", "discriminative", "stlr", "gradual_unfreezing", "aux_lm")
+ULMFIT_DECAY = 1 / 2.6
+ELECTRA_DECAY = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the chosen methods change: which parameters train, at what relative rate
+    and from which step, the schedule, and the auxiliary loss."""
+
+    methods: tuple[str, ...]
+    frozen_bodies: bool
+    depth_factors: Mapping[tuple, float] | None  # discriminative: learning-rate factor per parameter
+    unfreeze_steps: Mapping[tuple, int] | None  # gradual unfreezing: the step each parameter starts training
+    schedule: str  # 'warmup_linear' or 'stlr'
+    aux: Mapping[str, Any] | None  # aux_lm settings
+
+
+def parse_methods(spec: str) -> tuple[str, ...]:
+    """'discriminative+stlr' -> ('discriminative', 'stlr'); unknown or clashing methods
+    are an error naming them."""
+    methods = tuple(dict.fromkeys(m.strip() for m in spec.split("+") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise ValueError(f"config.method={spec!r}: {'unknown method ' + repr(unknown[0]) if unknown else 'empty'}; "
+                         f"choose from {', '.join(METHODS)}, or join several with '+' (e.g. "
+                         "'discriminative+stlr+gradual_unfreezing', ULMFiT)")
+    if "probe" in methods and {"discriminative", "gradual_unfreezing"} & set(methods):
+        raise ValueError(f"config.method={spec!r}: 'probe' freezes the bodies, so it cannot be combined with "
+                         "'discriminative' or 'gradual_unfreezing', which train them")
+    return methods
+
+
+def plan(spec: str, settings: Mapping[str, Mapping[str, Any]], depths: Mapping[tuple, int], total_steps: int,
+         bodies: int) -> Plan:
+    """The plan of method spec `spec` with `settings` (config.methods) for parameters at
+    `depths` (heads.parameter_depths)."""
+    methods = parse_methods(spec)
+    frozen = "probe" in methods or bodies > 1
+    factors = None
+    if "discriminative" in methods:
+        s = settings["discriminative"]
+        if not 0 < s["decay"] <= 1:
+            raise ValueError(f"config.methods.discriminative.decay={s['decay']} must lie in (0, 1] "
+                             f"(ULMFiT {ULMFIT_DECAY:.4f}, ELECTRA {ELECTRA_DECAY})")
+        factors = {path: s["decay"] ** (depth + (s["head_gap"] if depth > 0 else 0)) for path, depth in depths.items()}
+    unfreeze = None
+    if "gradual_unfreezing" in methods:
+        groups = max(depths.values()) + 1
+        every = settings["gradual_unfreezing"]["every_steps"] or max(1, total_steps // groups)
+        unfreeze = {path: depth * every for path, depth in depths.items()}
+    aux = dict(settings["aux_lm"]) if "aux_lm" in methods else None
+    if aux is not None and not (aux["start"] > 0 and aux["end"] > 0):
+        raise ValueError(f"config.methods.aux_lm start={aux['start']} and end={aux['end']} must be > 0 (SiATL: 0.2 "
+                         "and 0.1)")
+    return Plan(methods, frozen, factors, unfreeze, "stlr" if "stlr" in methods else "warmup_linear", aux)
+
+
+def stlr_schedule(peak: float, total_steps: int, cut_frac: float = 0.1, ratio: float = 32.0) -> optax.Schedule:
+    """ULMFiT's slanted triangular rate at update t (from 0): p = t / cut below the cut,
+    else 1 - (t - cut) / (T - cut); lr = peak * (1 + p (ratio - 1)) / ratio, with
+    cut = floor(T cut_frac) (the paper's cut (1/cut_frac - 1) is T - cut when T cut_frac
+    is whole)."""
+    cut = max(1, math.floor(total_steps * cut_frac))
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        p = jnp.where(step < cut, step / cut, 1.0 - (step - cut) / max(total_steps - cut, 1))
+        return peak * (1.0 + jnp.clip(p, 0.0, 1.0) * (ratio - 1.0)) / ratio
+
+    return schedule
+
+
+def warmup_linear_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
+    """BERT's schedule: linear warmup over `warmup_fraction` of the steps, then linear decay to 0."""
+    warmup = max(1, round(total_steps * warmup_fraction))
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))], [warmup])
+
+
+def learning_rate(plan_: Plan, optimizer: Mapping[str, Any], settings: Mapping[str, Any],
+                  total_steps: int) -> optax.Schedule:
+    """The base learning-rate schedule of a plan (per-layer factors scale it)."""
+    if plan_.schedule == "stlr":
+        s = settings["stlr"]
+        return stlr_schedule(optimizer["learning_rate"], total_steps, s["cut_frac"], s["ratio"])
+    return warmup_linear_schedule(optimizer["learning_rate"], total_steps, optimizer["warmup_fraction"])
+
+
+def _is_trainable(path: tuple, frozen_bodies: bool) -> bool:
+    return not (frozen_bodies and path[0] == "bodies")
+
+
+def make_optimizer(plan_: Plan, params: nnx.State, optimizer: Mapping[str, Any], settings: Mapping[str, Any],
+                   total_steps: int) -> optax.GradientTransformation:
+    """clip -> AdamW at the plan's schedule -> per-layer factors -> unfreezing masks,
+    with the frozen parameters given no optimizer state and exactly zero updates."""
+    schedule = learning_rate(plan_, optimizer, settings, total_steps)
+    chain = [optax.clip_by_global_norm(optimizer["clip_norm"])] if optimizer["clip_norm"] > 0 else []
+    if plan_.unfreeze_steps is not None:
+        chain.insert(0, _unfrozen_only(_tree_of(params, plan_.unfreeze_steps)))  # frozen groups: no gradient
+    chain.append(optax.adamw(schedule, b1=optimizer["b1"], b2=optimizer["b2"], eps=optimizer["eps"],
+                             weight_decay=optimizer["weight_decay"], mask=decay_mask))
+    if plan_.depth_factors is not None:
+        factors = _tree_of(params, plan_.depth_factors)
+        chain.append(optax.GradientTransformation(
+            lambda _: optax.EmptyState(),
+            lambda updates, state, params=None: (jax.tree.map(lambda u, f: u * f, updates, factors), state)))
+    if plan_.unfreeze_steps is not None:
+        chain.append(_unfrozen_only(_tree_of(params, plan_.unfreeze_steps)))  # and no update (weight decay too)
+    labels = _tree_of(params, {path: "train" if _is_trainable(path, plan_.frozen_bodies) else "frozen"
+                               for path in parameter_paths(params)})
+    return optax.multi_transform({"train": optax.chain(*chain), "frozen": optax.set_to_zero()}, labels)
+
+
+def _tree_of(params: nnx.State, values: Mapping[tuple, Any]) -> Any:
+    """A tree shaped like `params` holding `values[path]` at each leaf."""
+    return jax.tree_util.tree_map_with_path(lambda keys, _: values[path_of(keys)], params)
+
+
+def _unfrozen_only(start_steps: Any) -> optax.GradientTransformation:
+    """Zeroes the values of parameters whose start step is not yet reached (its own count)."""
+
+    def init(params):
+        return {"count": jnp.zeros((), jnp.int32)}
+
+    def update(updates, state, params=None):
+        count = state["count"]
+        masked = jax.tree.map(lambda u, start: jnp.where(count >= start, u, jnp.zeros_like(u)), updates, start_steps)
+        return masked, {"count": count + 1}
+
+    return optax.GradientTransformation(init, update)
+
+
+def aux_coefficient(aux: Mapping[str, Any], step: jax.Array, total_steps: int) -> jax.Array:
+    """The auxiliary loss's weight at `step`: log-linear from `start` to `end` over
+    `decay_steps` (0: the whole run), then constant."""
+    span = aux["decay_steps"] or total_steps
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(span, 1), 0.0, 1.0)
+    return jnp.exp(math.log(aux["start"]) + progress * (math.log(aux["end"]) - math.log(aux["start"])))

@@ -1,0 +1,345 @@
+"""Downstream tasks: what a fine-tuning run learns and is scored on.
+
+A `Task` holds its kind, its label names, its metrics and three splits of
+`TaskExample`s. Tasks come from three places, chosen by `config.task`:
+
+  pydocs_topic, pydocs_same_module, pydocs_code_spans
+          built in and offline, derived from the Python documentation
+          (`pretrain.transfer.pydocs_tasks`);
+  files   a directory of the user's `train`, `dev` (or `validation`) and `test`
+          files, `.jsonl` ({"text", "text_b"?, "label"} or {"tokens", "tags"}) or
+          `.tsv` (a header row naming `text`, `text_b`, `label`; or CoNLL-style
+          `token<TAB>tag` lines with a blank line between sentences);
+  tfds    a TFDS dataset prepared as ArrayRecord in a data_dir, GLUE's feature
+          names understood (`glue/sst2`, `glue/mrpc`, `glue/stsb`, `glue/cola`, ...).
+          GLUE hides its test labels, so its `validation` split is the test split and
+          dev is a fixed tenth of train (by text hash).
+
+Bad input is one message naming the file, the line and the fix: a row without a
+label, a test label never seen in training, an empty file, tags and tokens of
+different lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+KINDS = ("classification", "pair", "tagging", "regression")
+SPLITS = ("train", "dev", "test")
+BUILTIN = ("pydocs_topic", "pydocs_same_module", "pydocs_code_spans")
+SOURCES = (*BUILTIN, "files", "tfds")
+# Every metric `pretrain.transfer.scores` computes, by kind; the first is the default
+# that selects the step on dev.
+METRICS: Mapping[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "mcc"),
+    "pair": ("accuracy", "macro_f1", "f1", "mcc"),
+    "tagging": ("span_f1", "token_accuracy"),
+    "regression": ("pearson", "spearman"),
+}
+# GLUE's own primary metric where it is not accuracy (its paper, table 1).
+GLUE_METRICS = {"cola": "mcc", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExample:
+    """One example. Classification: `text` (and `text_b` for pairs) and `label`, an
+    index into the task's labels; regression: `label` is the value; tagging: `words`
+    and `tags` (indices into the task's labels), one tag per word."""
+
+    text: str = ""
+    text_b: str | None = None
+    label: float = 0
+    words: tuple[str, ...] = ()
+    tags: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A downstream task: kind, labels, metrics and its three splits."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]  # class names, or tag names (BIO) for tagging; () for regression
+    splits: Mapping[str, tuple[TaskExample, ...]]
+    metric: str  # the metric that selects the step on dev
+    origin: str  # where it came from, in words
+    fingerprint: str = ""  # of the label set and the examples (built-in tasks: per Python minor version)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name!r} has kind {self.kind!r}; kinds are {KINDS}")
+        if self.metric not in METRICS[self.kind]:
+            raise ValueError(f"config.task_metric={self.metric!r} is not a metric of a {self.kind} task; choose one "
+                             f"of {METRICS[self.kind]}")
+        for split in SPLITS:
+            if not self.splits.get(split):
+                raise ValueError(f"task {self.name!r} has no {split} examples ({self.origin}); every task needs "
+                                 "train, dev and test examples")
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", fingerprint(self.labels, self.splits))
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the head: classes, tags, or 1 for regression."""
+        return 1 if self.kind == "regression" else len(self.labels)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return METRICS[self.kind]
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{split} {len(self.splits[split]):,}" for split in SPLITS)
+        labels = f"{len(self.labels)} labels" if self.labels else "a real-valued label"
+        return f"{self.name} ({self.kind}, {labels}; {sizes}; selected by dev {self.metric}; {self.origin})"
+
+
+def fingerprint(labels: Sequence[str], splits: Mapping[str, Sequence[TaskExample]]) -> str:
+    """A short hash of the label set and every example."""
+    digest = hashlib.sha256(json.dumps(list(labels)).encode())
+    for split in SPLITS:
+        for example in splits.get(split, ()):
+            digest.update(repr(dataclasses.astuple(example)).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:12]
+
+
+def hash_position(text: str) -> float:
+    """Where a text falls in [0, 1): the first 8 bytes of its sha256 (fixed splits)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
+
+
+def load_task(config: Any, pretraining_data: Any = None) -> Task:
+    """The task `config` names (a fine-tuning config's task fields). `pretraining_data`
+    is the `data` section of the run whose body is fine-tuned: the built-in tasks take
+    their test split from its held-out split, so no test text was pretrained on."""
+    source = config.task
+    if source in BUILTIN:
+        from pretrain.transfer import pydocs_tasks  # the Python documentation: parsed only when asked for
+
+        return pydocs_tasks.build(source, config, pretraining_data)
+    if source == "files":
+        return load_files(config.task_path, config.task_kind, config.task_metric or None,
+                          dev_fraction=config.dev_fraction)
+    if source == "tfds":
+        return load_tfds(config.task_tfds_name, config.task_tfds_data_dir or None, config.task_metric or None,
+                         dev_fraction=config.dev_fraction)
+    raise ValueError(f"config.task={source!r} is not a task; choose one of {', '.join(SOURCES)} (files: set "
+                     "config.task_path; tfds: set config.task_tfds_name, e.g. 'glue/sst2')")
+
+
+# -- the user's files ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Row:
+    where: str  # file:line
+    text: str = ""
+    text_b: str | None = None
+    label: Any = None
+    words: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    """{'train': path, 'dev': path, 'test': path} of a task directory."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"config.task_path={str(directory)!r} is not a directory; give a directory holding "
+                                "train.jsonl, dev.jsonl and test.jsonl (or .tsv files)")
+    found = {}
+    for split, names in (("train", ("train",)), ("dev", ("dev", "validation", "valid")), ("test", ("test",))):
+        matches = [directory / f"{name}{suffix}" for name in names for suffix in (".jsonl", ".tsv")
+                   if (directory / f"{name}{suffix}").is_file()]
+        if not matches:
+            raise FileNotFoundError(f"{directory} has no {split} file: add {names[0]}.jsonl or {names[0]}.tsv "
+                                    f"(found: {', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})")
+        found[split] = matches[0]
+    return found
+
+
+def _read_jsonl(path: Path) -> list[_Row]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where} is not JSON ({error.msg}); write one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where} is not a JSON object; write {{\"text\": ..., \"label\": ...}}")
+            if "tokens" in record or "tags" in record:
+                tokens, tags = record.get("tokens"), record.get("tags")
+                if not isinstance(tokens, list) or not isinstance(tags, list):
+                    raise ValueError(f"{where}: a tagging row needs lists 'tokens' and 'tags'")
+                if len(tokens) != len(tags):
+                    raise ValueError(f"{where}: {len(tokens)} tokens but {len(tags)} tags; give one tag per token")
+                rows.append(_Row(where, words=tuple(map(str, tokens)), tags=tuple(map(str, tags))))
+                continue
+            if not isinstance(record.get("text"), str):
+                raise ValueError(f"{where} has no 'text' string; every row needs \"text\" (and \"label\")")
+            if "label" not in record or record["label"] is None:
+                raise ValueError(f"{where} has no 'label'; add \"label\" to every row")
+            text_b = record.get("text_b")
+            rows.append(_Row(where, record["text"], None if text_b is None else str(text_b), record["label"]))
+    return rows
+
+
+def _read_tsv(path: Path) -> list[_Row]:
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    header = lines[0].split("\t") if lines else []
+    rows: list[_Row] = []
+    if "text" in header:  # a classification table
+        if "label" not in header:
+            raise ValueError(f"{path}:1 has columns {header} but no 'label'; name the label column 'label'")
+        columns = {name: index for index, name in enumerate(header)}
+        for number, line in enumerate(lines[1:], 2):
+            if not line.strip():
+                continue
+            cells = line.split("\t")
+            if len(cells) != len(header):
+                raise ValueError(f"{path}:{number} has {len(cells)} cells but the header has {len(header)}")
+            label = cells[columns["label"]].strip()
+            if not label:
+                raise ValueError(f"{path}:{number} has no label; fill the 'label' column of every row")
+            text_b = cells[columns["text_b"]] if "text_b" in columns else None
+            rows.append(_Row(f"{path}:{number}", cells[columns["text"]], text_b, label))
+        return rows
+    words: list[str] = []  # CoNLL-style token<TAB>tag lines
+    tags: list[str] = []
+    start = 1
+    for number, line in enumerate([*lines, ""], 1):
+        if not line.strip():
+            if words:
+                rows.append(_Row(f"{path}:{start}", words=tuple(words), tags=tuple(tags)))
+            words, tags, start = [], [], number + 1
+            continue
+        cells = line.split("\t")
+        if len(cells) != 2 or not cells[1].strip():
+            raise ValueError(f"{path}:{number}: a tagging line is 'token<TAB>tag' (a header row 'text<TAB>label' "
+                             "makes a classification file); this line has no tag")
+        words.append(cells[0])
+        tags.append(cells[1].strip())
+    return rows
+
+
+def _read_split(path: Path) -> list[_Row]:
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_tsv(path)
+    if not rows:
+        raise ValueError(f"{path} holds no examples; put at least one row in it")
+    return rows
+
+
+def load_files(path: str | os.PathLike, kind: str = "auto", metric: str | None = None,
+               dev_fraction: float = 0.1) -> Task:
+    """A task from a directory of train / dev / test files (see module docstring).
+    `kind` 'auto' is tagging for token rows, pair when rows have `text_b`, else
+    classification; regression must be asked for."""
+    del dev_fraction  # the user's files name their dev split
+    directory = Path(path)
+    files = _split_files(directory)
+    rows = {split: _read_split(path) for split, path in files.items()}
+    train = rows["train"]
+    if kind == "auto":
+        kind = "tagging" if train[0].words else "pair" if any(r.text_b is not None for r in train) else "classification"
+    if kind not in KINDS:
+        raise ValueError(f"config.task_kind={kind!r} is not one of auto, {', '.join(KINDS)}")
+    for split, split_rows in rows.items():
+        for row in split_rows:
+            if (kind == "tagging") != bool(row.words):
+                raise ValueError(f"{row.where}: a {'tagging' if row.words else 'classification'} row in a "
+                                 f"{kind} task; every row of a task has the same form")
+            if kind == "pair" and row.text_b is None:
+                raise ValueError(f"{row.where} has no 'text_b'; a pair task needs both texts in every row")
+    if kind == "regression":
+        labels: tuple[str, ...] = ()
+        convert: Callable[[_Row], TaskExample] = lambda row: TaskExample(row.text, row.text_b, _number(row))
+    elif kind == "tagging":
+        labels = tuple(sorted({tag for row in train for tag in row.tags}))
+        index = {tag: i for i, tag in enumerate(labels)}
+        convert = lambda row: TaskExample(words=row.words, tags=tuple(_known(index, tag, row) for tag in row.tags))
+    else:
+        labels = tuple(sorted({str(row.label) for row in train}))
+        index = {label: i for i, label in enumerate(labels)}
+        convert = lambda row: TaskExample(row.text, row.text_b, _known(index, str(row.label), row))
+    splits = {split: tuple(convert(row) for row in split_rows) for split, split_rows in rows.items()}
+    return Task(directory.name, kind, labels, splits, metric or METRICS[kind][0],
+                f"files {', '.join(str(files[s]) for s in SPLITS)}")
+
+
+def _number(row: _Row) -> float:
+    try:
+        return float(row.label)
+    except (TypeError, ValueError):
+        raise ValueError(f"{row.where}: label {row.label!r} is not a number, but the task is a regression "
+                         "(config.task_kind='regression'); give numbers, or another task_kind") from None
+
+
+def _known(index: Mapping[str, int], label: str, row: _Row) -> int:
+    if label not in index:
+        raise ValueError(f"{row.where}: label {label!r} never occurs in the training file, so no model can learn "
+                         f"it; the training labels are {sorted(index)}. Add training examples of it or fix the label")
+    return index[label]
+
+
+# -- TFDS (GLUE) -----------------------------------------------------------------------
+
+# GLUE's text features, by the order they form (text, text_b).
+_TEXT_FEATURES = (("sentence", None), ("sentence1", "sentence2"), ("question", "sentence"),
+                  ("premise", "hypothesis"), ("question1", "question2"), ("text", None))
+
+
+def load_tfds(name: str, data_dir: str | None, metric: str | None = None, dev_fraction: float = 0.1) -> Task:
+    """A classification, pair or regression task from a TFDS dataset prepared as
+    ArrayRecord in `data_dir` (GLUE's feature names; see module docstring)."""
+    import tensorflow_datasets as tfds  # only the TFDS path needs it
+
+    if not name:
+        raise ValueError("config.task='tfds' needs config.task_tfds_name, e.g. 'glue/sst2'")
+    how = (f"prepare it on a machine with network (`tfds.builder({name!r}, data_dir=DIR).download_and_prepare("
+           f"file_format='array_record')`), then copy DIR here and pass it as config.task_tfds_data_dir")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"config.task_tfds_data_dir={data_dir!r} does not exist: {how}")
+    try:
+        train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
+        validation = tfds.data_source(name, split="validation", data_dir=data_dir, download=False)
+    except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError, ValueError) as error:
+        raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared as ArrayRecord in {data_dir!r} "
+                                f"({type(error).__name__}): {how}") from error
+    features = train.dataset_info.features
+    pair = next(((a, b) for a, b in _TEXT_FEATURES if a in features.keys() and (b is None or b in features.keys())),
+                None)
+    if pair is None or "label" not in features.keys():
+        raise ValueError(f"TFDS dataset {name!r} has features {sorted(features.keys())}: expected a text feature "
+                         f"({', '.join(a for a, _ in _TEXT_FEATURES)}) and 'label'")
+    label_feature = features["label"]
+    kind = ("regression" if not isinstance(label_feature, tfds.features.ClassLabel)
+            else "pair" if pair[1] else "classification")
+    labels = () if kind == "regression" else tuple(label_feature.names)
+    text = lambda value: value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    def examples(records: Any) -> list[TaskExample]:
+        out = []
+        for index in range(len(records)):
+            record = records[index]
+            label = float(record["label"]) if kind == "regression" else int(record["label"])
+            if kind != "regression" and label < 0:
+                continue  # a hidden label
+            out.append(TaskExample(text(record[pair[0]]), text(record[pair[1]]) if pair[1] else None, label))
+        return out
+
+    rest = examples(train)
+    is_dev = [hash_position(e.text + "\x00" + (e.text_b or "")) < dev_fraction for e in rest]
+    splits = {"train": tuple(e for e, d in zip(rest, is_dev) if not d),
+              "dev": tuple(e for e, d in zip(rest, is_dev) if d),
+              "test": tuple(examples(validation))}
+    short = name.rsplit("/", 1)[-1]
+    return Task(name, kind, labels, splits, metric or GLUE_METRICS.get(short, METRICS[kind][0]),
+                f"TFDS {name} in {data_dir} (test: its validation split; dev: {dev_fraction:.0%} of train by hash)")
