@@ -124,6 +124,14 @@ class Checkpointer:
                 "deleted. Move the directory aside to start afresh, or restore it from a backup.")
         return None
 
+    def written_by(self, step: int) -> dict | None:
+        """The run description (`run_info`) stored with the checkpoint of `step`, or None
+        when its meta item cannot be read (restoring reports that damage)."""
+        try:
+            return self._read_meta(step).get("run")
+        except _Damaged:
+            return None
+
     def _read_meta(self, step: int) -> dict:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

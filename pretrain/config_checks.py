@@ -32,8 +32,7 @@ def validate_config(config: Any, device_count: int) -> None:
     problems = _schema_problems(config)
     if not problems:
         problems = [*loop_problems(config), *_objective_problems(config), *model.config_problems(config.model),
-                    *_position_problems(config), *sharding.mesh_problems(**_mesh(config, device_count)),
-                    *_batch_problems(config, device_count),
+                    *_position_problems(config), *parallel_problems(config, device_count),
                     *optimizer.settings_problems(config.optimizer, config.total_steps),
                     *data_problems(config.data), *tokenizer_problems(config.tokenizer)]
     if problems:
@@ -44,13 +43,20 @@ def _schema_problems(config: Any) -> list[str]:
     """Fields missing from `config`, or present but unknown, against configs/pretrain.py."""
     from configs.pretrain import get_config  # the schema; imported late, as configs import pretrain
 
+    return schema_problems(config, get_config().to_dict(), FREE_FORM)
+
+
+def schema_problems(config: Any, reference: Mapping, free_form: tuple[str, ...] = ()) -> list[str]:
+    """Fields of `reference` (a config file's defaults, as a dict) missing from
+    `config`, and fields of `config` that `reference` lacks (typos), with the closest
+    field; groups named in `free_form` are not descended into."""
     problems: list[str] = []
 
     def walk(reference: Mapping, given: Mapping, prefix: str) -> None:
         for key in reference:
             if key not in given:
                 problems.append(f"config.{prefix}{key} is missing; add it (the default is {reference[key]!r})")
-            elif isinstance(reference[key], Mapping) and key not in FREE_FORM:
+            elif isinstance(reference[key], Mapping) and key not in free_form:
                 if isinstance(given[key], Mapping):
                     walk(reference[key], given[key], f"{prefix}{key}.")
                 else:
@@ -61,7 +67,7 @@ def _schema_problems(config: Any) -> list[str]:
                 hint = f"did you mean config.{prefix}{close[0]}?" if close else "remove it"
                 problems.append(f"config.{prefix}{key} is not a field the trainer knows; {hint}")
 
-    walk(get_config().to_dict(), config.to_dict() if hasattr(config, "to_dict") else config, "")
+    walk(reference, config.to_dict() if hasattr(config, "to_dict") else config, "")
     return problems
 
 
@@ -87,6 +93,12 @@ def _position_problems(config: Any) -> list[str]:
         return [f"config.seq_len={config.seq_len} exceeds config.model.max_positions={limit}; raise "
                 "max_positions or shorten seq_len"]
     return []
+
+
+def parallel_problems(config: Any, device_count: int) -> list[str]:
+    """The mesh against the devices, and the global batch against the data-parallel
+    size and the accumulation steps (pretraining and fine-tuning configs alike)."""
+    return [*sharding.mesh_problems(**_mesh(config, device_count)), *_batch_problems(config, device_count)]
 
 
 def _mesh(config: Any, device_count: int) -> dict[str, int]:

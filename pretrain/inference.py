@@ -132,6 +132,24 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     return steps
 
 
+# The TransformerConfig fields that decide parameter shapes.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
+                "pre_layer_norm", "mlm_transform_head", "nsp_head")
+
+
+def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: int, config: TransformerConfig) -> None:
+    """Refuses a model whose shape differs from the one that wrote the checkpoint of
+    `step` (as its meta item records it), naming each differing field."""
+    stored = (checkpointer.written_by(step) or {}).get("model") or {}
+    wanted = dataclasses.asdict(config)
+    changed = [f"model.{field} is {stored[field]!r} there and {wanted[field]!r} here" for field in SHAPE_FIELDS
+               if field in stored and stored[field] != wanted[field]]
+    if changed:
+        raise ValueError(f"the checkpoint at step {step} in {os.fspath(workdir)} was written by a model of another "
+                         f"shape: {'; '.join(changed)}. The body's shape comes from {CONFIG_FILENAME} and "
+                         f"tokenizer.model in that directory: restore them as the run wrote them")
+
+
 def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int, dict]:
     """Loads the newest loadable checkpoint's parameters into `model` (in place).
 
@@ -141,6 +159,7 @@ def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int,
     steps = checkpoint_steps(workdir)
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
+        _check_shape(workdir, checkpointer, steps[-1], model.config)
         step, state, data_state = checkpointer.restore(_abstract_from_metadata(checkpointer, steps))
     finally:
         checkpointer.close()

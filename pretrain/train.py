@@ -167,7 +167,7 @@ class Trainer:
         training until `run`. Use as a context manager, or call `close`, when not
         calling `run` (which closes)."""
         self.config = config
-        validate_config(config, jax.device_count())
+        self._validate(config)
         self.primary = jax.process_index() == 0
         self.workdir = prepare_workdir(workdir)
         self._closing = contextlib.ExitStack()  # run last-in first-out by close(), even if one raises
@@ -179,10 +179,19 @@ class Trainer:
             self.close()
             raise
 
+    def _validate(self, config: Any) -> None:
+        """Raises ValueError naming every problem of the config (a subclass checks its own)."""
+        validate_config(config, jax.device_count())
+
     def _build(self) -> None:
+        """Data, model, optimizer, sharded state and checkpointer. A subclass that trains
+        something else (fine-tuning) builds its own and sets the same attributes:
+        names, graphdef/rest, optimizer, parameters, flops_per_token, train_data,
+        checkpointer, and the compiled steps through `_setup_parallelism`."""
         config, workdir = self.config, self.workdir
         self.pipeline = build_input_pipeline(config, workdir, process_index=jax.process_index(),
                                              process_count=jax.process_count())
+        self.train_data = self.pipeline.train
         self.names = self.pipeline.mixture.names
         self.model_config = TransformerConfig(**config.model, vocab_size=self.pipeline.tokenizer.vocab_size)
         self.optimizer = make_optimizer(total_steps=config.total_steps, **config.optimizer)
@@ -233,12 +242,15 @@ class Trainer:
     def _initial_state(self, params):
         return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
+    def _step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
+        """(train step, evaluation step) before compilation: the pretraining loss's."""
+        step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
+                                  self.config.accumulation_steps, axis_name=axis_name)
+        return step_fn, make_eval_step(self.graphdef, self.rest, len(self.names))
+
     def _setup_parallelism(self, params) -> None:
         config = self.config
-        step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
-                                  config.accumulation_steps,
-                                  axis_name="devices" if config.parallelism == "pmap" else None)
-        eval_fn = make_eval_step(self.graphdef, self.rest, len(self.names))
+        step_fn, eval_fn = self._step_functions("devices" if config.parallelism == "pmap" else None)
         if config.nonfinite == "skip":
             step_fn = skip_nonfinite_updates(step_fn)
         if config.parallelism == "pmap":
@@ -259,8 +271,10 @@ class Trainer:
         abstract_opt = jax.eval_shape(self.optimizer.init, params)
         shardings = {
             "params": param_shardings,
-            "opt_state": optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_opt, param_shardings,
-                                               transform_non_params=lambda _: sharding.replicated(mesh)),
+            "opt_state": optax.tree_map_params(
+                self.optimizer, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract_opt,
+                param_shardings, transform_non_params=lambda _: sharding.replicated(mesh),
+                is_leaf=lambda leaf: isinstance(leaf, optax.MaskedNode)),  # frozen parameters have no state
             "step": sharding.replicated(mesh),
         }
         self.state = jax.jit(self._initial_state, out_shardings=shardings)(params)
@@ -419,7 +433,7 @@ class Trainer:
             print(f"step {step}/{self.config.total_steps} loss {values['loss']:.4f} [{objectives}] "
                   f"{tokens_per_sec:,.0f} tok/s mfu {values['mfu']:.2%} eta {eta / 60:.1f} min"
                   + (f" skipped {skipped}" if skipped else ""), flush=True)
-            if extra and "eval/loss" in extra:
+            if extra:
                 self._print_evaluation(step, values)
 
     # -- the loop ---------------------------------------------------------------------
@@ -430,7 +444,7 @@ class Trainer:
         ends, however it ends."""
         stop = StopRequest()
         self._closing.callback(stop.close)
-        iterator = iter(self.pipeline.train)
+        iterator = iter(self.train_data)
         try:
             return self._run(iterator, stop)
         finally:
@@ -475,9 +489,14 @@ class Trainer:
         self.skips = SkipCounter()
         self._window = (time.perf_counter(), 0, 0)  # start time, real tokens, steps
         step = self._train(iterator, stop, start)
-        if step == config.total_steps and config.sample_at_end and self.primary and jax.process_count() == 1:
-            self._show_sample()
+        if step == config.total_steps:
+            self._finish(step)
         return step
+
+    def _finish(self, step: int) -> None:
+        """What follows the last step (not a stop): one line of what the model does."""
+        if self.config.sample_at_end and self.primary and jax.process_count() == 1:
+            self._show_sample()
 
     def _train(self, iterator: Any, stop: StopRequest, step: int) -> int:
         """The steps from `step` on. The next batch is read and placed on the devices

@@ -14,11 +14,12 @@ version). Three kinds, like a small GLUE + NER suite:
                       quotes code in "double quotes": the quotes are removed and the
                       quoted words become B-CODE / I-CODE, the rest O (the NER analogue).
 
-Splits are fixed by hashes. The test split is exactly the pydocs pretraining
-held-out split: an example is a test example when the pydocs document holding its
-text is held out from pretraining (at the pretraining run's `heldout_fraction`),
-so no test text is ever pretrained on. Dev is `config.dev_fraction` of the rest,
-by the hash of the example's text.
+Splits are fixed by hashes. The test split is the pydocs pretraining held-out
+split: an example is a test example when the pydocs document holding its text is
+held out from pretraining (at the pretraining run's `heldout_fraction`) and its
+text occurs in no pretraining document (the standard library repeats some
+docstrings; such a repeat is dropped), so no test text is ever pretrained on. Dev
+is `config.dev_fraction` of the rest, by the hash of the example's text.
 """
 
 from __future__ import annotations
@@ -64,10 +65,20 @@ def kind_of(name: str) -> str:
     return {"pydocs_topic": "classification", "pydocs_same_module": "pair", "pydocs_code_spans": "tagging"}[name]
 
 
-def _split_of(source: sources.PyDocsSource, origin: str, origin_text: str, text: str, dev_fraction: float) -> str:
-    if source.is_heldout(origin, origin_text):
-        return "test"
-    return "dev" if hash_position(text) < dev_fraction else "train"
+class _Splitter:
+    """Which split an example goes to: test when its pydocs document is held out from
+    pretraining and its text occurs in no training document (docstrings repeat across
+    modules; a repeated one is dropped rather than tested on pretrained text), else
+    dev by hash, else train."""
+
+    def __init__(self, source: sources.PyDocsSource, dev_fraction: float):
+        self.source, self.dev_fraction = source, dev_fraction
+        self.train_text = "\n".join(" ".join(d.text.split()) for d in source.split("train"))
+
+    def __call__(self, origin: str, origin_text: str, text: str) -> str | None:
+        if self.source.is_heldout(origin, origin_text):
+            return None if " ".join(text.split()) in self.train_text else "test"
+        return "dev" if hash_position(text) < self.dev_fraction else "train"
 
 
 def _docstrings(min_words: int) -> Iterator[tuple[str, str, str, str]]:
@@ -102,17 +113,21 @@ def _topic(source: sources.PyDocsSource, config: Any) -> tuple[tuple[str, ...], 
     labels = tuple(sorted(p for p, n in counts.items() if n >= config.task_min_examples))
     index = {label: i for i, label in enumerate(labels)}
     splits: dict[str, list[TaskExample]] = {"train": [], "dev": [], "test": []}
+    split_of = _Splitter(source, config.dev_fraction)
     for origin, origin_text, package, text in rows:
-        if package in index:
-            split = _split_of(source, origin, origin_text, text, config.dev_fraction)
+        split = split_of(origin, origin_text, text) if package in index else None
+        if split is not None:
             splits[split].append(TaskExample(_mask(text, package), label=index[package]))
     return labels, {s: tuple(e) for s, e in splits.items()}, "accuracy"
 
 
 def _same_module(source: sources.PyDocsSource, config: Any) -> tuple[tuple[str, ...], dict, str]:
     by_split: dict[str, list[tuple[str, str]]] = {"train": [], "dev": [], "test": []}
+    split_of = _Splitter(source, config.dev_fraction)
     for origin, origin_text, module, text in _docstrings(config.task_min_words):
-        by_split[_split_of(source, origin, origin_text, text, config.dev_fraction)].append((module, text))
+        split = split_of(origin, origin_text, text)
+        if split is not None:
+            by_split[split].append((module, text))
     splits = {}
     for split, rows in by_split.items():
         modules: dict[str, list[int]] = {}
@@ -156,6 +171,7 @@ def code_span_words(sentence: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 
 def _code_spans(source: sources.PyDocsSource, config: Any) -> tuple[tuple[str, ...], dict, str]:
     splits: dict[str, list[TaskExample]] = {"train": [], "dev": [], "test": []}
+    split_of = _Splitter(source, config.dev_fraction)
     for origin, parts in sources.pydocs_units():
         if not origin.startswith("topic:"):
             continue
@@ -163,7 +179,7 @@ def _code_spans(source: sources.PyDocsSource, config: Any) -> tuple[tuple[str, .
         document = sources.document_of(text)
         for sentence in document.sentences if document else ():
             words, tags = code_span_words(sentence)
-            if len(words) >= config.task_min_words:
-                split = _split_of(source, origin, text, sentence, config.dev_fraction)
+            split = split_of(origin, text, sentence) if len(words) >= config.task_min_words else None
+            if split is not None:
                 splits[split].append(TaskExample(words=words, tags=tags))
     return CODE_TAGS, {s: tuple(e) for s, e in splits.items()}, "span_f1"

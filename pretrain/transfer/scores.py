@@ -115,13 +115,15 @@ REGRESSION = {"pearson": pearson, "spearman": spearman}
 TAGGING = {"span_f1": span_f1, "token_accuracy": token_accuracy}
 
 
-def score(kind: str, labels: Sequence[str], gold: Sequence, predicted: Sequence) -> dict[str, float]:
-    """Every metric of a task kind: `gold` and `predicted` are class indices
-    (classification, pair), values (regression), or per-sentence tag-index lists
-    (tagging, turned into tag names through `labels`)."""
-    if kind == "regression":
-        return {name: fn(gold, predicted) for name, fn in REGRESSION.items()}
-    if kind == "tagging":
-        names = lambda rows: [[labels[t] for t in row] for row in rows]  # noqa: E731
-        return {name: fn(names(gold), names(predicted)) for name, fn in TAGGING.items()}
-    return {name: fn(gold, predicted) for name, fn in CLASSIFICATION.items()}
+def score(metrics: Sequence[str], labels: Sequence[str], gold: Sequence, predicted: Sequence) -> dict[str, float]:
+    """The named metrics: `gold` and `predicted` are class indices (classification,
+    pair), values (regression), or per-sentence tag-index lists (tagging, turned into
+    tag names through `labels`)."""
+    out = {}
+    for name in metrics:
+        if name in TAGGING:
+            names = lambda rows: [[labels[t] for t in row] for row in rows]  # noqa: E731
+            out[name] = TAGGING[name](names(gold), names(predicted))
+        else:
+            out[name] = {**CLASSIFICATION, **REGRESSION}[name](gold, predicted)
+    return out

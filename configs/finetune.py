@@ -1,0 +1,91 @@
+"""Fine-tuning config: `--config=configs/finetune.py:task=pydocs_topic,method=full`.
+
+    python -m pretrain.finetune --config=configs/finetune.py:task=pydocs_topic,method=full \
+        --config.init=runs/mlm --workdir=runs/mlm-topic
+
+Variants (comma-separated `key=value`):
+  task    pydocs_topic, pydocs_same_module, pydocs_code_spans (built in), files (set
+          --config.task_path) or tfds (set --config.task_tfds_name, e.g. glue/sst2).
+  method  full, probe, discriminative, stlr, gradual_unfreezing, aux_lm, or several
+          joined by '+' (ULMFiT: discriminative+stlr+gradual_unfreezing).
+
+Every number of every method is a field under `config.methods.<name>`, read only
+when `config.method` names that method.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DEFAULT_VARIANTS = {"task": "pydocs_topic", "method": "full"}
+
+
+def parse_variants(arg: str | None) -> dict[str, str]:
+    """'task=files,method=probe' -> {'task': 'files', 'method': 'probe'}."""
+    variants = dict(DEFAULT_VARIANTS)
+    for part in filter(None, (arg or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in DEFAULT_VARIANTS:
+            raise ValueError(f"config variant {part!r} in {arg!r} is not one of "
+                             f"{', '.join(k + '=...' for k in DEFAULT_VARIANTS)}")
+        variants[key.strip()] = value.strip()
+    return variants
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variants = parse_variants(arg)
+    config = ml_collections.ConfigDict()
+    # What is fine-tuned.
+    config.init = ""  # pretraining run directories, comma-separated (several: fusion); '' = random initialisation
+    config.shape_from = ""  # init='': the run whose model shape and tokenizer a randomly initialised body takes
+    config.layout = "auto"  # 'bidirectional', 'causal', or 'auto': a body's own (causal if pretrained all L2R)
+    config.pooling = "auto"  # 'first' (BERT), 'last' (GPT), 'concat' (ULMFiT), or 'auto': first / last by layout
+    config.fusion = "gate"  # several bodies: 'concat' their pooled features, or mix them by a learned 'gate'
+    config.packed = True  # several task examples per row (the mask keeps them apart); False: one per row
+
+    # The task (pretrain/transfer/tasks.py).
+    config.task = variants["task"]
+    config.task_path = ""  # task='files': a directory with train/dev/test .jsonl or .tsv files
+    config.task_kind = "auto"  # task='files': 'auto', 'classification', 'pair', 'tagging' or 'regression'
+    config.task_metric = ""  # the dev metric that selects the step; '' = the task's own (accuracy, span_f1, ...)
+    config.task_tfds_name = ""  # task='tfds': e.g. 'glue/sst2', prepared as ArrayRecord
+    config.task_tfds_data_dir = ""  # task='tfds': where it was prepared
+    config.task_min_words = 5  # built-in tasks: shortest docstring or sentence kept, in words
+    config.task_min_examples = 30  # pydocs_topic: packages with fewer docstrings are left out
+    config.task_max_examples = 0  # > 0: only the first N examples of each split (quick runs)
+    config.dev_fraction = 0.1  # built-in and TFDS tasks: the dev share of the non-test examples, by hash
+    config.test_fraction = 0.1  # built-in tasks when the body did not pretrain on pydocs: the held-out share
+
+    # How (pretrain/transfer/methods.py).
+    config.method = variants["method"]
+    config.methods = ml_collections.ConfigDict(dict(
+        probe=dict(scalar_mix=False),  # ELMo's learned mix of all layers instead of the last
+        discriminative=dict(decay=1 / 2.6, head_gap=0),  # lr * decay**depth; ULMFiT 1/2.6, ELECTRA 0.8 (head_gap=1)
+        stlr=dict(cut_frac=0.1, ratio=32.0),  # ULMFiT's slanted triangular schedule
+        gradual_unfreezing=dict(every_steps=0),  # one more layer group every N steps; 0: evenly over the run
+        aux_lm=dict(objective="", start=0.2, end=0.1, decay_steps=0),  # SiATL; objective '' = the body's own
+    ))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-4,  # peak
+        warmup_fraction=0.1,  # BERT: linear warmup over the first 10% of the steps, then linear decay
+        weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-6,
+    ))
+    config.seeds = (0, 1, 2)  # one full fine-tuning run per seed; tables report mean ± std
+    config.seed = 0  # the seed of one run (set per run from `seeds`)
+
+    # The loop (the pretraining trainer's fields).
+    config.total_steps = 300
+    config.batch_size = 32  # packed rows per step
+    config.seq_len = 128
+    config.accumulation_steps = 1
+    config.log_every = 10
+    config.eval_every = 50  # dev and test scores every N steps and at the end; dev picks the step
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 1
+    config.parallelism = "pjit"
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.nonfinite = "stop"
+    config.max_consecutive_skips = 10
+    config.peak_flops_per_device = 0.0
+    config.sample_at_end = False  # not used by fine-tuning (the trainer's field)
+    return config

@@ -1,0 +1,414 @@
+"""The fine-tuning trainer: the pretraining loop (`pretrain.train.Trainer`) with a task.
+
+Everything about the run is the pretraining trainer's: the workdir lock and checks,
+checkpoints and exact resume, SIGTERM and Ctrl-C, metrics.jsonl and TensorBoard, the
+NaN guard. What differs is built here: the bodies restored from pretraining runs
+(parameters only, bit for bit; the head is new), the task's batches, the task loss
+(with an auxiliary LM loss for `aux_lm`), the method's optimizer, and an evaluation
+that scores the dev and test splits with the task's metrics. At the end the dev
+metric picks the step and `result.json` records that step's dev and test scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import objectives
+from pretrain.config_checks import parallel_problems, schema_problems
+from pretrain.inference import model_config, read_run_config, restore_params
+from pretrain.loss import weighted_token_statistics
+from pretrain.metrics import flops_per_token
+from pretrain.model import EMBEDDING_PARAMETERS, Transformer, create_model
+from pretrain.optimizer import settings_problems
+from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer
+from pretrain.train import Trainer, loop_problems, summarize
+from pretrain.train_step import make_step
+from pretrain.transfer import encoding, heads, methods, scores, tasks
+from pretrain.workdir import check_free_space, checkpoint_bytes
+
+log = logging.getLogger("pretrain.train")
+RESULT_FILENAME = "result.json"
+EVAL_SPLITS = ("dev", "test")
+
+
+def finetune_problems(config: Any, device_count: int) -> list[str]:
+    """Every problem of a fine-tuning config, naming field and fix."""
+    from configs.finetune import get_config  # the schema; imported late, as configs are not a dependency
+
+    problems = schema_problems(config, get_config().to_dict(), free_form=("methods",))
+    if problems:
+        return problems
+    problems = [*loop_problems(config), *parallel_problems(config, device_count)]
+    problems += settings_problems({k: v for k, v in config.optimizer.items() if k != "warmup_fraction"},
+                                  config.total_steps)
+    if not 0 <= config.optimizer.warmup_fraction <= 1:
+        problems.append(f"config.optimizer.warmup_fraction={config.optimizer.warmup_fraction!r} must lie in [0, 1]")
+    if config.task not in tasks.SOURCES:
+        problems.append(f"config.task={config.task!r} is not a task; choose one of {', '.join(tasks.SOURCES)}")
+    elif config.task == "files" and not config.task_path:
+        problems.append("config.task_path is empty but config.task='files'; set it to a directory with train, dev "
+                        "and test .jsonl or .tsv files")
+    elif config.task == "tfds" and not config.task_tfds_name:
+        problems.append("config.task_tfds_name is empty but config.task='tfds'; set it, e.g. 'glue/sst2'")
+    if config.task_kind not in ("auto", *tasks.KINDS):
+        problems.append(f"config.task_kind={config.task_kind!r} must be one of {('auto', *tasks.KINDS)}")
+    for field in ("dev_fraction", "test_fraction"):
+        if not 0 < config[field] < 1:
+            problems.append(f"config.{field}={config[field]!r} must lie in (0, 1) (e.g. 0.1)")
+    for field, choices in (("layout", ("auto", *encoding.LAYOUTS)), ("pooling", ("auto", *heads.POOLINGS)),
+                           ("fusion", heads.FUSIONS)):
+        if config[field] not in choices:
+            problems.append(f"config.{field}={config[field]!r} must be one of {choices}")
+    try:
+        chosen = methods.parse_methods(config.method)
+        unknown = sorted(set(config.methods) - set(methods.METHODS) - {"full"})
+        if unknown:
+            problems.append(f"config.methods.{unknown[0]} is not a method; methods with settings: "
+                            f"{', '.join(sorted(config.methods))}")
+        bodies = [r for r in config.init.split(",") if r.strip()]
+        if "aux_lm" in chosen and ("probe" in chosen or len(bodies) > 1):
+            problems.append(f"config.method={config.method!r}: aux_lm trains the body with a language-model loss, "
+                            "so it cannot be combined with probe or with fusion (several bodies), which freeze it")
+    except ValueError as error:
+        problems.append(str(error))
+    if not config.init.strip() and not config.shape_from:
+        problems.append("config.init is empty (random initialisation) and config.shape_from is empty: a random "
+                        "body takes its shape and tokenizer from a pretraining run; set --config.shape_from=<run dir>, "
+                        "or --config.init=<run dir> to start from its weights")
+    seeds = config.seeds
+    if not isinstance(seeds, (tuple, list)) or not seeds or not all(isinstance(s, int) for s in seeds):
+        problems.append(f"config.seeds={seeds!r} must be a non-empty tuple of integers, e.g. '(0,1,2)'")
+    return problems
+
+
+@dataclasses.dataclass
+class Body:
+    """A pretrained (or randomly initialised) body and where it came from."""
+
+    run: str  # its pretraining run directory
+    model: Transformer
+    run_config: Any  # that run's config.json
+    layout: str
+    pooling: str
+    pretrained: bool
+    step: int  # its checkpoint's step (0: random)
+
+
+def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
+    """The bodies of `config.init` (restored from each run's newest good checkpoint) or,
+    with init='', one body shaped like `config.shape_from`, randomly initialised with
+    the run's seed; and their tokenizer (one for all)."""
+    runs = [r.strip() for r in config.init.split(",") if r.strip()]
+    pretrained = bool(runs)
+    runs = runs or [config.shape_from]
+    bodies, tokenizer, digest = [], None, None
+    for run in runs:
+        run_config = read_run_config(run)
+        path = os.path.join(run, MODEL_FILENAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: a body's tokenizer comes from its pretraining run; restore "
+                                    "it (or point config.init at a complete pretraining run)")
+        with open(path, "rb") as handle:
+            this = hashlib.sha256(handle.read()).hexdigest()
+        if digest is not None and this != digest:
+            raise ValueError(f"the bodies of config.init={config.init!r} have different tokenizers ({run} differs "
+                             f"from {runs[0]}); fusion reads one batch, so fuse runs that share a tokenizer (the "
+                             "runs of one pretrain.compare do)")
+        tokenizer, digest = tokenizer or load_tokenizer(path), digest or this
+        model = create_model(model_config(run_config, tokenizer.vocab_size), seed=config.seed)
+        step = restore_params(run, model)[0] if pretrained else 0
+        layout = config.layout if config.layout != "auto" else encoding.layout_of(run_config.objective,
+                                                                                   run_config.objectives)
+        pooling = config.pooling if config.pooling != "auto" else ("last" if layout == "causal" else "first")
+        bodies.append(Body(os.path.abspath(run), model, run_config, layout, pooling, pretrained, step))
+    return bodies, tokenizer
+
+
+def task_loss(outputs: jax.Array, batch: Mapping[str, jax.Array], kind: str) -> tuple[jax.Array, jax.Array,
+                                                                                         jax.Array, jax.Array]:
+    """(loss sum, correct sum, labelled count, predictions [B, L]) of the task head's
+    outputs where `task_labels` marks a label: cross-entropy and argmax for classes and
+    tags, squared error and the value for regression."""
+    labelled = (batch["task_labels"] >= 0).astype(jnp.float32)
+    if kind == "regression":
+        predictions = outputs[..., 0]
+        losses = (predictions - batch["task_values"]) ** 2
+        correct = jnp.zeros_like(losses)
+    else:
+        labels = jnp.maximum(batch["task_labels"], 0)
+        losses = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+        predictions = jnp.argmax(outputs, axis=-1).astype(jnp.int32)
+        correct = (predictions == labels).astype(jnp.float32)
+    return (losses * labelled).sum(), (correct * labelled).sum(), labelled.sum(), predictions
+
+
+class FinetuneTrainer(Trainer):
+    """The pretraining trainer with a task program (see module docstring)."""
+
+    def _validate(self, config: Any) -> None:
+        problems = finetune_problems(config, jax.device_count())
+        if problems:
+            raise ValueError("invalid fine-tuning config:\n  " + "\n  ".join(problems))
+
+    def _build(self) -> None:
+        config, workdir = self.config, self.workdir
+        self.bodies, self.tokenizer = load_bodies(config)
+        self.task = tasks.load_task(config, self.bodies[0].run_config.data)
+        if len(self.task.splits["test"]) < 100 and self.primary:
+            log.warning("the test split of %s has only %d examples; for built-in tasks it is the pydocs held-out split "
+                        "of the body's pretraining (data.heldout_fraction=%s): pretrain with "
+                        "--config.data.heldout_fraction=0.1 for a test set worth its mean", self.task.name,
+                        len(self.task.splits["test"]), self.bodies[0].run_config.data.heldout_fraction)
+        tagging = self.task.kind == "tagging"
+        model = heads.TaskModel([b.model for b in self.bodies], [b.layout for b in self.bodies],
+                                [b.pooling for b in self.bodies], self.task.num_outputs, tagging=tagging,
+                                scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
+                                fusion=config.fusion, seed=config.seed)
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        depths = heads.parameter_depths(params, [b.model.config.num_layers for b in self.bodies])
+        self.plan = methods.plan(config.method, config.methods, depths, config.total_steps, len(self.bodies))
+        self.aux = None
+        if self.plan.aux is not None:
+            body = self.bodies[0].run_config
+            self.aux = objectives.build_mixture(self.plan.aux["objective"] or body.objective,
+                                                self.tokenizer.vocabulary(), body.objectives)
+        self.names = ("task", *(self.aux.names if self.aux is not None else ()))
+        self.optimizer = methods.make_optimizer(self.plan, params, config.optimizer, config.methods, config.total_steps)
+        self.parameters = sum(x.size for x in jax.tree.leaves(params))
+        self.flops_per_token = sum(self._body_flops(b) for b in self.bodies)
+        common = dict(seq_len=config.seq_len, process_index=jax.process_index(), process_count=jax.process_count())
+        self.train_data = encoding.training_stream(self.task, self.tokenizer, batch_size=config.batch_size,
+                                                   seed=config.seed, packed=config.packed, aux=self.aux, **common)
+        self.eval_data = {split: encoding.evaluation_batches(self.task, split, self.tokenizer, batch_size=config.batch_size,
+                                                             packed=config.packed, **common) for split in EVAL_SPLITS}
+        if self.primary:
+            check_free_space(workdir, checkpoint_bytes(jax.eval_shape(self._initial_state, params)))
+        self._setup_parallelism(params)
+        from pretrain.checkpoint import Checkpointer  # noqa: PLC0415 — as the base trainer does, after the state
+
+        self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, run_info=self._run_info())
+        self._closing.callback(self.checkpointer.close)
+
+    def _body_flops(self, body: Body) -> float:
+        """Training FLOPs per token of a body: 6N + 12 L d T when it trains, a third of
+        that (the forward pass) when it is frozen."""
+        c = body.model.config
+        embedding = sum(getattr(body.model, name).size for name in EMBEDDING_PARAMETERS)
+        non_embedding = sum(x.size for x in jax.tree.leaves(nnx.state(body.model, nnx.Param))) - embedding
+        full = flops_per_token(non_embedding, c.num_layers, c.model_dim, self.config.seq_len)
+        return full / 3 if self.plan.frozen_bodies else full
+
+    def _run_info(self) -> dict[str, Any]:
+        with open(self.tokenizer.path, "rb") as handle:
+            tokenizer_sha256 = hashlib.sha256(handle.read()).hexdigest()
+        config = self.config
+        return {"task": self.task.name, "task_fingerprint": self.task.fingerprint, "method": config.method,
+                "init": config.init, "bodies": [dataclasses.asdict(b.model.config) for b in self.bodies],
+                "layouts": [b.layout for b in self.bodies], "poolings": [b.pooling for b in self.bodies],
+                "tokenizer_sha256": tokenizer_sha256, "optimizer": config.optimizer.to_dict(),
+                **{name: config[name] for name in ("seq_len", "batch_size", "total_steps", "seed", "parallelism")}}
+
+    def _learning_rate(self, step: int) -> float:
+        schedule = methods.learning_rate(self.plan, self.config.optimizer, self.config.methods,
+                                         self.config.total_steps)
+        return float(schedule(step))
+
+    # -- the compiled steps ----------------------------------------------------------
+
+    def _step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
+        graphdef, rest, kind, config = self.graphdef, self.rest, self.task.kind, self.config
+        num_objectives, aux = len(self.names), self.plan.aux
+
+        def loss_fn(params, batch, totals, step):
+            model = nnx.merge(graphdef, params, rest)
+            outputs, hidden = model(batch)
+            loss_sum, correct, count, _ = task_loss(outputs, batch, kind)
+            loss = loss_sum / totals[0]
+            zeros = jnp.zeros((num_objectives,), jnp.float32)
+            stats = {"loss_sum": zeros.at[0].set(loss_sum), "correct_sum": zeros.at[0].set(correct),
+                     "weight_sum": zeros.at[0].set(count)}
+            if aux is not None:
+                body = model.bodies[0]
+                aux_sum, aux_stats = weighted_token_statistics(body, hidden[0], batch["targets"], batch["weights"],
+                                                               batch["objective_id"], num_objectives)
+                loss = loss + methods.aux_coefficient(aux, step, config.total_steps) * aux_sum / totals[1]
+                stats = {name: value.at[0].set(stats[name][0]) for name, value in aux_stats.items()}
+            return loss, stats
+
+        def totals_fn(batch):
+            return (batch["task_labels"] >= 0).sum().astype(jnp.float32), batch["weights"].sum()
+
+        def eval_fn(params, batch):
+            outputs, _ = nnx.merge(graphdef, params, rest)(batch)
+            loss_sum, correct, count, predictions = task_loss(outputs, batch, kind)
+            return {"loss_sum": loss_sum, "count": count, "predictions": predictions}
+
+        return make_step(loss_fn, totals_fn, self.optimizer, config.accumulation_steps, axis_name), eval_fn
+
+    # -- evaluation ------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on dev and test (`eval/dev/<metric>`, `eval/test/<metric>`)
+        and the task loss on each."""
+        params = self.unreplicate(self.state["params"])
+        out = {}
+        for split in EVAL_SPLITS:
+            gold, predicted, loss, count = self._predict(params, split)
+            for name, value in scores.score(self.task.metrics, self.task.labels, gold, predicted).items():
+                out[f"eval/{split}/{name}"] = value
+            out[f"eval/{split}/loss"] = loss / max(count, 1.0)
+        return out
+
+    def _predict(self, params: Any, split: str) -> tuple[list, list, float, float]:
+        """(gold, predicted, loss sum, labelled count) over a split, in example order."""
+        examples = self.task.splits[split]
+        tagging = self.task.kind == "tagging"
+        default = self.task.labels.index("O") if tagging and "O" in self.task.labels else 0
+        predicted: list = [[default] * len(e.words) for e in examples] if tagging else [0.0] * len(examples)
+        loss = count = 0.0
+        for batch in self.eval_data[split]:
+            result = jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
+            loss, count = loss + float(result["loss_sum"]), count + float(result["count"])
+            where = batch["task_example"] >= 0
+            for example, word, value in zip(batch["task_example"][where], batch["task_word"][where],
+                                            result["predictions"][where]):
+                if tagging:
+                    predicted[example][word] = int(value)
+                else:
+                    predicted[example] = float(value) if self.task.kind == "regression" else int(value)
+        gold = [list(e.tags) if tagging else e.label for e in examples]
+        return gold, predicted, loss, count
+
+    def _print_evaluation(self, step: int, values: dict[str, float]) -> None:
+        def split_line(split: str) -> str:
+            metrics = self.task.metrics
+            main = f"{split} {self.task.metric} {values[f'eval/{split}/{self.task.metric}']:.4f}"
+            rest = ", ".join(f"{m} {values[f'eval/{split}/{m}']:.4f}" for m in metrics if m != self.task.metric)
+            return f"{main} ({rest}; loss {values[f'eval/{split}/loss']:.4f})"
+
+        print(f"eval at step {step}: {split_line('dev')}; {split_line('test')}", flush=True)
+
+    def _describe(self, start: int) -> str:
+        config = self.config
+        bodies = "; ".join(f"{b.run} ({'step ' + str(b.step) if b.pretrained else 'random initialisation'}, "
+                           f"{b.run_config.objective}, {b.layout} layout, {b.pooling} pooling)" for b in self.bodies)
+        lines = [
+            ("run", f"{self.workdir} ({f'resuming from step {start}' if start else 'new run'}), seed {config.seed}"),
+            ("task", self.task.describe()),
+            ("bodies", bodies + (f"; fused by {config.fusion}" if len(self.bodies) > 1 else "")),
+            ("method", f"{config.method}" + (" (bodies frozen)" if self.plan.frozen_bodies else "")
+             + f"; {self.parameters:,} parameters; batch {config.batch_size} x seq_len {config.seq_len}"
+             + (" packed" if config.packed else " one example per row")),
+            ("steps", f"{config.total_steps:,}; peak lr {config.optimizer.learning_rate:g}, {self.plan.schedule} "
+                      f"schedule; eval every {config.eval_every or config.total_steps}"),
+            ("MFU peak", f"{self.peak:.3g} FLOP/s per device ({self.peak_source})"),
+        ]
+        width = max(len(name) for name, _ in lines)
+        return "\n".join(f"{name + ':':<{width + 1}} {text}" for name, text in lines)
+
+    def _finish(self, step: int) -> None:
+        """Writes result.json: the dev-selected step and its dev and test scores."""
+        if self.primary:
+            write_result(self.workdir, self.task)
+
+
+def read_records(workdir: str | os.PathLike) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_result(workdir: str | os.PathLike, task: tasks.Task) -> dict[str, Any]:
+    """result.json of a finished run: the evaluation with the best dev metric (the
+    earliest on a tie), and its dev and test scores."""
+    records = [r for r in read_records(workdir) if f"eval/dev/{task.metric}" in r]
+    if not records:
+        raise ValueError(f"{workdir}/metrics.jsonl holds no evaluation; the run must evaluate at least once")
+    best = max(records, key=lambda r: (r[f"eval/dev/{task.metric}"], -r["step"]))
+    pick = lambda split: {k.split("/")[2]: v for k, v in best.items() if k.startswith(f"eval/{split}/")}  # noqa: E731
+    result = {"task": task.name, "task_fingerprint": task.fingerprint, "metric": task.metric,
+              "selected_step": best["step"], "last_step": records[-1]["step"], "dev": pick("dev"),
+              "test": pick("test"), "evaluated_steps": [r["step"] for r in records]}
+    path = os.path.join(workdir, RESULT_FILENAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def summarize_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and (sample) standard deviation over seeds of every test metric, and each seed's."""
+    metrics = sorted(results[0]["test"])
+    summary = {"task": results[0]["task"], "metric": results[0]["metric"], "seeds": len(results), "test": {}}
+    for name in metrics:
+        values = np.asarray([r["test"][name] for r in results], np.float64)
+        summary["test"][name] = {"mean": float(values.mean()),
+                                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                                 "per_seed": [float(v) for v in values]}
+    summary["selected_steps"] = [r["selected_step"] for r in results]
+    return summary
+
+
+def seed_config(config: Any, seed: int) -> Any:
+    """The config of one seed's run."""
+    one = config.copy_and_resolve_references()
+    with one.unlocked():
+        one.seed = int(seed)
+    return one
+
+
+def run_seeds(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Fine-tunes once per seed of `config.seeds` in `workdir/seed_<s>` (a finished
+    seed, whose result.json covers its last checkpoint, is not trained again), then
+    writes `workdir/summary.json`: test mean ± std over seeds and each seed's scores."""
+    from pretrain.inference import checkpoint_steps  # noqa: PLC0415
+
+    results = []
+    for seed in config.seeds:
+        directory = os.path.join(os.fspath(workdir), f"seed_{seed}")
+        result_path = os.path.join(directory, RESULT_FILENAME)
+        done = False
+        if os.path.exists(result_path):
+            with open(result_path, encoding="utf-8") as handle:
+                result = json.load(handle)
+            try:
+                done = checkpoint_steps(directory)[-1] == result["last_step"] == config.total_steps
+            except FileNotFoundError:
+                done = False
+        if not done:
+            FinetuneTrainer(seed_config(config, seed), directory).run()
+            with open(result_path, encoding="utf-8") as handle:
+                result = json.load(handle)
+        results.append(result)
+    summary = summarize_seeds(results)
+    summary["workdir"] = os.path.abspath(workdir)
+    path = os.path.join(os.fspath(workdir), "summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    os.replace(path + ".tmp", path)
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The summary as lines: each test metric's mean ± std and per-seed values."""
+    lines = [f"{summary['task']}: test scores at the dev-selected step ({summary['metric']}), "
+             f"{summary['seeds']} seed(s), steps {summary['selected_steps']}"]
+    for name, value in summary["test"].items():
+        seeds = ", ".join(f"{v:.4f}" for v in value["per_seed"])
+        lines.append(f"  {name:<15} {value['mean']:.4f} ± {value['std']:.4f}   ({seeds})")
+    return "\n".join(lines)

@@ -1,0 +1,261 @@
+"""The parts of fine-tuning, each against literal expectations: metrics, schedules,
+per-layer rates, unfreezing masks, pooling, tag alignment, task files and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece as spm
+from flax import nnx
+
+from pretrain.model import create_model, preset
+from pretrain.tokenizer import load_tokenizer
+from pretrain.transfer import encoding, heads, methods, pydocs_tasks, scores, tasks
+
+SETTINGS = {"discriminative": {"decay": 0.5, "head_gap": 0}, "stlr": {"cut_frac": 0.1, "ratio": 32.0},
+            "gradual_unfreezing": {"every_steps": 3}, "aux_lm": {"objective": "", "start": 0.2, "end": 0.1,
+                                                                 "decay_steps": 0},
+            "probe": {"scalar_mix": False}}
+OPTIMIZER = dict(learning_rate=1.0, warmup_fraction=0.1, weight_decay=0.0, clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-12)
+
+
+def test_metrics_on_literal_predictions():
+    assert scores.accuracy([0, 1, 2, 2], [0, 2, 2, 2]) == 0.75
+    # class 0: F1 1; class 1: F1 0 (never predicted); class 2: precision 2/3, recall 1 -> 0.8
+    assert scores.macro_f1([0, 1, 2, 2], [0, 2, 2, 2]) == pytest.approx((1 + 0 + 0.8) / 3)
+    assert scores.f1([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
+    assert scores.mcc([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0 and scores.mcc([1, 1, 0, 0], [0, 0, 1, 1]) == -1.0
+    assert scores.mcc([1, 1, 0, 0], [1, 0, 1, 0]) == 0.0 and scores.mcc([1, 1, 1], [1, 1, 1]) == 0.0
+    assert scores.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert scores.spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1.0)
+    assert scores.spearman([1, 2, 3, 4], [4, 3, 3, 1]) == pytest.approx(-0.9486833, abs=1e-6)  # a tie: ranks 2.5, 2.5
+
+
+def test_span_f1_decodes_bio_as_conlleval():
+    assert scores.spans(["B-CODE", "I-CODE", "O", "B-CODE"]) == {(0, 2, "CODE"), (3, 4, "CODE")}
+    assert scores.spans(["O", "I-CODE", "I-CODE", "B-CODE", "I-X"]) == {(1, 3, "CODE"), (3, 4, "CODE"), (4, 5, "X")}
+    gold = [["B-CODE", "I-CODE", "O", "B-CODE"], ["O", "O"]]
+    predicted = [["B-CODE", "O", "O", "B-CODE"], ["B-CODE", "O"]]
+    # gold spans (0,2), (3,4); predicted (0,1), (3,4), and (0,1) in the second: 1 correct of 3 found, 2 expected
+    assert scores.span_f1(gold, predicted) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert scores.token_accuracy(gold, predicted) == pytest.approx(4 / 6)
+
+
+def test_slanted_triangular_and_warmup_linear_rates():
+    stlr = methods.stlr_schedule(1.0, 100, cut_frac=0.1, ratio=32)
+    assert [float(stlr(t)) for t in (0, 5, 10, 55, 100)] == [1 / 32, 16.5 / 32, 1.0, 16.5 / 32, 1 / 32]
+    bert = methods.warmup_linear_schedule(1.0, 100, 0.1)
+    assert [float(bert(t)) for t in (0, 5, 10, 55, 100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    coefficient = lambda step: float(methods.aux_coefficient(SETTINGS["aux_lm"], step, 100))  # noqa: E731
+    assert coefficient(0) == pytest.approx(0.2) and coefficient(100) == pytest.approx(0.1)
+    assert coefficient(50) == pytest.approx(np.sqrt(0.2 * 0.1)) and coefficient(400) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def task_params():
+    model = heads.TaskModel([create_model(preset("tiny", vocab_size=64))], ["bidirectional"], ["first"], 3,
+                            tagging=False)
+    params = nnx.state(model, nnx.Param)
+    return params, heads.parameter_depths(params, [2])
+
+
+def updates_over(spec: str, params, depths, steps: int, settings=SETTINGS) -> list[dict[tuple, float]]:
+    """The largest |update| of each parameter at each of `steps` updates of a constant gradient."""
+    optimizer = methods.make_optimizer(methods.plan(spec, settings, depths, 100, 1), params, OPTIMIZER, settings, 100)
+    state, grads, out = optimizer.init(params), jax.tree.map(jnp.ones_like, params), []
+    for _ in range(steps):
+        updates, state = optimizer.update(grads, state, params)
+        out.append({heads.path_of(keys): float(jnp.abs(u).max())
+                    for keys, u in jax.tree_util.tree_flatten_with_path(updates)[0]})
+    return out
+
+
+def test_parameter_depths_run_from_the_head_to_the_embeddings(task_params):
+    _, depths = task_params
+    assert depths[("head_kernel",)] == 0 and depths[("bodies", 0, "final_norm", "scale")] == 1
+    assert depths[("bodies", 0, "blocks", 1, "mlp", "wi")] == 1 and depths[("bodies", 0, "blocks", 0, "mlp", "wi")] == 2
+    assert depths[("bodies", 0, "token_embedding")] == 3 and depths[("bodies", 0, "position_embedding")] == 3
+
+
+@pytest.mark.parametrize("decay, head_gap", [(0.5, 0), (methods.ULMFIT_DECAY, 0), (methods.ELECTRA_DECAY, 1)],
+                         ids=["0.5", "ulmfit", "electra"])
+def test_discriminative_rates_follow_the_formula(task_params, decay, head_gap):
+    """On a constant gradient Adam's step is the learning rate itself, so each group's
+    update is lr * decay**depth (ELECTRA's code adds one to every body depth)."""
+    params, depths = task_params
+    settings = {**SETTINGS, "discriminative": {"decay": decay, "head_gap": head_gap}}
+    step = updates_over("discriminative", params, depths, 6, settings)[5]
+    head = step[("head_kernel",)]
+    assert head == pytest.approx(0.5, rel=1e-5)  # warmup over 10 steps: the 6th update (t=5) is at half the peak
+    for path, depth in depths.items():
+        expected = decay ** (depth + (head_gap if depth else 0))
+        assert step[path] == pytest.approx(head * expected, rel=1e-5), path
+
+
+def test_gradual_unfreezing_starts_each_group_at_its_step(task_params):
+    params, depths = task_params
+    history = updates_over("gradual_unfreezing", params, depths, 12)
+    for path, depth in depths.items():
+        start = depth * SETTINGS["gradual_unfreezing"]["every_steps"]
+        assert all(step[path] == 0.0 for step in history[max(start, 1) - 1 if start else 0 : start]), path
+        assert all(step[path] > 0.0 for step in history[max(start, 1) :]), path
+
+
+def test_probe_trains_only_the_task_parameters(task_params):
+    params, depths = task_params
+    for step in updates_over("probe", params, depths, 3)[1:]:
+        assert all(step[path] == 0.0 for path in depths if path[0] == "bodies")
+        assert step[("head_kernel",)] > 0
+
+
+def test_methods_that_clash_are_refused():
+    with pytest.raises(ValueError, match=r"config.method='probe\+discriminative': 'probe' freezes the bodies"):
+        methods.parse_methods("probe+discriminative")
+    with pytest.raises(ValueError, match=r"config.method='ulmfit': unknown method 'ulmfit'; choose from full, probe"):
+        methods.parse_methods("ulmfit")
+    assert methods.parse_methods("discriminative+stlr+gradual_unfreezing") == (
+        "discriminative", "stlr", "gradual_unfreezing")
+
+
+def test_pooling_reads_each_example_of_a_packed_row():
+    hidden = jnp.arange(2 * 6 * 1, dtype=jnp.float32).reshape(2, 6, 1)  # value = position index (+6 in row 1)
+    segments = jnp.asarray([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(heads.pool(hidden, segments, "first")[..., 0],
+                                  [[0, 0, 0, 3, 3, 5], [6, 6, 6, 6, 6, 6]])
+    np.testing.assert_array_equal(heads.pool(hidden, segments, "last")[..., 0],
+                                  [[2, 2, 2, 4, 4, 5], [11, 11, 11, 11, 11, 11]])
+    concat = heads.pool(hidden, segments, "concat")  # last, max, mean
+    np.testing.assert_array_equal(concat[0, 0], [2, 2, 1]) and np.testing.assert_array_equal(concat[0, 4], [4, 4, 3.5])
+    np.testing.assert_array_equal(concat[1, 0], [11, 11, 8.5])
+
+
+def test_the_fusion_gate_weighs_bodies_per_example():
+    gate = heads.Gate([4, 6], nnx.Rngs(params=0))
+    features = [jnp.ones((2, 5, 4)), jnp.ones((2, 5, 6))]
+    weights = gate.weights(features)
+    assert weights.shape == (2, 5, 2) and np.allclose(weights.sum(-1), 1.0)
+    assert gate(features).shape == (2, 5, 6)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A tiny SentencePiece model trained on a fixed text (independent of the Python version)."""
+    directory = tmp_path_factory.mktemp("words")
+    text = ["Call os.path.join on the parts, then open the file now.", "The join of two paths is a path.",
+            "Every module has a name; some have docstrings, quick or verbose.", "Zip, map and filter take functions!",
+            "Keys, values and items: 0123456789 (x) [y] {z} <w> - + * / = ~ ^ % $ # @ ` ' \" | \\ ?"] * 40
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(directory / "sp"), vocab_size=100,
+                                   pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="[PAD]", unk_piece="[UNK]",
+                                   bos_piece="[BOS]", eos_piece="[EOS]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+                                   minloglevel=2, num_threads=1)
+    return load_tokenizer(directory / "sp.model")
+
+
+def test_tags_sit_on_each_words_first_piece(word_tokenizer):
+    words = ("Call", "os.path.join", "now")
+    pieces = [len(word_tokenizer.encode(w)) for w in words]
+    assert pieces == [4, 8, 3]  # words are spelt in several pieces of this small vocabulary
+    task = tasks.Task("t", "tagging", pydocs_tasks.CODE_TAGS, {s: (tasks.TaskExample(),) for s in tasks.SPLITS},
+                      "span_f1", "test")
+    encoded = encoding.encode(tasks.TaskExample(words=words, tags=(2, 0, 2)), 7, task, word_tokenizer, 64).fields
+    np.testing.assert_array_equal(encoded["task_labels"],
+                                  [-1, 2, -1, -1, -1, 0, -1, -1, -1, -1, -1, -1, -1, 2, -1, -1, -1])
+    np.testing.assert_array_equal(encoded["task_word"],
+                                  [-1, 0, -1, -1, -1, 1, -1, -1, -1, -1, -1, -1, -1, 2, -1, -1, -1])
+    np.testing.assert_array_equal(encoded["task_example"] >= 0, encoded["task_labels"] >= 0)
+    assert encoded["inputs"][0] == 4 and encoded["inputs"][-1] == 5  # [CLS] ... [SEP]
+    assert encoded["inputs_causal"][0] == 2 and encoded["inputs_causal"][-1] == 3  # [BOS] ... [EOS]
+    cut = encoding.encode(tasks.TaskExample(words=words, tags=(2, 0, 2)), 7, task, word_tokenizer, 11).fields
+    assert cut["task_word"].tolist() == [-1, 0, -1, -1, -1, -1]  # the second word does not fit: it and the rest go
+
+
+def test_code_spans_become_bio_tags():
+    words, tags = pydocs_tasks.code_span_words('The simple form, "assert expression", is equivalent to "x".')
+    assert words == ("The", "simple", "form,", "assert", "expression", ",", "is", "equivalent", "to", "x", ".")
+    assert [pydocs_tasks.CODE_TAGS[t] for t in tags] == ["O", "O", "O", "B-CODE", "I-CODE", "O", "O", "O", "O",
+                                                          "B-CODE", "O"]
+
+
+def test_a_pair_is_cut_longer_text_first_and_types_mark_the_second(word_tokenizer):
+    task = tasks.Task("p", "pair", ("no", "yes"), {s: (tasks.TaskExample(),) for s in tasks.SPLITS}, "accuracy", "t")
+    example = tasks.TaskExample("the join of two paths is a path " * 3, "open the file", label=1)
+    fields = encoding.encode(example, 0, task, word_tokenizer, 16).fields
+    second = len(word_tokenizer.encode("open the file"))
+    assert len(fields["inputs"]) == 16 and fields["token_types"].tolist() == [0] * (15 - second) + [1] * (second + 1)
+    assert fields["task_labels"].tolist() == [1] + [-1] * 15
+
+
+def write_task(directory, files: dict[str, str]):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+ROWS = '{"text": "a good film", "label": "pos"}\n{"text": "a bad film", "label": "neg"}\n'
+
+
+def test_task_files_in_every_form(tmp_path):
+    jsonl = tasks.load_files(write_task(tmp_path / "j", {f"{s}.jsonl": ROWS for s in ("train", "dev", "test")}))
+    assert jsonl.kind == "classification" and jsonl.labels == ("neg", "pos") and jsonl.splits["test"][1].label == 0
+    pairs = tasks.load_files(write_task(tmp_path / "p", {f"{s}.tsv": "text\ttext_b\tlabel\na\tb\tyes\nc\td\tno\n"
+                                                         for s in ("train", "validation", "test")}))
+    assert pairs.kind == "pair" and pairs.splits["dev"][0] == tasks.TaskExample("a", "b", 1)
+    conll = "Call\tO\nos.path\tB-CODE\n\nnow\tO\n"
+    tagging = tasks.load_files(write_task(tmp_path / "t", {f"{s}.tsv": conll for s in ("train", "dev", "test")}))
+    assert tagging.kind == "tagging" and tagging.splits["train"][0] == tasks.TaskExample(words=("Call", "os.path"),
+                                                                                          tags=(1, 0))
+    values = '{"text": "x", "label": 0.5}\n{"text": "y", "label": 4}\n'
+    regression = tasks.load_files(write_task(tmp_path / "r", {f"{s}.jsonl": values for s in ("train", "dev", "test")}),
+                                  kind="regression")
+    assert regression.num_outputs == 1 and [e.label for e in regression.splits["train"]] == [0.5, 4.0]
+
+
+BAD_FILES = {
+    "a row without a label": ({"train.jsonl": ROWS + '{"text": "no label here"}\n'},
+                              r"train.jsonl:3 has no 'label'; add \"label\" to every row"),
+    "a test label never trained on": ({"test.jsonl": ROWS + '{"text": "so so", "label": "mixed"}\n'},
+                                      r"test.jsonl:3: label 'mixed' never occurs in the training file, so no model can "
+                                      r"learn it; the training labels are \['neg', 'pos'\]"),
+    "an empty file": ({"dev.jsonl": ""}, r"dev.jsonl holds no examples; put at least one row in it"),
+    "tags and tokens of different lengths": ({"train.jsonl": '{"tokens": ["a", "b"], "tags": ["O"]}\n'},
+                                             r"train.jsonl:1: 2 tokens but 1 tags; give one tag per token"),
+    "no test file": ({"test.jsonl": None}, r"has no test file: add test.jsonl or test.tsv"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_task_files_name_the_file_the_line_and_the_fix(tmp_path, name):
+    files, message = BAD_FILES[name]
+    directory = write_task(tmp_path / "task", {f"{s}.jsonl": ROWS for s in ("train", "dev", "test")})
+    for file, text in files.items():
+        (directory / file).unlink() if text is None else (directory / file).write_text(text, encoding="utf-8")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        tasks.load_files(directory)
+
+
+def test_the_pydocs_test_split_is_the_pretraining_heldout_split():
+    """No test text occurs in a document that pretraining trains on; test texts come from
+    held-out pydocs documents, or from docstrings too short to be a document at all
+    (checked on the pair task, whose texts are unmasked)."""
+    from ml_collections import ConfigDict
+
+    from pretrain.sources import make_source
+
+    config = ConfigDict(dict(test_fraction=0.1, dev_fraction=0.1, task_min_words=5, task_min_examples=30,
+                             task_max_examples=0, task_metric=""))
+    pretraining = ConfigDict(dict(kind="pydocs", heldout_fraction=0.1))
+    source = make_source("pydocs", heldout_fraction=0.1)
+    flat = lambda documents: "\n".join(" ".join(d.text.split()) for d in documents)  # noqa: E731
+    train_text, heldout_text = flat(source.split("train")), flat(source.split("heldout"))
+    for name, least in (("pydocs_topic", 300), ("pydocs_same_module", 300), ("pydocs_code_spans", 100)):
+        assert len(pydocs_tasks.build(name, config, pretraining).splits["test"]) >= least, name
+    pairs = pydocs_tasks.build("pydocs_same_module", config, pretraining)
+    texts = [text for example in pairs.splits["test"] for text in (example.text, example.text_b)]
+    assert not [text for text in texts if text in train_text]
+    assert sum(text in heldout_text for text in texts) > 0.8 * len(texts)
+    assert sum(example.text in train_text for example in pairs.splits["train"]) > 0.8 * len(pairs.splits["train"])
