@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task_tfds_data_dir = ""  # task='tfds': where it was prepared
     config.task_min_words = 5  # built-in tasks: shortest docstring or sentence kept, in words
     config.task_min_examples = 30  # pydocs_topic: packages with fewer docstrings are left out
-    config.task_max_examples = 0  # > 0: only the first N examples of each split (quick runs)
+    config.task_max_examples = 0  # > 0: built-in tasks keep N evenly spaced examples of each split (quick runs)
     config.dev_fraction = 0.1  # built-in and TFDS tasks: the dev share of the non-test examples, by hash
     config.test_fraction = 0.1  # built-in tasks when the body did not pretrain on pydocs: the held-out share
 

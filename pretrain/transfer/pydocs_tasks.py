@@ -51,14 +51,21 @@ def build(name: str, config: Any, pretraining_data: Any = None) -> Task:
     source = sources.PyDocsSource(heldout_fraction=fraction)
     builder = {"pydocs_topic": _topic, "pydocs_same_module": _same_module, "pydocs_code_spans": _code_spans}[name]
     labels, splits, metric = builder(source, config)
-    if config.task_max_examples > 0:  # the first examples of each split (quick experiments and tests)
-        splits = {split: examples[: config.task_max_examples] for split, examples in splits.items()}
+    if config.task_max_examples > 0:  # an evenly spaced subset of each split (quick experiments and tests)
+        splits = {split: subset(examples, config.task_max_examples) for split, examples in splits.items()}
     version = f"Python {sys.version_info[0]}.{sys.version_info[1]}"
     key = hashlib.sha256(f"{version} {labels} {source.fingerprint} {sorted((s, len(e)) for s, e in splits.items())}"
                          .encode()).hexdigest()[:12]
     return Task(name, kind_of(name), labels, splits, config.task_metric or metric,
                 f"built in from the {version} documentation (pydocs {source.fingerprint}), test split = the pydocs "
                 f"held-out split at heldout_fraction={fraction}", fingerprint=key)
+
+
+def subset(examples: tuple[TaskExample, ...], count: int) -> tuple[TaskExample, ...]:
+    """At most `count` examples spread evenly over `examples` (every k-th), so a small
+    subset keeps the labels of the whole."""
+    step = max(1, -(-len(examples) // count))
+    return examples[::step][:count]
 
 
 def kind_of(name: str) -> str:

@@ -178,6 +178,7 @@ class FinetuneTrainer(Trainer):
                                 scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
                                 fusion=config.fusion, seed=config.seed)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        params = jax.device_get(params)  # restored bodies sit on one device; the state is placed by the mesh
         depths = heads.parameter_depths(params, [b.model.config.num_layers for b in self.bodies])
         self.plan = methods.plan(config.method, config.methods, depths, config.total_steps, len(self.bodies))
         self.aux = None

@@ -1,0 +1,281 @@
+"""Fine-tuning end to end on tiny pretrained runs: the body restored bit for bit with a new
+head, frozen parameters bit-identical, unfreezing inside the compiled step, fusion, packed
+equal to unpacked, every head, seeds and selection, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.finetune import get_config
+from pretrain import finetune
+from pretrain.inference import model_config, read_run_config, restore_params
+from pretrain.model import create_model
+from pretrain.tokenizer import load_tokenizer
+from pretrain.train import Trainer
+from pretrain.transfer import heads, trainer as transfer
+from train_helpers import ROOT, checkpoint_steps, compile_cache_env, read_metrics, shared_tokenizer, tiny_config
+from trained_run import shared_run
+
+_RUNS: dict[str, str] = {}
+
+
+def pretrained(factory, objective: str = "mlm") -> str:
+    """A tiny run of `objective` (10 steps, pydocs, the session's tokenizer), made once."""
+    if objective not in _RUNS:
+        if objective == "mlm:1,clm:1,mass:1,unilm:1":
+            _RUNS[objective] = str(shared_run(factory))
+        else:
+            workdir = factory.mktemp(f"pretrained_{objective}")
+            shutil.copy(shared_tokenizer(factory), workdir / "tokenizer.model")
+            Trainer(tiny_config(objective, total_steps=10, checkpoint_every=10, peak_flops_per_device=1e12),
+                    str(workdir)).run()
+            _RUNS[objective] = str(workdir)
+    return _RUNS[objective]
+
+
+def config_for(init: str, task: str = "pydocs_topic", method: str = "full", **overrides):
+    """A tiny fine-tuning config: few examples, short rows, 8 steps."""
+    config = get_config(f"task={task},method={method}")
+    config.init = init
+    fields = dict(seq_len=64, batch_size=8, total_steps=8, log_every=4, eval_every=4, checkpoint_every=4,
+                  task_max_examples=48, peak_flops_per_device=1e12, seeds=(0,), **{"optimizer.learning_rate": 1e-3})
+    for key, value in {**fields, **overrides}.items():
+        *groups, name = key.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[name] = value
+    return config
+
+
+def parameters(tree) -> dict[tuple, np.ndarray]:
+    return {heads.path_of(keys): np.asarray(leaf) for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def checkpoint_body(run: str) -> dict[tuple, np.ndarray]:
+    """The run's newest checkpointed parameters, under the task model's body paths."""
+    config = read_run_config(run)
+    model = create_model(model_config(config, load_tokenizer(os.path.join(run, "tokenizer.model")).vocab_size),
+                         seed=123)
+    restore_params(run, model)
+    return {("bodies", 0, *path): value for path, value in parameters(nnx.state(model, nnx.Param)).items()}
+
+
+def test_the_body_is_restored_bit_for_bit_and_the_head_is_new(tmp_path_factory, tmp_path):
+    run = pretrained(tmp_path_factory)
+    with transfer.FinetuneTrainer(config_for(run), str(tmp_path / "ft")) as trainer:
+        state = parameters(trainer.state["params"])
+        head = state[("head_kernel",)]
+    expected = checkpoint_body(run)
+    assert set(expected) == {path for path in state if path[0] == "bodies"}
+    for path, value in expected.items():
+        np.testing.assert_array_equal(state[path], value, err_msg=str(path))
+    fresh = heads.TaskModel([create_model(model_config(read_run_config(run), 400), seed=5)], ["bidirectional"],
+                            ["first"], head.shape[1], tagging=False, seed=0)
+    np.testing.assert_array_equal(head, np.asarray(fresh.head_kernel[...]))  # the head depends on the seed alone
+    assert head.shape == (64, len(trainer.task.labels)) and np.abs(head).max() < 0.2
+
+
+def test_a_body_that_is_not_its_runs_shape_or_not_a_run_is_refused(tmp_path_factory, tmp_path):
+    run = tmp_path / "edited"
+    shutil.copytree(pretrained(tmp_path_factory), run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["num_layers"] = 3
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the checkpoint at step 10 in .*/edited was written by a model of another "
+                                         r"shape: model.num_layers is 2 there and 3 here. The body's shape comes from "
+                                         r"config.json"):
+        transfer.FinetuneTrainer(config_for(str(run)), str(tmp_path / "ft1"))
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(FileNotFoundError, match=r"edited has no checkpoints/ directory: the run has not saved"):
+        transfer.FinetuneTrainer(config_for(str(run)), str(tmp_path / "ft2"))
+    with pytest.raises(FileNotFoundError, match=r"config.json is missing, so .*/ft1 is not a training run"):
+        transfer.FinetuneTrainer(config_for(str(tmp_path / "ft1")), str(tmp_path / "ft3"))
+
+
+def run_steps(trainer, steps: int) -> list[dict[tuple, np.ndarray]]:
+    """The parameters after each of `steps` compiled train steps."""
+    iterator, history = iter(trainer.train_data), []
+    for _ in range(steps):
+        trainer.state, _ = trainer.train_step(trainer.state, trainer.put_batch(next(iterator)))
+        history.append(parameters(trainer.state["params"]))
+    return history
+
+
+def test_probe_leaves_every_body_parameter_bit_identical(tmp_path_factory, tmp_path):
+    run = pretrained(tmp_path_factory)
+    with transfer.FinetuneTrainer(config_for(run, method="probe", **{"methods.probe.scalar_mix": True}),
+                                  str(tmp_path / "ft")) as trainer:
+        before = parameters(trainer.state["params"])
+        after = run_steps(trainer, 3)[-1]
+    for path, value in before.items():
+        if path[0] == "bodies":
+            np.testing.assert_array_equal(after[path], value, err_msg=str(path))
+    assert not np.array_equal(after[("head_kernel",)], before[("head_kernel",)])
+    assert not np.array_equal(after[("mixes", 0, "weights")], before[("mixes", 0, "weights")])  # ELMo's mix trains
+
+
+def test_gradual_unfreezing_inside_the_compiled_step(tmp_path_factory, tmp_path):
+    """Tiny bodies have depths 0 (head) .. 3 (embeddings); one more group every 2 steps,
+    so group d may change from step 2d + 1 on (the head from step 2: warmup's first
+    rate is 0), with no recompilation."""
+    run = pretrained(tmp_path_factory)
+    config = config_for(run, method="gradual_unfreezing", **{"methods.gradual_unfreezing.every_steps": 2})
+    with transfer.FinetuneTrainer(config, str(tmp_path / "ft")) as trainer:
+        depths = heads.parameter_depths(trainer.state["params"], [2])
+        history = [parameters(trainer.state["params"]), *run_steps(trainer, 8)]
+        assert trainer.train_step._cache_size() == 1
+    for path, depth in depths.items():
+        changed = [not np.array_equal(history[s][path], history[s - 1][path]) for s in range(1, 9)]
+        first = max(2 * depth, 1) + 1
+        assert not any(changed[: first - 1]), (path, changed)
+        if path[-1] not in ("output_bias", "type_embedding", "position_embedding"):  # may see no gradient
+            assert changed[first - 1], (path, changed)
+
+
+def test_fused_bodies_stay_frozen_and_the_gate_mixes_them(tmp_path_factory, tmp_path):
+    """An MLM-family body (bidirectional view) and a causal LM (causal view) read one batch."""
+    runs = [pretrained(tmp_path_factory, "mlm:1,clm:1,mass:1,unilm:1"), pretrained(tmp_path_factory, "clm")]
+    config = config_for(",".join(runs), fusion="gate")
+    with transfer.FinetuneTrainer(config, str(tmp_path / "ft")) as trainer:
+        assert [b.layout for b in trainer.bodies] == ["bidirectional", "causal"]
+        assert [b.pooling for b in trainer.bodies] == ["first", "last"]
+        before = parameters(trainer.state["params"])
+        after = run_steps(trainer, 2)[-1]
+        model = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.rest)
+        batch = trainer.eval_data["dev"][0]
+        pooled = [heads.pool(model.body_hidden(batch, i), batch["segment_ids"], p)
+                  for i, p in enumerate(model.poolings)]
+        assert model.gate.weights(pooled).shape == (*batch["inputs"].shape, 2)
+    for path, value in before.items():
+        if path[0] == "bodies":
+            np.testing.assert_array_equal(after[path], value, err_msg=str(path))
+    assert not np.array_equal(after[("gate", "kernel")], before[("gate", "kernel")])
+
+
+@pytest.mark.parametrize("task", ["pydocs_topic", "pydocs_same_module", "pydocs_code_spans"])
+def test_packed_and_unpacked_rows_give_the_same_predictions(tmp_path_factory, tmp_path, task):
+    run = pretrained(tmp_path_factory)
+    results = []
+    for packed in (True, False):
+        with transfer.FinetuneTrainer(config_for(run, task=task, packed=packed, pooling="concat", seq_len=256),
+                                      str(tmp_path / f"ft-{packed}")) as trainer:
+            params = trainer.unreplicate(trainer.state["params"])
+            gold, predicted, loss, count = trainer._predict(params, "dev")
+            rows = sum(len(b["inputs"]) for b in trainer.eval_data["dev"])
+            results.append((predicted, loss / count, rows))
+    assert results[0][0] == results[1][0]
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+    assert results[0][2] < results[1][2]  # packing used fewer rows
+
+
+def run_command(argv, env=None):
+    return subprocess.run([sys.executable, "-m", "pretrain.finetune", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, XLA_FLAGS="", **(env or {})))
+
+
+def flags_of(config_fields: dict) -> list[str]:
+    return [f"--config.{k}={v}" for k, v in config_fields.items()]
+
+
+def test_seeds_give_mean_and_std_at_the_dev_selected_step_and_a_rerun_trains_nothing(tmp_path_factory, tmp_path):
+    run = pretrained(tmp_path_factory)
+    config = config_for(run, task="pydocs_code_spans", method="aux_lm", seeds=(0, 1))
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    results = [json.loads((tmp_path / "ft" / f"seed_{s}" / "result.json").read_text()) for s in (0, 1)]
+    for seed, result in zip((0, 1), results):
+        records = [r for r in read_metrics(tmp_path / "ft" / f"seed_{seed}") if "eval/dev/span_f1" in r]
+        best = max(records, key=lambda r: (r["eval/dev/span_f1"], -r["step"]))
+        assert result["selected_step"] == best["step"] and result["test"]["span_f1"] == best["eval/test/span_f1"]
+        assert {"loss/task", "loss/mlm"} <= set(read_metrics(tmp_path / "ft" / f"seed_{seed}")[0])  # the auxiliary LM
+    values = [r["test"]["span_f1"] for r in results]
+    assert summary["test"]["span_f1"]["per_seed"] == values
+    assert summary["test"]["span_f1"]["mean"] == pytest.approx(np.mean(values))
+    assert summary["test"]["span_f1"]["std"] == pytest.approx(np.std(values, ddof=1))
+    stamp = os.path.getmtime(tmp_path / "ft" / "seed_1" / "metrics.jsonl")
+    assert transfer.run_seeds(config, tmp_path / "ft") == summary
+    assert os.path.getmtime(tmp_path / "ft" / "seed_1" / "metrics.jsonl") == stamp
+
+
+def test_regression_and_pair_files_train_and_report_their_metrics(tmp_path_factory, tmp_path):
+    run = pretrained(tmp_path_factory)
+    rng = np.random.default_rng(0)
+    words = "the list of items in a module returns value when called with keys".split()
+    for split, count in (("train", 40), ("dev", 16), ("test", 16)):
+        with open(tmp_path / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for _ in range(count):
+                text = " ".join(rng.choice(words, 6))
+                handle.write(json.dumps({"text": text, "text_b": text[::-1], "label": float(len(set(text.split())))})
+                             + "\n")
+    config = config_for(run, task="files", task_path=str(tmp_path), task_kind="regression")
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    assert set(summary["test"]) == {"pearson", "spearman", "loss"} and summary["metric"] == "pearson"
+
+
+def test_finetuning_resumes_bit_identically_after_sigkill(tmp_path_factory, tmp_path):
+    run = pretrained(tmp_path_factory)
+    fields = dict(init=run, seq_len=64, batch_size=8, total_steps=24, log_every=1, eval_every=12, checkpoint_every=6,
+                  task_max_examples=48, peak_flops_per_device=1e12, seeds="(0,)")
+    base = ["--config=configs/finetune.py:task=pydocs_topic,method=discriminative+stlr", *flags_of(fields)]
+    cache = compile_cache_env(tmp_path / "jax-cache")
+    reference = run_command([*base, f"--workdir={tmp_path / 'reference'}"], cache)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "pretrain.finetune", *base, f"--workdir={killed}"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, XLA_FLAGS="", **cache))
+    for line in process.stdout:
+        if line.startswith("step 20/"):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert checkpoint_steps(killed / "seed_0")[-1] in (6, 12, 18)  # killed mid-run (an async save may be lost)
+    rerun = run_command([*base, f"--workdir={killed}"], cache)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "reference", killed))
+    assert a["test"] == b["test"]
+    for directory in ("reference", "killed"):
+        assert [r["step"] for r in read_metrics(tmp_path / directory / "seed_0")] == list(range(1, 25))
+    losses = [{r["step"]: r["loss"] for r in read_metrics(tmp_path / d / "seed_0")} for d in ("reference", "killed")]
+    assert losses[0] == losses[1]
+    config = config_for(run, method="discriminative+stlr", total_steps=24, checkpoint_every=6, eval_every=12)
+    with transfer.FinetuneTrainer(config, str(tmp_path / "probe-restore")) as trainer:
+        from pretrain.checkpoint import Checkpointer  # the final states of both runs, bit for bit
+
+        states = [Checkpointer(tmp_path / d / "seed_0").restore(trainer.abstract_state)
+                  for d in ("reference", "killed")]
+    assert states[0][0] == states[1][0] == 24
+    for x, y in zip(jax.tree.leaves(states[0][1]), jax.tree.leaves(states[1][1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+CLI_CASES = {
+    "unknown task": (["--config.task=sst2"], r"config.task='sst2' is not a task; choose one of pydocs_topic, "),
+    "unknown method": (["--config.method=ulmfit"], r"config.method='ulmfit': unknown method 'ulmfit'; choose from"),
+    "files without a path": (["--config.task=files"], r"config.task_path is empty but config.task='files'"),
+    "no body and no shape": (["--config.init="], r"config.init is empty \(random initialisation\) and "
+                                                 r"config.shape_from is empty"),
+    "aux_lm with probe": (["--config.method=probe+aux_lm", "--config.init=x"],
+                          r"aux_lm trains the body with a language-model loss, so it cannot be combined with probe"),
+    "misspelt field": (["--config.learning_rate=1"], r"config has no field 'learning_rate'; its fields: "),
+}
+
+
+@pytest.mark.parametrize("name", list(CLI_CASES))
+def test_bad_finetuning_input_is_one_line(tmp_path, name):
+    flags, message = CLI_CASES[name]
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(["finetune", f"--workdir={tmp_path}", "--config.init=runs/none", *flags])
+    text = str(stopped.value.code)
+    assert text.startswith("error: ") and "Traceback" not in text, text
+    assert __import__("re").search(message, text), text
