@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import pretrain
+from configs import finetune, pretrain
 
 DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "400"}
+# preset -> the downstream tasks it fine-tunes on by default
+DOWNSTREAM_TASKS = {"objectives": "pydocs_topic,pydocs_code_spans", "mixtures": "pydocs_topic",
+                    "mass_span": "", "mlm_rate": ""}
 
 # preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
 PRESETS = {
@@ -63,6 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     budget.checkpoint_every = max(1, steps // 3)  # an interrupted comparison resumes from here
     budget.keep_checkpoints = 1
     budget.tokenizer.vocab_size = 4000  # shared by every run (trained once into the workdir)
+    budget.data.heldout_fraction = 0.1  # the pydocs held-out split is also the built-in tasks' test split
 
     config = ml_collections.ConfigDict()
     config.budget = budget  # everything the runs share: model, data, tokenizer, optimizer, steps, batch
@@ -79,4 +83,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evaluation.seed = 0  # fixed: every run is scored on the same held-out batches
     config.evaluation.batch_size = 16  # rows per evaluation batch
     config.evaluation.max_documents = 0  # 0: every held-out document
+    config.pretrain_seeds = (0,)  # several: every run pretrained once per seed, the matrix shows mean ± std
+
+    # Downstream (pretrain/transfer/comparison.py): every run, a random-init control and
+    # an optional fusion, fine-tuned on every task with every method, once per seed.
+    config.downstream = ml_collections.ConfigDict()
+    config.downstream.tasks = DOWNSTREAM_TASKS[variants["preset"]]  # comma-separated tasks; '' = no downstream phase
+    config.downstream.methods = "full"  # comma-separated methods (each may join several with '+')
+    config.downstream.seeds = (0, 1, 2)  # fine-tuning seeds per cell: mean ± std
+    config.downstream.control = True  # add the random-init control row (same shape and tokenizer)
+    config.downstream.fusion = "mlm,clm" if variants["preset"] == "objectives" else ""  # runs fused into one row
+    tune = finetune.get_config()  # the fine-tuning budget every cell shares (task, method, init are set per cell)
+    tune.total_steps = 150
+    tune.eval_every = 50
+    tune.checkpoint_every = 150
+    tune.optimizer.learning_rate = 1e-3 if variants["size"] == "tiny" else 1e-4
+    config.downstream.finetune = tune
     return config

@@ -47,6 +47,8 @@ from pretrain.inference import checkpoint_steps
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.tokenizer import MODEL_FILENAME
 from pretrain.train import Trainer
+from pretrain.transfer import comparison
+from pretrain.transfer.trainer import finetune_problems
 
 RUN_RECORD = "compare_run.json"
 
@@ -58,9 +60,13 @@ class Run:
     name: str
     config: ml_collections.ConfigDict  # its full training config
     directory: str
+    group: str = ""  # the run it is a pretraining seed of (its own name when there is one seed)
     trained_now: bool = False  # this invocation trained (or resumed) it
     wall_time_s: float = 0.0  # training wall time, summed over invocations
     evaluation: dict | None = None  # pretrain.evaluate's result for its final checkpoint
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.name
 
     @property
     def objective(self) -> str:
@@ -130,6 +136,16 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
             variant = copy.deepcopy(base)
             _set_field(variant, sweep.field, value, "config.sweep.field")
             runs[f"{sweep.run}-{sweep.field.rsplit('.', 1)[-1]}={value}"] = variant
+    seeds = tuple(config.pretrain_seeds)
+    if not seeds or not all(isinstance(seed, int) for seed in seeds):
+        raise ValueError(f"config.pretrain_seeds={config.pretrain_seeds!r} must be a non-empty tuple of integers")
+    seeded = {}
+    for name, run in runs.items():  # one run per seed, named <run>-seed<s> when there are several
+        for seed in seeds:
+            variant = copy.deepcopy(run)
+            variant.seed = seed
+            seeded[f"{name}-seed{seed}" if len(seeds) > 1 else name] = variant
+    runs = seeded
     for name, run in runs.items():
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"run name {name!r} cannot be a directory name; use letters, digits, '-', '_', '+'")
@@ -139,6 +155,28 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
             problems = " ".join(str(error).split())  # one line per run
             raise ValueError(f"config.runs.{name} (objective {run.objective!r}): {problems}") from None
     return runs
+
+
+def group_of(name: str, seeds: Sequence[int]) -> str:
+    """The run a seeded run name belongs to ('mlm-seed1' -> 'mlm' when seeds has several)."""
+    if len(seeds) > 1:
+        for seed in seeds:
+            if name.endswith(f"-seed{seed}"):
+                return name[: -len(f"-seed{seed}")]
+    return name
+
+
+def check_downstream(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> None:
+    """Refuses a downstream block with unknown tasks, methods or fields before anything trains."""
+    if not comparison.cells(config.downstream):
+        return
+    comparison.rows(runs, config.downstream)  # names the fusion's runs
+    for task, method in comparison.cells(config.downstream):
+        row = comparison.Row("check", runs[0].directory)
+        problems = finetune_problems(comparison.finetune_config(config.downstream, row, task, method),
+                                     jax.device_count())
+        if problems:
+            raise ValueError(f"config.downstream ({task}, {method}): {' '.join(' '.join(problems).split())}")
 
 
 def _record_path(directory: str) -> str:
@@ -216,9 +254,12 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     """Trains, evaluates and reports every run of `config` in `workdir` (see module docstring)."""
     started = time.perf_counter()
     configs = run_configs(config)  # every run validated before any trains
+    runs = [Run(name, run_config, os.path.join(workdir, "runs", name), group_of(name, config.pretrain_seeds))
+            for name, run_config in configs.items()]
+    first_seeds = [run for run in runs if run.config.seed == config.pretrain_seeds[0]]  # fine-tuned downstream
+    check_downstream(config, first_seeds)
     os.makedirs(workdir, exist_ok=True)
     tokenizer_path = shared_tokenizer(config.budget, workdir)
-    runs = [Run(name, run_config, os.path.join(workdir, "runs", name)) for name, run_config in configs.items()]
     for run in runs:
         train_run(run, tokenizer_path)
     for run in runs:
@@ -227,7 +268,11 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     if len(set(fingerprints.values())) > 1:
         raise ValueError(f"the runs were scored on different held-out sets ({fingerprints}); their tokenizers or "
                          "data differ: give every run the budget's data and the workdir's tokenizer")
-    compare_report.write(workdir, runs, config, command, time.perf_counter() - started)
+    downstream = None
+    if comparison.cells(config.downstream):
+        named = [dataclasses.replace(run, name=run.group) for run in first_seeds]
+        downstream = comparison.run_downstream(named, config.downstream, workdir)
+    compare_report.write(workdir, runs, config, command, time.perf_counter() - started, downstream)
     return runs
 
 

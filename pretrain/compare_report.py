@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ml_collections
@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from pretrain.evaluate import write_json
 from pretrain.model import preset_name
+from pretrain.transfer import comparison
 
 if TYPE_CHECKING:
     from pretrain.compare import Run
@@ -48,10 +49,23 @@ def loss_curve(directory: str) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def matrix(runs: Sequence[Run], metric: str) -> tuple[list[str], np.ndarray]:
-    """(objective names, values [runs, objectives]) of one metric."""
+def groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """The runs grouped by the run they are pretraining seeds of, in order."""
+    out: dict[str, list[Run]] = {}
+    for run in runs:
+        out.setdefault(run.group, []).append(run)
+    return list(out.values())
+
+
+def matrix(runs: Sequence[Run], metric: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(objective names, means [groups, objectives], sample stds [groups, objectives]) of
+    one metric over each group's pretraining seeds (std 0 for a single seed)."""
     names = list(runs[0].evaluation["objectives"])
-    return names, np.array([[run.evaluation["objectives"][name][metric] for name in names] for run in runs])
+    values = [np.array([[run.evaluation["objectives"][name][metric] for name in names] for run in group])
+              for group in groups(runs)]
+    means = np.array([v.mean(axis=0) for v in values])
+    stds = np.array([v.std(axis=0, ddof=1) if len(v) > 1 else np.zeros(len(names)) for v in values])
+    return names, means, stds
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 2) -> str:
@@ -63,14 +77,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: i
 
 
 def matrix_table(runs: Sequence[Run], metric: str, lower_is_better: bool, digits: int = 3) -> str:
-    """The runs x objectives table of `metric` in Markdown, the best of each column bold."""
-    names, values = matrix(runs, metric)
+    """The runs x objectives table of `metric` in Markdown, the best of each column bold;
+    mean ± std over pretraining seeds when runs have several."""
+    names, values, stds = matrix(runs, metric)
     best = values.min(axis=0) if lower_is_better else values.max(axis=0)
+    seeded = any(len(group) > 1 for group in groups(runs))
     rows = []
-    for r, run in enumerate(runs):
-        cells = [f"**{v:.{digits}f}**" if v == best[c] and len(runs) > 1 else f"{v:.{digits}f}"
-                 for c, v in enumerate(values[r])]
-        rows.append([run.name, f"`{run.objective}`", *cells])
+    for r, group in enumerate(groups(runs)):
+        texts = [f"{v:.{digits}f} ± {s:.{digits}f}" if seeded else f"{v:.{digits}f}"
+                 for v, s in zip(values[r], stds[r])]
+        cells = [f"**{t}**" if values[r][c] == best[c] and len(values) > 1 else t for c, t in enumerate(texts)]
+        rows.append([group[0].group, f"`{group[0].objective}`", *cells])
     return _table(["run", "trained on", *names], rows)
 
 
@@ -120,19 +137,19 @@ def plot_loss_curves(runs: Sequence[Run], path: str) -> None:
 
 def plot_matrix(runs: Sequence[Run], path: str) -> None:
     """The held-out matrix as a heatmap: loss (accuracy) in each cell, colour by rank in its column."""
-    names, loss = matrix(runs, "loss")
-    _, accuracy = matrix(runs, "accuracy")
+    names, loss, _ = matrix(runs, "loss")
+    _, accuracy, _ = matrix(runs, "accuracy")
     span = loss.max(axis=0) - loss.min(axis=0)
     shade = (loss - loss.min(axis=0)) / np.where(span > 0, span, 1.0)  # 0: best of the column
-    figure = Figure(figsize=(1.3 * len(names) + 2.5, 0.6 * len(runs) + 2.2), dpi=120)
+    figure = Figure(figsize=(1.3 * len(names) + 2.5, 0.6 * len(loss) + 2.2), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(shade, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
-    for r in range(len(runs)):
+    for r in range(len(loss)):
         for c in range(len(names)):
             axes.text(c, r, f"{loss[r, c]:.2f}\n({accuracy[r, c]:.0%})", ha="center", va="center", fontsize=8)
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    axes.set_yticks(range(len(runs)), [run.name for run in runs], fontsize=8)
+    axes.set_yticks(range(len(loss)), [group[0].group for group in groups(runs)], fontsize=8)
     axes.set_xlabel("evaluated as")
     axes.set_ylabel("trained run")
     axes.set_title("Held-out loss (accuracy)")
@@ -153,15 +170,22 @@ def _budget_line(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
             f"({config.budget.optimizer.warmup_steps} warmup steps, {config.budget.optimizer.schedule} decay).")
 
 
-def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: str, wall_time_s: float) -> str:
+def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: str, wall_time_s: float,
+             downstream: Mapping[str, Any] | None = None) -> str:
     """The whole report.md."""
     heldout = runs[0].evaluation["heldout"]
     training = sum(run.wall_time_s for run in runs)
+    seeds = tuple(config.pretrain_seeds)
+    downstream_part = [] if not downstream else [
+        "## Downstream (higher is better)", comparison.table(downstream), comparison.caption(downstream),
+        f"![downstream scores]({comparison.PLOT})"]
     return "\n\n".join([
         "# Objective comparison",
         f"```bash\n{command}\n```",
         _budget_line(config, runs),
-        "## Held-out loss (lower is better)",
+        *downstream_part,
+        "## Held-out loss (lower is better)" + (f", mean ± std over pretraining seeds {seeds}" if len(seeds) > 1
+                                                 else ""),
         matrix_table(runs, "loss", lower_is_better=True),
         "## Held-out accuracy (higher is better)",
         matrix_table(runs, "accuracy", lower_is_better=False),
@@ -182,16 +206,20 @@ def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: st
 
 
 def write(workdir: str, runs: Sequence[Run], config: ml_collections.ConfigDict, command: str,
-          wall_time_s: float) -> dict[str, str]:
-    """Writes report.md, both PNGs and comparison.json into `workdir`; returns their paths."""
+          wall_time_s: float, downstream: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Writes report.md, the PNGs and comparison.json into `workdir`; returns their paths."""
     paths = {name: os.path.join(workdir, name) for name in (REPORT, LOSS_CURVES, MATRIX, SUMMARY)}
     plot_loss_curves(runs, paths[LOSS_CURVES])
     plot_matrix(runs, paths[MATRIX])
+    if downstream:
+        paths[comparison.PLOT] = os.path.join(workdir, comparison.PLOT)
+        comparison.plot(downstream, paths[comparison.PLOT])
     with open(paths[REPORT], "w", encoding="utf-8") as handle:
-        handle.write(markdown(runs, config, command, wall_time_s))
+        handle.write(markdown(runs, config, command, wall_time_s, downstream))
     summary: dict[str, Any] = {
         "command": command, "wall_time_s": wall_time_s, "config": json.loads(config.to_json_best_effort()),
         "runs": {run.name: {"objective": run.objective, "directory": run.directory, "wall_time_s": run.wall_time_s,
-                            "trained_now": run.trained_now, "evaluation": run.evaluation} for run in runs}}
+                            "trained_now": run.trained_now, "evaluation": run.evaluation} for run in runs},
+        "downstream": downstream or {}}
     write_json(summary, paths[SUMMARY])
     return paths

@@ -69,8 +69,14 @@ def test_config_mistakes_name_the_run_and_the_field():
 
 
 def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_nothing(tmp_path_factory, tmp_path):
+    """With a downstream block: 2 runs x 1 task x 2 fine-tuning seeds."""
     config = small_budget()
     config.sweep.grid = (0.15, 0.3)
+    config.budget.data.heldout_fraction = 0.05  # the built-in task's test split is this held-out split
+    config.downstream.tasks, config.downstream.seeds, config.downstream.control = "pydocs_topic", (0, 1), False
+    tune = config.downstream.finetune
+    tune.total_steps, tune.eval_every, tune.checkpoint_every, tune.log_every = 4, 2, 4, 2
+    tune.seq_len, tune.batch_size, tune.task_max_examples, tune.peak_flops_per_device = 64, 8, 24, 1e12
     workdir = tmp_path / "comparison"
     workdir.mkdir()
     shutil.copy(shared_tokenizer(tmp_path_factory), workdir / "tokenizer.model")
@@ -93,6 +99,17 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
         assert f"]({name})" in report
     summary = json.loads((workdir / "comparison.json").read_text())
     assert list(summary["runs"]) == [run.name for run in runs]
+    assert "| run | pydocs_topic/full (accuracy) |" in report and "pooled std" in report
+    for run in runs:
+        cell = summary["downstream"][run.name]["pydocs_topic/full"]["test"]["accuracy"]
+        assert len(cell["per_seed"]) == 2
+        assert f"| {run.name} | " + ("**" if f"**{cell['mean']:.3f} ±" in report else "") + f"{cell['mean']:.3f} ± " \
+               f"{cell['std']:.3f}" in report
+    pixels = image.imread(workdir / "downstream.png")
+    assert pixels.ndim == 3 and pixels.shape[0] > 200 and "](downstream.png)" in report
+    tuned = workdir / "downstream" / runs[0].name / "pydocs_topic" / "full"
+    stamps_tuned = {path: os.stat(path).st_mtime_ns for path in (tuned / "seed_0" / "metrics.jsonl",
+                                                                tuned / "seed_1" / "metrics.jsonl")}
 
     stamps = {path: os.stat(path).st_mtime_ns for run in runs for path in (
         os.path.join(run.directory, "metrics.jsonl"), os.path.join(run.directory, "evaluation.json"))}
@@ -101,6 +118,7 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
     assert [run.wall_time_s for run in rerun] == [run.wall_time_s for run in runs]
     assert [run.evaluation for run in rerun] == [run.evaluation for run in runs]
     assert stamps == {path: os.stat(path).st_mtime_ns for path in stamps}, "nothing trained or evaluated again"
+    assert stamps_tuned == {path: os.stat(path).st_mtime_ns for path in stamps_tuned}, "nothing fine-tuned again"
     assert "again" in (workdir / "report.md").read_text()
 
     config.budget.optimizer.learning_rate = 1e-2
