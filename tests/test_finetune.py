@@ -22,7 +22,7 @@ from pretrain.inference import model_config, read_run_config, restore_params
 from pretrain.model import create_model
 from pretrain.tokenizer import load_tokenizer
 from pretrain.train import Trainer
-from pretrain.transfer import heads, trainer as transfer
+from pretrain.transfer import heads, tasks, trainer as transfer
 from train_helpers import ROOT, checkpoint_steps, compile_cache_env, read_metrics, shared_tokenizer, tiny_config
 from trained_run import shared_run
 
@@ -279,3 +279,42 @@ def test_bad_finetuning_input_is_one_line(tmp_path, name):
     text = str(stopped.value.code)
     assert text.startswith("error: ") and "Traceback" not in text, text
     assert __import__("re").search(message, text), text
+
+
+@pytest.mark.parametrize("glue, metrics", [("sst2", {"accuracy", "macro_f1", "mcc"}),
+                                           ("stsb", {"pearson", "spearman"})])
+def test_glue_through_tfds_from_a_prepared_data_dir(tmp_path_factory, tmp_path, glue, metrics):
+    """A GLUE-shaped TFDS dataset built locally (tests/tfds_fixture.py), read by the same code
+    a prepared `glue/<task>` is: its validation split is the test split."""
+    import tfds_fixture
+
+    name = tfds_fixture.prepare_glue(tmp_path / "tfds", glue)
+    config = config_for(pretrained(tmp_path_factory), task="tfds", task_tfds_name=name,
+                        task_tfds_data_dir=str(tmp_path / "tfds"), dev_fraction=0.3)
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    assert set(summary["test"]) == metrics | {"loss"}
+    result = json.loads((tmp_path / "ft" / "seed_0" / "result.json").read_text())
+    assert result["task"] == name and result["metric"] == ("pearson" if glue == "stsb" else "accuracy")
+    with pytest.raises(FileNotFoundError, match=r"TFDS dataset 'glue/cola' is not prepared as ArrayRecord in .*tfds.*: "
+                                                r"prepare it on a machine with network"):
+        tasks.load_task(config_for("", task="tfds", task_tfds_name="glue/cola",
+                                      task_tfds_data_dir=str(tmp_path / "tfds")))
+
+
+def test_pretraining_beats_the_random_init_control_on_the_topic_task(tmp_path_factory, tmp_path):
+    """A tiny MLM pretrained 1,000 steps on 64-token rows (past the masked-LM plateau; under
+    a minute here) against the same shape and tokenizer from random initialisation,
+    fine-tuned alike (seed 0, 150 steps). Measured when written: test macro-F1 0.082 against
+    0.048 and test loss 3.14 against 3.42; asserted: a margin of 0.015 and 0.1."""
+    run = tmp_path_factory.mktemp("mlm_1000")
+    config = tiny_config("mlm", total_steps=1000, batch_size=32, checkpoint_every=1000, log_every=250,
+                         peak_flops_per_device=1e12, **{"tokenizer.vocab_size": 2000, "data.heldout_fraction": 0.1,
+                                                        "optimizer.warmup_steps": 50})
+    Trainer(config, str(run)).run()
+    scores = {}
+    for name, init, shape in (("pretrained", str(run), ""), ("control", "", str(run))):
+        tune = config_for(init, shape_from=shape, total_steps=150, eval_every=150, checkpoint_every=150,
+                          batch_size=32, task_max_examples=0)
+        scores[name] = transfer.run_seeds(tune, tmp_path / name)["test"]
+    assert scores["pretrained"]["macro_f1"]["mean"] > scores["control"]["macro_f1"]["mean"] + 0.015, scores
+    assert scores["pretrained"]["loss"]["mean"] < scores["control"]["loss"]["mean"] - 0.1, scores

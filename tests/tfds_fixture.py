@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 TRAIN_TEXTS = (
@@ -53,3 +54,58 @@ def prepare(data_dir: str | os.PathLike, train_texts=TRAIN_TEXTS, validation_tex
     builder.texts = {"train": tuple(train_texts), "validation": tuple(validation_texts)}
     builder.download_and_prepare(file_format="array_record")
     return builder.name
+
+
+GLUE_SST2 = {  # (sentence, label): 0 negative, 1 positive
+    "train": [(f"{text} ({n})", label) for n in range(5) for text, label in (
+        ("a dull and tired film", 0), ("a warm, funny and moving story", 1), ("flat and lifeless", 0),
+        ("the best picture of the year", 1), ("sharp writing and fine acting", 1), ("a waste of time", 0))],
+    "validation": [("a moving and funny film", 1), ("tired and dull", 0), ("fine writing", 1), ("lifeless", 0)],
+    "test": [("unlabelled, as GLUE's test is", -1)],
+}
+GLUE_STSB = {  # (sentence1, sentence2, similarity 0..5)
+    "train": [(f"{a} ({n})", f"{b} ({n})", score) for n in range(6) for a, b, score in (
+        ("a man plays a guitar", "a man is playing guitar", 4.8), ("a cat sleeps", "the stock market fell", 0.2),
+        ("a woman cuts onions", "someone is slicing an onion", 4.2), ("kids play football", "a dog barks", 0.5))],
+    "validation": [("a man plays the piano", "a man is playing a piano", 4.6), ("a bird flies", "cars on a road", 0.1),
+                   ("two dogs run", "dogs are running", 4.0)],
+    "test": [("no label", "here", -1.0)],
+}
+
+
+with tfds.core.registered.skip_registration():
+
+    class GlueTiny(tfds.core.GeneratorBasedBuilder):
+        """GLUE's feature names and splits in miniature: `glue_tiny/sst2` (sentence ->
+        ClassLabel negative/positive) and `glue_tiny/stsb` (sentence pair -> float)."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="sst2"), tfds.core.BuilderConfig(name="stsb")]
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            if self.builder_config.name == "sst2":
+                features = {"sentence": tfds.features.Text(), "idx": tfds.features.Scalar(np.int32),
+                            "label": tfds.features.ClassLabel(names=["negative", "positive"])}
+            else:
+                features = {"sentence1": tfds.features.Text(), "sentence2": tfds.features.Text(),
+                            "idx": tfds.features.Scalar(np.int32), "label": tfds.features.Scalar(np.float32)}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                         disable_shuffling=True)
+
+        def _split_generators(self, dl_manager):
+            rows = GLUE_SST2 if self.builder_config.name == "sst2" else GLUE_STSB
+            return {split: self._generate_examples(split_rows) for split, split_rows in rows.items()}
+
+        def _generate_examples(self, rows):
+            for index, row in enumerate(rows):
+                if self.builder_config.name == "sst2":
+                    yield index, {"sentence": row[0], "idx": index, "label": row[1]}
+                else:
+                    yield index, {"sentence1": row[0], "sentence2": row[1], "idx": index, "label": row[2]}
+
+
+def prepare_glue(data_dir: str | os.PathLike, config: str) -> str:
+    """Writes `glue_tiny/<config>` under `data_dir`; returns the name for `tfds.data_source`."""
+    builder = GlueTiny(config=config, data_dir=os.fspath(data_dir))
+    builder.download_and_prepare(file_format="array_record")
+    return f"{builder.name}/{config}"
