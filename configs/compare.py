@@ -21,6 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import finetune, pretrain
+from configs import variants as variants_lib
 
 DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "400"}
 # preset -> the downstream tasks it fine-tunes on by default
@@ -38,13 +39,7 @@ PRESETS = {
 
 def parse_variants(arg: str | None) -> dict[str, str]:
     """'preset=objectives,steps=300' -> {'preset': 'objectives', 'size': 'tiny', 'steps': '300'}."""
-    variants = dict(DEFAULT_VARIANTS)
-    for part in filter(None, (arg or "").split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in DEFAULT_VARIANTS:
-            raise ValueError(f"config variant {part!r} in {arg!r} is not one of "
-                             f"{', '.join(k + '=...' for k in DEFAULT_VARIANTS)}")
-        variants[key.strip()] = value.strip()
+    variants = variants_lib.parse(arg, DEFAULT_VARIANTS)
     if variants["preset"] not in PRESETS:
         raise ValueError(f"unknown comparison preset {variants['preset']!r}; choose one of {', '.join(PRESETS)}")
     return variants

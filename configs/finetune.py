@@ -17,19 +17,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import variants as variants_lib
+
 DEFAULT_VARIANTS = {"task": "pydocs_topic", "method": "full"}
 
 
 def parse_variants(arg: str | None) -> dict[str, str]:
     """'task=files,method=probe' -> {'task': 'files', 'method': 'probe'}."""
-    variants = dict(DEFAULT_VARIANTS)
-    for part in filter(None, (arg or "").split(",")):
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in DEFAULT_VARIANTS:
-            raise ValueError(f"config variant {part!r} in {arg!r} is not one of "
-                             f"{', '.join(k + '=...' for k in DEFAULT_VARIANTS)}")
-        variants[key.strip()] = value.strip()
-    return variants
+    return variants_lib.parse(arg, DEFAULT_VARIANTS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
