@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # an optional fusion, fine-tuned on every task with every method, once per seed.
     config.downstream = ml_collections.ConfigDict()
     config.downstream.tasks = DOWNSTREAM_TASKS[variants["preset"]]  # comma-separated tasks; '' = no downstream phase
-    config.downstream.methods = "full"  # comma-separated methods (each may join several with '+')
+    config.downstream.methods = "full,probe"  # comma-separated methods (each may join several with '+'); fusion: probe
     config.downstream.seeds = (0, 1, 2)  # fine-tuning seeds per cell: mean ± std
     config.downstream.control = True  # add the random-init control row (same shape and tokenizer)
     config.downstream.fusion = "mlm,clm" if variants["preset"] == "objectives" else ""  # runs fused into one row

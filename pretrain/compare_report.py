@@ -178,6 +178,8 @@ def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: st
     seeds = tuple(config.pretrain_seeds)
     downstream_part = [] if not downstream else [
         "## Downstream (higher is better)", comparison.table(downstream), comparison.caption(downstream),
+        *(["\n".join(f"- {line}" for line in comparison.fusion_lines(downstream))]
+          if comparison.fusion_lines(downstream) else []),
         f"![downstream scores]({comparison.PLOT})"]
     return "\n\n".join([
         "# Objective comparison",

@@ -74,6 +74,7 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
     config.sweep.grid = (0.15, 0.3)
     config.budget.data.heldout_fraction = 0.05  # the built-in task's test split is this held-out split
     config.downstream.tasks, config.downstream.seeds, config.downstream.control = "pydocs_topic", (0, 1), False
+    config.downstream.methods = "full"
     tune = config.downstream.finetune
     tune.total_steps, tune.eval_every, tune.checkpoint_every, tune.log_every = 4, 2, 4, 2
     tune.seq_len, tune.batch_size, tune.task_max_examples, tune.peak_flops_per_device = 64, 8, 24, 1e12

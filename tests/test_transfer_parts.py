@@ -259,3 +259,25 @@ def test_the_pydocs_test_split_is_the_pretraining_heldout_split():
     assert not [text for text in texts if text in train_text]
     assert sum(text in heldout_text for text in texts) > 0.8 * len(texts)
     assert sum(example.text in train_text for example in pairs.splits["train"]) > 0.8 * len(pairs.splits["train"])
+
+
+def summary_of(mean: float, std: float) -> dict:
+    return {"metric": "accuracy", "seeds": 3, "test": {"accuracy": {"mean": mean, "std": std, "per_seed": []}}}
+
+
+def test_the_downstream_table_bolds_only_a_lead_beyond_the_pooled_spread():
+    from pretrain.transfer import comparison
+
+    results = {"mlm": {"t/full": summary_of(0.50, 0.02), "u/full": summary_of(0.40, 0.10)},
+               "clm": {"t/full": summary_of(0.45, 0.02), "u/full": summary_of(0.45, 0.10)},
+               "fusion(mlm+clm)": {"t/full": summary_of(0.48, 0.01), "u/full": summary_of(0.30, 0.05)}}
+    # t: 0.50 leads 0.48 by 0.02 > sqrt((0.02² + 0.01²) / 2) = 0.0158: bold. u: 0.45 leads 0.40 by 0.05 < 0.10: none.
+    assert comparison.table(results).splitlines() == [
+        "| run | t/full (accuracy) | u/full (accuracy) |", "|---|---:|---:|",
+        "| mlm | **0.500 ± 0.020** | 0.400 ± 0.100 |", "| clm | 0.450 ± 0.020 | 0.450 ± 0.100 |",
+        "| fusion(mlm+clm) | 0.480 ± 0.010 | 0.300 ± 0.050 |"]
+    assert comparison.fusion_lines(results) == [
+        "fusion(mlm+clm) on t/full: 0.480, does not beat every body it fuses (best single: mlm 0.500, "
+        "difference -0.020)",
+        "fusion(mlm+clm) on u/full: 0.300, does not beat every body it fuses (best single: clm 0.450, "
+        "difference -0.150)"]

@@ -4,7 +4,9 @@ After pretraining, every run (and a random-init control of the same shape and
 tokenizer, and optionally a fusion of several runs) is fine-tuned on every task
 of `config.downstream.tasks` with every method of `config.downstream.methods`,
 once per seed of `config.downstream.seeds` (`pretrain.transfer.trainer.run_seeds`,
-so finished fine-tunings are not trained again). Each cell of the table is the
+so finished fine-tunings are not trained again). A fusion freezes its bodies, so
+its row is filled only in the columns of methods that freeze them too (`probe`),
+where it is compared with each body it fuses; elsewhere its cells are n/a. Each cell of the table is the
 test score at the dev-selected step, mean ± std over seeds, as in T5's objective
 study. A mean is bold only where it beats the runner-up of its column by more than
 their pooled standard deviation, sqrt((s1² + s2²) / 2); a table of overlapping
@@ -62,6 +64,15 @@ def cells(downstream: Any) -> list[tuple[str, str]]:
     return [(task, method) for task in tasks for method in methods]
 
 
+def is_fusion(row_name: str) -> bool:
+    return row_name.startswith("fusion(")
+
+
+def freezes(method: str) -> bool:
+    """Whether a method spec trains only the task parameters, as a fusion does."""
+    return "probe" in method.split("+")
+
+
 def finetune_config(downstream: Any, row: Row, task: str, method: str) -> Any:
     """The fine-tuning config of one row on one (task, method)."""
     config = copy.deepcopy(downstream.finetune)
@@ -78,6 +89,8 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
     for row in rows(runs, downstream):
         results[row.name] = {}
         for task, method in cells(downstream):
+            if is_fusion(row.name) and not freezes(method):
+                continue  # n/a: fusion is a probe of several bodies
             directory = os.path.join(workdir, "downstream", row.name, task, method)
             print(f"== fine-tuning {row.name} on {task} ({method}) in {directory}", flush=True)
             results[row.name][f"{task}/{method}"] = run_seeds(finetune_config(downstream, row, task, method),
@@ -85,30 +98,46 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
     return results
 
 
-def _best(means: Sequence[float], stds: Sequence[float]) -> int | None:
-    """The index of the best mean when it beats the runner-up by more than their pooled std."""
-    if len(means) < 2:
+def _best(means: Sequence[float | None], stds: Sequence[float | None]) -> int | None:
+    """The index of the best mean when it beats the runner-up by more than their pooled
+    std (missing cells left out)."""
+    present = [i for i, mean in enumerate(means) if mean is not None]
+    if len(present) < 2:
         return None
-    order = np.argsort(means)[::-1]
+    order = sorted(present, key=lambda i: means[i], reverse=True)
     first, second = order[0], order[1]
     pooled = math.sqrt((stds[first] ** 2 + stds[second] ** 2) / 2)
-    return int(first) if means[first] - means[second] > pooled else None
+    return first if means[first] - means[second] > pooled else None
+
+
+def _columns(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every task/method column, in the order first seen."""
+    return list(dict.fromkeys(column for row in results.values() for column in row))
+
+
+def _cell(results: Mapping[str, Mapping[str, Any]], name: str, column: str) -> tuple[float | None, float | None]:
+    summary = results[name].get(column)
+    if summary is None:
+        return None, None
+    value = summary["test"][summary["metric"]]
+    return value["mean"], value["std"]
+
+
+def _metric(results: Mapping[str, Mapping[str, Any]], column: str) -> str:
+    return next(row[column]["metric"] for row in results.values() if column in row)
 
 
 def table(results: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
     """Markdown: rows are runs, columns task/method, cells test mean ± std (see module docstring)."""
-    names = list(results)
-    columns = list(results[names[0]])
-    header = ["run", *[f"{column} ({results[names[0]][column]['metric']})" for column in columns]]
+    names, columns = list(results), _columns(results)
+    header = ["run", *[f"{column} ({_metric(results, column)})" for column in columns]]
     body = [[name] for name in names]
     for column in columns:
-        metric = results[names[0]][column]["metric"]
-        means = [results[name][column]["test"][metric]["mean"] for name in names]
-        stds = [results[name][column]["test"][metric]["std"] for name in names]
-        best = _best(means, stds)
-        for index, name in enumerate(names):
-            cell = f"{means[index]:.{digits}f} ± {stds[index]:.{digits}f}"
-            body[index].append(f"**{cell}**" if index == best else cell)
+        cells_ = [_cell(results, name, column) for name in names]
+        best = _best([m for m, _ in cells_], [s for _, s in cells_])
+        for index, (mean, std) in enumerate(cells_):
+            text = "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+            body[index].append(f"**{text}**" if index == best else text)
     lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in columns) + "|"]
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in body)])
 
@@ -117,24 +146,45 @@ def caption(results: Mapping[str, Mapping[str, Any]]) -> str:
     first = next(iter(next(iter(results.values())).values()))
     return (f"Test scores at each fine-tuning run's dev-selected step, mean ± std (sample) over {first['seeds']} "
             "seeds per cell. A cell is bold only where its mean beats the runner-up of its column by more than their "
-            f"pooled std; `{CONTROL}` is the same model shape and tokenizer trained from scratch on the task.")
+            f"pooled std; `{CONTROL}` is the same model shape and tokenizer trained from scratch on the task; a "
+            "fusion freezes its bodies, so it is run (and compared) in the frozen-body (probe) columns only.")
+
+
+def fusion_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per column, whether the fusion row beats each single pretrained run it fuses."""
+    lines = []
+    for name, row in results.items():
+        if not is_fusion(name):
+            continue
+        parts = name[len("fusion(") : -1].split("+")
+        for column, summary in row.items():
+            metric = summary["metric"]
+            mean = summary["test"][metric]["mean"]
+            others = {part: results[part][column]["test"][metric]["mean"] for part in parts
+                      if column in results.get(part, {})}
+            if not others:
+                continue
+            best = max(others, key=others.get)
+            verdict = "beats" if all(mean > v for v in others.values()) else "does not beat"
+            lines.append(f"{name} on {column}: {mean:.3f}, {verdict} every body it fuses (best single: {best} "
+                         f"{others[best]:.3f}, difference {mean - others[best]:+.3f})")
+    return lines
 
 
 def plot(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
     """Grouped bars of the test means with error bars of one std, one group per task/method."""
-    names = list(results)
-    columns = list(results[names[0]])
+    names, columns = list(results), _columns(results)
     figure = Figure(figsize=(max(5.0, 1.6 * len(columns) * max(1, len(names)) / 3 + 3), 4.2), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     width = 0.8 / len(names)
     for index, name in enumerate(names):
-        means = [results[name][c]["test"][results[name][c]["metric"]]["mean"] for c in columns]
-        stds = [results[name][c]["test"][results[name][c]["metric"]]["std"] for c in columns]
+        cells_ = [_cell(results, name, c) for c in columns]
+        means = [np.nan if m is None else m for m, _ in cells_]
+        stds = [0.0 if s is None else s for _, s in cells_]
         axes.bar(np.arange(len(columns)) + (index - (len(names) - 1) / 2) * width, means, width, yerr=stds,
                  capsize=3, label=name)
-    axes.set_xticks(range(len(columns)),
-                    [f"{c}\n({results[names[0]][c]['metric']})" for c in columns], fontsize=8)
+    axes.set_xticks(range(len(columns)), [f"{c}\n({_metric(results, c)})" for c in columns], fontsize=8)
     axes.set_ylabel("test score at the dev-selected step")
     axes.set_title("Downstream: mean ± std over fine-tuning seeds")
     axes.grid(axis="y", alpha=0.3)

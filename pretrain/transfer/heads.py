@@ -86,7 +86,8 @@ class Gate(nnx.Module):
 
     def __init__(self, widths: Sequence[int], rngs: nnx.Rngs):
         width, init = max(widths), jax.nn.initializers.normal(INIT_STDDEV)
-        self.projections = nnx.List([nnx.Param(init(rngs.params(), (w, width), jnp.float32)) for w in widths])
+        keep_scale = jax.nn.initializers.lecun_normal()  # projected features as large as the bodies' own
+        self.projections = nnx.List([nnx.Param(keep_scale(rngs.params(), (w, width), jnp.float32)) for w in widths])
         self.kernel = nnx.Param(init(rngs.params(), (sum(widths), len(widths)), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((len(widths),), jnp.float32))
 
