@@ -38,8 +38,8 @@ from pretrain import cli, data
 from pretrain.inference import TrainedModel, load_trained
 from pretrain.input_pipeline import source_from_config
 from pretrain.model import Transformer
-from pretrain.train_step import make_eval_step
 from pretrain.tokenizer import Tokenizer
+from pretrain.train_step import make_eval_step
 
 EVAL_SEED = 0  # the held-out examples' seed: fixed, so models are scored on the same batches
 RESULT_FILENAME = "evaluation.json"

@@ -56,7 +56,12 @@ from pretrain.model import TransformerConfig, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.stopping import StopRequest
 from pretrain.train_step import make_eval_step, make_train_step
-from pretrain.workdir import WorkdirLock, check_free_space, checkpoint_bytes, prepare_workdir
+from pretrain.workdir import (
+    WorkdirLock,
+    check_free_space,
+    checkpoint_bytes,
+    prepare_workdir,
+)
 
 log = logging.getLogger("pretrain.train")
 

@@ -3,7 +3,6 @@ per-layer rates, unfreezing masks, pooling, tag alignment, task files and their 
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp

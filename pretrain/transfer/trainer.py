@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,13 +27,14 @@ from flax import nnx
 
 import objectives
 from pretrain.config_checks import parallel_problems, schema_problems
-from pretrain.inference import model_config, read_run_config, restore_params
+from pretrain.checkpoint import Checkpointer
+from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params
 from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token
 from pretrain.model import EMBEDDING_PARAMETERS, Transformer, create_model
 from pretrain.optimizer import settings_problems
 from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer
-from pretrain.train import Trainer, loop_problems, summarize
+from pretrain.train import Trainer, loop_problems
 from pretrain.train_step import make_step
 from pretrain.transfer import encoding, heads, methods, scores, tasks
 from pretrain.workdir import check_free_space, checkpoint_bytes
@@ -46,7 +46,7 @@ EVAL_SPLITS = ("dev", "test")
 
 def finetune_problems(config: Any, device_count: int) -> list[str]:
     """Every problem of a fine-tuning config, naming field and fix."""
-    from configs.finetune import get_config  # the schema; imported late, as configs are not a dependency
+    from configs.finetune import get_config  # the schema; imported late, as configs import pretrain
 
     problems = schema_problems(config, get_config().to_dict(), free_form=("methods",))
     if problems:
@@ -198,8 +198,6 @@ class FinetuneTrainer(Trainer):
         if self.primary:
             check_free_space(workdir, checkpoint_bytes(jax.eval_shape(self._initial_state, params)))
         self._setup_parallelism(params)
-        from pretrain.checkpoint import Checkpointer  # noqa: PLC0415 — as the base trainer does, after the state
-
         self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, run_info=self._run_info())
         self._closing.callback(self.checkpointer.close)
 
@@ -377,8 +375,6 @@ def run_seeds(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Fine-tunes once per seed of `config.seeds` in `workdir/seed_<s>` (a finished
     seed, whose result.json covers its last checkpoint, is not trained again), then
     writes `workdir/summary.json`: test mean ± std over seeds and each seed's scores."""
-    from pretrain.inference import checkpoint_steps  # noqa: PLC0415
-
     results = []
     for seed in config.seeds:
         directory = os.path.join(os.fspath(workdir), f"seed_{seed}")
