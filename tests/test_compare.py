@@ -126,3 +126,19 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
     with pytest.raises(ValueError, match=r"run 'mlm-mask_rate=0.15' in .* was trained with another config "
                                          r"\(changed: optimizer.learning_rate\); delete that directory"):
         compare.compare(config, str(workdir))
+
+
+def test_pretraining_seeds_become_one_row_with_mean_and_std():
+    from pretrain import compare_report
+
+    config = small_budget()
+    config.pretrain_seeds = (0, 1)
+    runs = compare.run_configs(config)
+    assert list(runs) == ["mlm-seed0", "mlm-seed1"] and [r.seed for r in runs.values()] == [0, 1]
+    assert compare.group_of("mlm-seed1", (0, 1)) == "mlm" and compare.group_of("mlm", (0,)) == "mlm"
+    evaluations = [{"objectives": {"clm": {"loss": 6.0, "accuracy": 0.1}, "mlm": {"loss": 5.0, "accuracy": 0.2}}},
+                   {"objectives": {"clm": {"loss": 6.2, "accuracy": 0.1}, "mlm": {"loss": 5.4, "accuracy": 0.3}}}]
+    seeded = [compare.Run(name, run, f"/runs/{name}", "mlm", evaluation=evaluation)
+              for (name, run), evaluation in zip(runs.items(), evaluations)]
+    assert compare_report.matrix_table(seeded, "loss", lower_is_better=True).splitlines()[2] == \
+        "| mlm | `mlm` | 6.100 ± 0.141 | 5.200 ± 0.283 |"  # one row: nothing to be best against
