@@ -132,6 +132,7 @@ def test_pretraining_seeds_become_one_row_with_mean_and_std():
     from pretrain import compare_report
 
     config = small_budget()
+    config.sweep.run, config.sweep.field, config.sweep.grid = "", "", ()
     config.pretrain_seeds = (0, 1)
     runs = compare.run_configs(config)
     assert list(runs) == ["mlm-seed0", "mlm-seed1"] and [r.seed for r in runs.values()] == [0, 1]
