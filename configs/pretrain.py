@@ -104,4 +104,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.tokenizer.model_type = "unigram"  # 'unigram' or 'bpe'
     config.tokenizer.model_path = ""  # a user .model to use instead of training one
     config.tokenizer.sample_documents = 20000  # training documents the tokenizer learns from
+    config.tokenizer.sentinels = 100  # T5's sentinel tokens [S0].. reserved (span corruption, UL2); 0: none
     return config

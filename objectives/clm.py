@@ -12,9 +12,11 @@ import dataclasses
 
 import numpy as np
 
+from objectives import layout
 from objectives.example import L2R, Example, TextChunk, make_example
+from objectives.layout import Prompt
 from objectives.registry import Objective, register
-from objectives.vocab import BOS_ID, EOS_ID, Vocabulary
+from objectives.vocab import Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +27,23 @@ class CLMConfig:
 class CausalLM(Objective):
     """Next-token prediction over `[BOS] text [EOS]` (see module docstring)."""
 
+    attention_kinds = frozenset({L2R})
+
+    def generation_modes(self) -> tuple[str, ...]:
+        return ("continue",)
+
+    def prompt(self, mode: str, tokens: np.ndarray, max_new_tokens: int) -> Prompt:
+        """`[BOS] tokens`, all L2R, type 0: continuation by next-token prediction."""
+        if mode != "continue":
+            return super().prompt(mode, tokens, max_new_tokens)
+        return layout.prompt([([self.vocab.bos, *tokens], L2R, 0)], target_type=0, max_new_tokens=max_new_tokens)
+
     def text_budget(self, seq_len: int) -> int:
         return seq_len - 1
 
     def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
         del rng  # deterministic
-        sequence = np.concatenate([[BOS_ID], chunk.tokens, [EOS_ID]]).astype(np.int32)
+        sequence = np.concatenate([[self.vocab.bos], chunk.tokens, [self.vocab.eos]]).astype(np.int32)
         length = len(sequence) - 1
         return make_example(
             inputs=sequence[:-1],

@@ -19,8 +19,9 @@ import dataclasses
 
 import numpy as np
 
-from objectives import noise
+from objectives import layout, noise
 from objectives.example import L2R, PREFIX, Example, TextChunk, make_example
+from objectives.layout import Prompt
 from objectives.registry import Objective, register
 from objectives.vocab import Vocabulary
 
@@ -40,6 +41,23 @@ class MASS(Objective):
     """Single-stack MASS (see module docstring)."""
 
     min_text_tokens = 2
+    attention_kinds = frozenset({PREFIX, L2R})
+    token_types = frozenset({0, 1})
+
+    def generation_modes(self) -> tuple[str, ...]:
+        return ("seq2seq",)
+
+    def prompt(self, mode: str, tokens: np.ndarray, max_new_tokens: int) -> Prompt:
+        """The span at the end: encoder `source [MASK]*k` (PREFIX, type 0), decoder
+        starting from the last source token at its position (L2R, type 1); k is
+        max_new_tokens, and the decoder predicts the span by next-token prediction."""
+        if mode != "seq2seq":
+            return super().prompt(mode, tokens, max_new_tokens)
+        n, k = len(tokens), max_new_tokens
+        if n == 0:
+            raise ValueError("a MASS prompt needs at least one source token (the decoder starts from the last)")
+        return layout.prompt([([*tokens, *[self.vocab.mask] * k], PREFIX, 0), ([tokens[-1]], L2R, 1)],
+                             positions=[*range(n + k), n - 1], next_position=n, target_type=1, max_new_tokens=k)
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: MASSConfig):
         super().__init__(name, objective_id, vocab)

@@ -14,10 +14,10 @@ import dataclasses
 
 import numpy as np
 
-from objectives import noise
+from objectives import layout, noise
 from objectives.example import NO_NSP_LABEL, PREFIX, Example, TextChunk, make_example
 from objectives.registry import Objective, register
-from objectives.vocab import CLS_ID, SEP_ID, Vocabulary
+from objectives.vocab import Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +69,22 @@ def sentence_pair(
 class MaskedLM(Objective):
     """BERT's masked LM (see module docstring)."""
 
+    attention_kinds = frozenset({PREFIX})
+
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: MLMConfig):
         super().__init__(name, objective_id, vocab)
         self.config = config
         self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
-        self.needs_other_document = config.nsp
+        self.needs_other_document = self.needs_nsp_head = self.whole_sentences = config.nsp
         self.min_text_tokens = 2 if config.nsp else 1
+        self.token_types = frozenset({0, 1}) if config.nsp else frozenset({0})
+
+    def generation_modes(self) -> tuple[str, ...]:
+        return ("fill",)
+
+    def fill_row(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """`[CLS] tokens [SEP]`, all PREFIX, type 0: one bidirectional pass."""
+        return layout.row([([self.vocab.cls, *tokens, self.vocab.sep], PREFIX, 0)])
 
     def text_budget(self, seq_len: int) -> int:
         return seq_len - (3 if self.config.nsp else 2)
@@ -83,13 +93,13 @@ class MaskedLM(Objective):
         config = self.config
         if config.nsp:
             first, second, nsp_label = sentence_pair(chunk, rng, config.nsp_negative_rate)
-            tokens = np.concatenate([[CLS_ID], first, [SEP_ID], second, [SEP_ID]])
+            tokens = np.concatenate([[self.vocab.cls], first, [self.vocab.sep], second, [self.vocab.sep]])
             token_types = np.concatenate(
                 [np.zeros(len(first) + 2, np.int32), np.ones(len(second) + 1, np.int32)]
             )
         else:
             nsp_label = NO_NSP_LABEL
-            tokens = np.concatenate([[CLS_ID], chunk.tokens, [SEP_ID]])
+            tokens = np.concatenate([[self.vocab.cls], chunk.tokens, [self.vocab.sep]])
             token_types = np.zeros(len(tokens), np.int32)
         tokens = tokens.astype(np.int32)
         positions = bidirectional_prediction_positions(

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from objectives.vocab import MASK_ID, Vocabulary
+from objectives.vocab import Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +152,7 @@ def replace_tokens(
     random_ids = vocab.ordinary_ids[rng.integers(0, len(vocab.ordinary_ids), len(positions))]
     to_mask = draws < rule.mask_rate
     to_random = (draws >= rule.mask_rate) & (draws < rule.mask_rate + rule.random_rate)
-    corrupted[positions[to_mask]] = MASK_ID
+    corrupted[positions[to_mask]] = vocab.mask
     corrupted[positions[to_random]] = random_ids[to_random]
     return corrupted
 

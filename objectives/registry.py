@@ -16,22 +16,39 @@ from typing import Any
 import numpy as np
 
 from objectives.example import Example, TextChunk
+from objectives.layout import Prompt
 from objectives.vocab import Vocabulary
 
 
 class Objective(abc.ABC):
-    """A leaf objective: turns one `TextChunk` into one `Example`.
+    """A leaf objective: turns one `TextChunk` into one `Example`, and owns its layout.
 
     Attributes:
       name: the name metrics are reported under (e.g. 'mlm', 'unilm/seq2seq').
       objective_id: index of this leaf in its mixture, written into every example.
       needs_other_document: whether chunks must carry `other_document` (NSP negatives).
       min_text_tokens: the shortest chunk this objective can use.
+      whole_sentences: whether chunks should end at sentence boundaries (sentence
+        pairs, as BERT's NSP builds them) rather than at the token budget.
+      attention_kinds: the attention kinds its examples use (the contract tests check
+        every example against it; kernels that need key ranges read it).
+      token_types: the token types its examples use (checked against the model's
+        `num_token_types` before training).
+      needs_nsp_head: whether its examples carry sentence-pair labels for an NSP head.
+
+    Layout for generation and scoring (`objectives.layout`): `generation_modes()`
+    names the modes it offers; `prompt(mode, tokens, max_new_tokens)` lays out a
+    prompt for left-to-right decoding; `fill_row(tokens)` lays out a one-pass [MASK]
+    fill; `splice(tokens, generated)` turns generated spans back into filled text.
     """
 
     name: str
     needs_other_document: bool = False
     min_text_tokens: int = 1
+    whole_sentences: bool = False
+    attention_kinds: frozenset[int] = frozenset()
+    token_types: frozenset[int] = frozenset({0})
+    needs_nsp_head: bool = False
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary):
         self.name = name
@@ -58,6 +75,24 @@ class Objective(abc.ABC):
                 "other_document set"
             )
         return self.make_example(chunk, rng)
+
+    def generation_modes(self) -> tuple[str, ...]:
+        """The generation modes (`objectives.layout.MODES`) this objective's layout offers."""
+        return ()
+
+    def prompt(self, mode: str, tokens: np.ndarray, max_new_tokens: int) -> Prompt:
+        """The prefill of `tokens` for left-to-right generation in `mode`."""
+        raise ValueError(f"objective {self.name!r} offers no {mode!r} generation; it offers "
+                         f"{', '.join(self.generation_modes()) or 'none'}")
+
+    def fill_row(self, tokens: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The row of a one-pass [MASK] fill of `tokens` (None: this layout fills by
+        generating, see `splice`, or not at all)."""
+        return None
+
+    def splice(self, tokens: np.ndarray, generated: np.ndarray) -> np.ndarray:
+        """`tokens` with its [MASK]s replaced by what generation in mode 'fill' produced."""
+        raise ValueError(f"objective {self.name!r} does not fill by generating")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, objective_id={self.objective_id})"

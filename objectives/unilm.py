@@ -21,11 +21,12 @@ import dataclasses
 
 import numpy as np
 
-from objectives import noise
+from objectives import layout, noise
 from objectives.example import L2R, NO_NSP_LABEL, PREFIX, R2L, Example, TextChunk, make_example
+from objectives.layout import Prompt
 from objectives.mlm import sentence_pair
 from objectives.registry import Objective, register
-from objectives.vocab import BOS_ID, EOS_ID, Vocabulary
+from objectives.vocab import Vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +77,31 @@ class UniLMMode(Objective):
         self.config = config
         self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
         self.with_nsp = config.nsp and mode == "bidirectional"
-        self.needs_other_document = self.with_nsp
+        self.needs_other_document = self.needs_nsp_head = self.whole_sentences = self.with_nsp
         self.min_text_tokens = 2 if self.layout.pair else 1
+        self.mode = mode
+        self.attention_kinds = frozenset({self.layout.first_kind, self.layout.second_kind})
+        self.token_types = frozenset({self.layout.first_type, self.layout.second_type})
+
+    def generation_modes(self) -> tuple[str, ...]:
+        return {"bidirectional": ("fill",), "seq2seq": ("seq2seq",)}.get(self.mode, ())
+
+    def prompt(self, mode: str, tokens: np.ndarray, max_new_tokens: int) -> Prompt:
+        """Seq2seq as UniLM decodes: `[SOS] source [EOS]` (PREFIX, type 4), then a [MASK]
+        slot (L2R, type 5) at which each new token is predicted (its loss is a cloze loss)."""
+        if mode != "seq2seq" or self.mode != "seq2seq":
+            return super().prompt(mode, tokens, max_new_tokens)
+        vocab, layout_ = self.vocab, self.layout
+        return layout.prompt([([vocab.bos, *tokens, vocab.eos], layout_.first_kind, layout_.first_type),
+                              ([vocab.mask], layout_.second_kind, layout_.second_type)],
+                             next_position=len(tokens) + 2, target_type=layout_.second_type, cloze=True,
+                             max_new_tokens=max_new_tokens)
+
+    def fill_row(self, tokens: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The bidirectional mode: `[SOS] tokens [EOS]`, all PREFIX, type 0."""
+        if self.mode != "bidirectional":
+            return None
+        return layout.row([([self.vocab.bos, *tokens, self.vocab.eos], PREFIX, self.layout.first_type)])
 
     def text_budget(self, seq_len: int) -> int:
         return seq_len - (3 if self.layout.pair else 2)
@@ -89,10 +113,10 @@ class UniLMMode(Objective):
             negative_rate = config.nsp_negative_rate if self.with_nsp else 0.0
             first, second, label = sentence_pair(chunk, rng, negative_rate)
             nsp_label = label if self.with_nsp else NO_NSP_LABEL
-            second = np.concatenate([second, [EOS_ID]])
+            second = np.concatenate([second, [self.vocab.eos]])
         else:
             first, second = chunk.tokens, np.zeros(0, np.int32)
-        first = np.concatenate([[BOS_ID], first, [EOS_ID]])
+        first = np.concatenate([[self.vocab.bos], first, [self.vocab.eos]])
         tokens = np.concatenate([first, second]).astype(np.int32)
         candidates = np.flatnonzero(~self.vocab.is_special(tokens))
         count = noise.prediction_count(len(candidates), config.mask_rate, config.max_predictions)

@@ -1,33 +1,37 @@
-"""Text from a trained model: left-to-right continuation, seq2seq, and [MASK] filling.
+"""Text from a trained model: continuation, seq2seq, and [MASK] filling, in the layout
+of an objective the model was trained with.
 
     python -m pretrain.generate --workdir=runs/clm --prompt="The list" --prompt="A module"
     python -m pretrain.generate --workdir=runs/unilm --mode=seq2seq --prompt="Return the sum." --top_p=0.9
     python -m pretrain.generate --workdir=runs/mlm --prompt="Return the [MASK] of two numbers."
 
-Generation speaks each objective's own layout (its token types, delimiters and
-attention kinds), so a model is asked the way it was trained:
+Every objective owns its layout (`objectives.layout`): its leaves say which modes
+they offer (continue, seq2seq, fill) and lay out the prompt row (token types,
+delimiters, attention kinds, positions), so a model is asked the way it was
+trained and this module names no objective. It decodes:
 
-| layout | mode     | prompt row                                         | each new token              |
-|--------|----------|----------------------------------------------------|-----------------------------|
-| clm    | continue | `[BOS] prompt`, L2R, type 0                         | next-token prediction       |
-| unilm  | seq2seq  | `[SOS] source [EOS]` PREFIX type 4, then `[MASK]`   | predicted at a `[MASK]` slot (type 5, L2R), as UniLM decodes: its cloze loss predicts a position's own token |
-| mass   | seq2seq  | `source [MASK]*k` PREFIX type 0, then the last source token, L2R type 1 | next-token prediction of the span at the end (k = max_new_tokens) |
-| mlm    | fill     | `[CLS] text [SEP]`, all PREFIX                      | one pass; only `[MASK]` positions change |
+- left to right with the model's KV cache (`Transformer.init_cache` / `extend`):
+  the prompt is one prefill (rows of different lengths are right-padded with
+  segment 0, which no token sees), then one L2R token per step (two for a cloze
+  layout such as UniLM's, where each new token is predicted at a [MASK] slot at
+  its own position; the previous slot is hidden from later tokens by giving it
+  segment 0 in the cache). Under the attention rule a PREFIX source never sees the
+  generated target. A row stops at [EOS] or after its max_new_tokens;
+- or, to fill [MASK]s, in one bidirectional pass over the layout's `fill_row`
+  (only the [MASK] positions change), or by generating the spans of a sentinel
+  layout and splicing them back (`splice`).
 
-L2R modes decode with the model's KV cache (`Transformer.init_cache` / `extend`):
-the prompt is one prefill (rows of different lengths are right-padded with
-segment 0, which no token sees), then one or two L2R tokens per step. Under the
-attention rule a PREFIX source never sees the generated target. UniLM's [MASK]
-slot of the previous step is hidden from later tokens by giving it segment 0 in
-the cache. A row stops at [EOS] or after its max_new_tokens; only ordinary
-tokens and [EOS] are ever generated (ordinary tokens only when filling).
+Only ordinary tokens and [EOS] are ever generated (ordinary tokens when filling);
+a sentinel layout also generates its sentinels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +39,11 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from objectives import L2R, PREFIX, Vocabulary, parse_mixture_spec
-from objectives.vocab import BOS_ID, CLS_ID, EOS_ID, MASK_ID, PAD_ID, SEP_ID
+from objectives import L2R, Objective, Vocabulary, build_mixture, registered_names
+from objectives.layout import MODES, Prompt
 from pretrain import cli
 from pretrain.model import DecodeCache, Transformer
-from pretrain.tokenizer import Tokenizer
+from pretrain.tokenizer import MODEL_FILENAME, Tokenizer
 
 MASK_TEXT = "[MASK]"
 
@@ -86,74 +90,11 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 # -- prompts in each objective's layout ------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One row's prefill and how its generation continues.
-
-    Attributes:
-      inputs, positions, attention_kind, token_types: int32 [n], the prefill.
-      next_position: the position of the first generated token.
-      target_type: the token type of generated tokens.
-      cloze: whether each new token is predicted at a [MASK] slot at its own
-        position (UniLM) rather than from the previous token (next-token).
-      max_new_tokens: the most tokens this row generates.
-    """
-
-    inputs: np.ndarray
-    positions: np.ndarray
-    attention_kind: np.ndarray
-    token_types: np.ndarray
-    next_position: int
-    target_type: int
-    cloze: bool
-    max_new_tokens: int
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-
-def _row(parts: Sequence[tuple[Sequence[int], int, int]], positions: Sequence[int] | None = None
-         ) -> dict[str, np.ndarray]:
-    """Concatenates (tokens, kind, type) parts; positions default to 0..n-1."""
-    inputs = np.concatenate([np.asarray(tokens, np.int32) for tokens, _, _ in parts])
-    kinds = np.concatenate([np.full(len(tokens), kind, np.int32) for tokens, kind, _ in parts])
-    types = np.concatenate([np.full(len(tokens), kind_type, np.int32) for tokens, _, kind_type in parts])
-    positions = np.arange(len(inputs), dtype=np.int32) if positions is None else np.asarray(positions, np.int32)
-    return dict(inputs=inputs, positions=positions, attention_kind=kinds, token_types=types)
-
-
-def clm_prompt(tokens: np.ndarray, max_new_tokens: int) -> Prompt:
-    """`[BOS] tokens`, all L2R, type 0: causal LM continuation."""
-    row = _row([([BOS_ID, *tokens], L2R, 0)])
-    return Prompt(**row, next_position=len(tokens) + 1, target_type=0, cloze=False, max_new_tokens=max_new_tokens)
-
-
-def unilm_prompt(tokens: np.ndarray, max_new_tokens: int) -> Prompt:
-    """`[SOS] source [EOS]` (PREFIX, type 4) then a [MASK] (L2R, type 5): UniLM seq2seq."""
-    row = _row([([BOS_ID, *tokens, EOS_ID], PREFIX, 4), ([MASK_ID], L2R, 5)])
-    return Prompt(**row, next_position=len(tokens) + 2, target_type=5, cloze=True, max_new_tokens=max_new_tokens)
-
-
-def mass_prompt(tokens: np.ndarray, max_new_tokens: int) -> Prompt:
-    """MASS with the span at the end: encoder `source [MASK]*k` (PREFIX, type 0), decoder
-    starting from the last source token at its position (L2R, type 1); k = max_new_tokens."""
-    n, k = len(tokens), max_new_tokens
-    if n == 0:
-        raise ValueError("a MASS prompt needs at least one source token (the decoder starts from the last)")
-    row = _row([([*tokens, *[MASK_ID] * k], PREFIX, 0), ([tokens[-1]], L2R, 1)],
-               positions=[*range(n + k), n - 1])
-    return Prompt(**row, next_position=n, target_type=1, cloze=False, max_new_tokens=k)
-
-
-LAYOUTS: dict[str, Callable[[np.ndarray, int], Prompt]] = {
-    "clm": clm_prompt, "unilm": unilm_prompt, "mass": mass_prompt}
-FILL_DELIMITERS: dict[str, tuple[int, int]] = {"mlm": (CLS_ID, SEP_ID), "unilm": (BOS_ID, EOS_ID)}
-
-
-def allowed_tokens(vocab: Vocabulary, *, eos: bool) -> np.ndarray:
-    """bool [V]: the ordinary tokens, plus [EOS] when `eos`."""
+def allowed_tokens(vocab: Vocabulary, *, eos: bool, sentinels: bool = False) -> np.ndarray:
+    """bool [V]: the ordinary tokens, plus [EOS] when `eos` and the sentinels when `sentinels`."""
     allowed = ~vocab.is_special(np.arange(vocab.size))
-    allowed[EOS_ID] = eos
+    allowed[vocab.eos] = eos
+    allowed[list(vocab.sentinels)] = sentinels
     return allowed
 
 
@@ -189,7 +130,7 @@ def _padded(prompts: Sequence[Prompt], width: int) -> dict[str, np.ndarray]:
 
 
 def generate(model: Transformer, prompts: Sequence[Prompt], *, sampling: Sampling = GREEDY, seed: int = 0,
-             vocab: Vocabulary | None = None) -> list[np.ndarray]:
+             vocab: Vocabulary | None = None, sentinels: bool = False) -> list[np.ndarray]:
     """Generated token ids per prompt, with the KV cache; each ends at its first
     [EOS] (kept) or after its `max_new_tokens`. All prompts share one layout."""
     if not prompts:
@@ -205,7 +146,7 @@ def generate(model: Transformer, prompts: Sequence[Prompt], *, sampling: Samplin
                              f"{prompt.max_new_tokens} exceeds the model's max_positions={limit}; shorten the "
                              "prompt or lower max_new_tokens")
     vocab = vocab or Vocabulary(model.config.vocab_size)
-    decoder = _Decoder(model, allowed_tokens(vocab, eos=True), sampling)
+    decoder = _Decoder(model, allowed_tokens(vocab, eos=True, sentinels=sentinels), sampling)
     cloze = prompts[0].cloze
     rows, width = len(prompts), max(len(prompt) for prompt in prompts)
     steps = max(prompt.max_new_tokens for prompt in prompts)
@@ -220,18 +161,18 @@ def generate(model: Transformer, prompts: Sequence[Prompt], *, sampling: Samplin
     key, subkey = jax.random.split(key)
     chosen, cache = decoder.extend(decoder.state, cache, _padded(prompts, width), jnp.asarray(lengths - 1), subkey)
     mask_slots, filled = lengths - 1, width  # cloze: where each row's pending [MASK] sits
-    out = np.full((rows, steps), PAD_ID, np.int32)
+    out = np.full((rows, steps), vocab.pad, np.int32)
     count, done = np.zeros(rows, np.int64), np.zeros(rows, bool)
     for step in range(steps):
         chosen = np.asarray(chosen)
         active = ~done
         out[active, step] = chosen[active]
         count[active] += 1
-        done |= active & ((chosen == EOS_ID) | (count >= limits))
+        done |= active & ((chosen == vocab.eos) | (count >= limits))
         if done.all():
             break
         position = next_positions + step
-        inputs = [chosen, np.full(rows, MASK_ID)] if cloze else [chosen]
+        inputs = [chosen, np.full(rows, vocab.mask)] if cloze else [chosen]
         tokens = {
             "inputs": np.stack(inputs, axis=1).astype(np.int32),
             "positions": np.stack([position + j for j in range(per_step)], axis=1).astype(np.int32),
@@ -248,19 +189,19 @@ def generate(model: Transformer, prompts: Sequence[Prompt], *, sampling: Samplin
     return [out[r, : count[r]] for r in range(rows)]
 
 
-def fill_masks(model: Transformer, texts: Sequence[np.ndarray], *, layout: str = "mlm",
-               sampling: Sampling = GREEDY, seed: int = 0, vocab: Vocabulary | None = None) -> list[np.ndarray]:
+def fill_masks(model: Transformer, texts: Sequence[np.ndarray], leaf: Objective, *, sampling: Sampling = GREEDY,
+               seed: int = 0) -> list[np.ndarray]:
     """Each token sequence with its [MASK] ids replaced by ordinary tokens, all other
-    ids unchanged: one bidirectional pass over `open text close` (all PREFIX, type 0)."""
-    if layout not in FILL_DELIMITERS:
-        raise ValueError(f"fill layout {layout!r} is not one of {', '.join(FILL_DELIMITERS)}")
+    ids unchanged: one bidirectional pass over the leaf's `fill_row` of it."""
+    vocab = leaf.vocab
     if not texts:
         raise ValueError("no prompts to fill")
     for index, text in enumerate(texts):
-        if not np.any(np.asarray(text) == MASK_ID):
+        if not np.any(np.asarray(text) == vocab.mask):
             raise ValueError(f"prompt {index} has no {MASK_TEXT}; write {MASK_TEXT} where a token should be filled")
-    first, last = FILL_DELIMITERS[layout]
-    rows = [_row([([first, *text, last], PREFIX, 0)]) for text in texts]
+    rows = [leaf.fill_row(np.asarray(text, np.int32)) for text in texts]
+    if rows[0] is None:
+        raise ValueError(f"objective {leaf.name!r} does not fill in one pass")
     width = max(len(row["inputs"]) for row in rows)
     if width > model.config.max_positions:
         raise ValueError(f"a prompt of {width} tokens exceeds the model's max_positions={model.config.max_positions}")
@@ -269,13 +210,27 @@ def fill_masks(model: Transformer, texts: Sequence[np.ndarray], *, layout: str =
         for name, values in row.items():
             batch[name][r, : len(values)] = values
         batch["segment_ids"][r, : len(row["inputs"])] = 1
-    vocab = vocab or Vocabulary(model.config.vocab_size)
     banned = jnp.asarray(~allowed_tokens(vocab, eos=False))
     logits = model.logits(model(batch, deterministic=True))
     logits = jnp.where(banned, -jnp.inf, logits).reshape(-1, logits.shape[-1])
     picks = np.asarray(sample(logits, jax.random.key(seed), sampling)).reshape(batch["inputs"].shape)
-    filled = np.where(batch["inputs"] == MASK_ID, picks, batch["inputs"])
-    return [filled[r, 1 : len(text) + 1] for r, text in enumerate(texts)]
+    out = []
+    for r, text in enumerate(texts):
+        text = np.asarray(text, np.int32)
+        where = np.flatnonzero(rows[r]["inputs"] == vocab.mask)  # the [MASK]s of the text, in the row
+        filled = text.copy()
+        filled[text == vocab.mask] = picks[r, where]
+        out.append(filled)
+    return out
+
+
+def fill_by_generating(model: Transformer, texts: Sequence[np.ndarray], leaf: Objective, *,
+                       sampling: Sampling = GREEDY, seed: int = 0, max_new_tokens: int = 32) -> list[np.ndarray]:
+    """Each token sequence with its [MASK]s replaced by spans the model generates in the
+    leaf's sentinel layout (`prompt('fill', ...)`, then `splice`)."""
+    prompts = [leaf.prompt("fill", np.asarray(text, np.int32), max_new_tokens) for text in texts]
+    generated = generate(model, prompts, sampling=sampling, seed=seed, vocab=leaf.vocab, sentinels=True)
+    return [leaf.splice(np.asarray(text, np.int32), made) for text, made in zip(texts, generated)]
 
 
 def encode_with_masks(tokenizer: Tokenizer, text: str) -> np.ndarray:
@@ -285,7 +240,7 @@ def encode_with_masks(tokenizer: Tokenizer, text: str) -> np.ndarray:
     ids: list[int] = []
     for index, piece in enumerate(pieces):
         if index:
-            ids.append(MASK_ID)
+            ids.append(tokenizer.vocabulary().mask)
         if piece.strip():
             ids.extend(tokenizer.encode(piece.strip()).tolist())
     return np.asarray(ids, np.int32)
@@ -293,24 +248,32 @@ def encode_with_masks(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 # -- which mode and layout ---------------------------------------------------------------
 
-MODE_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "continue": ("clm",), "seq2seq": ("unilm", "mass"), "fill": ("mlm", "unilm")}
+
+def trained_modes(leaves: Sequence[Objective]) -> list[str]:
+    """The generation modes the leaves of a run's objectives offer, in MODES order."""
+    offered = {mode for leaf in leaves for mode in leaf.generation_modes()}
+    return [mode for mode in MODES if mode in offered]
 
 
-def trained_modes(trained: Sequence[str]) -> list[str]:
-    """The modes a model trained with the objectives `trained` was trained for."""
-    return [mode for mode, layouts in MODE_LAYOUTS.items() if set(layouts) & set(trained)]
+def offering(leaves: Sequence[Objective], mode: str, layout: str = "auto") -> list[Objective]:
+    """The leaves that offer `mode`, narrowed to `layout` (a leaf name such as
+    'unilm/seq2seq', or a registered objective's name such as 'unilm') unless 'auto'."""
+    chosen = [leaf for leaf in leaves if mode in leaf.generation_modes()]
+    if layout != "auto":
+        chosen = [leaf for leaf in chosen if leaf.name == layout or leaf.name.startswith(layout + "/")]
+    return chosen
 
 
-def resolve_mode(mode: str, layout: str, trained: Sequence[str], prompts: Sequence[str]
-                 ) -> tuple[str, str, str | None]:
-    """(mode, layout, warning) from the flags; 'auto' picks what the model was trained for.
+def resolve_mode(mode: str, layout: str, trained: Sequence[Objective], prompts: Sequence[str],
+                 vocab: Vocabulary | None = None) -> tuple[str, Objective, str | None]:
+    """(mode, the leaf whose layout to use, warning) from the flags; 'auto' picks what the
+    model was trained for (`trained`: the leaves of its objectives).
 
-    Asking for a mode or layout the model never trained in is refused with what
-    it can do, unless the layout is given explicitly (`--layout=...`), which
-    forces it with a warning: a model asked in a layout it never saw answers
-    nonsense (a causal LM never saw [MASK]; a seq2seq layout is empty to it)."""
-    names = "+".join(trained)
+    Asking for a mode the model never trained in is refused with what it can do,
+    unless the layout is given explicitly (`--layout=<objective>`), which forces
+    that objective's layout with a warning: a model asked in a layout it never saw
+    answers nonsense (a causal LM never saw [MASK]; a seq2seq layout is empty to it)."""
+    names = "+".join(dict.fromkeys(leaf.name.split("/")[0] for leaf in trained))
     can = trained_modes(trained)
     if mode == "auto":
         if any(MASK_TEXT in prompt for prompt in prompts):
@@ -322,69 +285,95 @@ def resolve_mode(mode: str, layout: str, trained: Sequence[str], prompts: Sequen
         else:
             raise ValueError(f"a model trained with {names} fills masks: put {MASK_TEXT} in --prompt, "
                              "or choose --mode=continue or --mode=seq2seq")
-    if mode not in MODE_LAYOUTS:
-        raise ValueError(f"--mode={mode!r} is not one of auto, {', '.join(MODE_LAYOUTS)}")
-    candidates = MODE_LAYOUTS[mode]
-    if layout == "auto":
-        matching = [name for name in candidates if name in trained]
-        if not matching:
-            what = {"continue": "continue text (next-token prediction)", "fill": f"fill {MASK_TEXT}",
-                    "seq2seq": "generate a target from a source"}[mode]
-            instead = f"; it can {' or '.join('--mode=' + m for m in can)}" if can else ""
-            raise ValueError(f"--mode={mode} needs a model trained with {' or '.join(candidates)}, but this run "
-                             f"was trained with {names}, which never learnt to {what}{instead}. To force it "
-                             f"anyway, name the layout: --layout={candidates[0]}")
-        layout = matching[0]
-    if layout not in candidates:
-        raise ValueError(f"--layout={layout!r} cannot do --mode={mode}; choose one of {', '.join(candidates)}")
-    warning = None
-    if layout not in trained:
-        warning = (f"warning: the model was trained with {names}, never in the {layout} layout; "
-                   "expect text unrelated to the prompt")
-    return mode, layout, warning
+    if mode not in MODES:
+        raise ValueError(f"--mode={mode!r} is not one of auto, {', '.join(MODES)}")
+    matching = offering(trained, mode, layout)
+    if matching:
+        return mode, matching[0], None
+    others = offering(_every_leaf(vocab or trained[0].vocab), mode)
+    if layout != "auto":
+        forced = offering(_every_leaf(vocab or trained[0].vocab), mode, layout)
+        if not forced:
+            raise ValueError(f"--layout={layout!r} cannot do --mode={mode}; choose one of "
+                             f"{', '.join(sorted({leaf.name for leaf in others}))}")
+        return mode, forced[0], (f"warning: the model was trained with {names}, never in the {forced[0].name} layout; "
+                                 "expect text unrelated to the prompt")
+    what = {"continue": "continue text (next-token prediction)", "fill": f"fill {MASK_TEXT}",
+            "seq2seq": "generate a target from a source"}[mode]
+    instead = f"; it can {' or '.join('--mode=' + m for m in can)}" if can else ""
+    layouts = sorted(dict.fromkeys(leaf.name.split("/")[0] for leaf in others))
+    raise ValueError(f"--mode={mode} needs a model trained with {' or '.join(layouts)}, but this run was trained "
+                     f"with {names}, which never learnt to {what}{instead}. To force it anyway, name the layout: "
+                     f"--layout={others[0].name}")
+
+
+def _every_leaf(vocab: Vocabulary) -> list[Objective]:
+    """A leaf of every registered objective (default settings) that this vocabulary can
+    build, for naming layouts a model was not trained in."""
+    leaves = []
+    for name in registered_names():
+        try:
+            leaves.extend(build_mixture(name, vocab).objectives)
+        except ValueError:
+            continue  # e.g. a sentinel objective with a vocabulary without sentinels
+    return leaves
 
 
 def decode_continuation(tokenizer: Tokenizer, context: np.ndarray, ids: np.ndarray) -> str:
     """The text `ids` add after `context`, with the space that joins them (decoding
     `ids` alone drops a leading word boundary)."""
     context = np.asarray(context, np.int32)
-    ids = np.asarray([i for i in np.asarray(ids).tolist() if i != EOS_ID], np.int32)
+    eos = tokenizer.vocabulary().eos
+    ids = np.asarray([i for i in np.asarray(ids).tolist() if i != eos], np.int32)
     head = tokenizer.decode(context)
     whole = tokenizer.decode(np.concatenate([context, ids]))
     return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids)
 
 
-def demonstrate(model: Transformer, tokenizer: Tokenizer, trained: Sequence[str], sentence: str,
+def fill(model: Transformer, texts: Sequence[np.ndarray], leaf: Objective, *, sampling: Sampling = GREEDY,
+         seed: int = 0, max_new_tokens: int = 32) -> list[np.ndarray]:
+    """[MASK]s filled in the leaf's layout: one pass, or generated spans spliced back."""
+    if leaf.fill_row(np.asarray(texts[0], np.int32)) is not None:
+        return fill_masks(model, texts, leaf, sampling=sampling, seed=seed)
+    return fill_by_generating(model, texts, leaf, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens)
+
+
+def demonstrate(model: Transformer, tokenizer: Tokenizer, trained: Sequence[Objective], sentence: str,
                 max_new_tokens: int = 12) -> str:
-    """One line of what a model trained with `trained` now does with `sentence` (a
-    held-out sentence), next to what the text really says: greedy continuation of
-    its first half of words (or, for a seq2seq model, generation after it), else
-    filling one masked piece in the middle."""
+    """One line of what a model trained with the leaves `trained` now does with
+    `sentence` (a held-out sentence), next to what the text really says: greedy
+    continuation of its first half of words (or, for a seq2seq model, generation
+    after it), else filling one masked piece in the middle."""
     vocab = tokenizer.vocabulary()
     words = sentence.split()
     can = trained_modes(trained)
     if ("continue" in can or "seq2seq" in can) and len(words) >= 4:
         mode = "continue" if "continue" in can else "seq2seq"
-        _, layout, _ = resolve_mode(mode, "auto", trained, [sentence])
+        leaf = offering(trained, mode)[0]
         head_text = " ".join(words[: len(words) // 2])
         head, truth = tokenizer.encode(head_text), tokenizer.encode(" ".join(words[len(words) // 2:]))
-        made = generate(model, [LAYOUTS[layout](head, min(max_new_tokens, len(truth)))], vocab=vocab)[0]
+        made = generate(model, [leaf.prompt(mode, head, min(max_new_tokens, len(truth)))], vocab=vocab)[0]
         verb = "continues" if mode == "continue" else "generates after"
         return (f"{verb} {head_text!r} with {decode_continuation(tokenizer, head, made)!r} "
                 f"(the held-out text: {decode_continuation(tokenizer, head, truth[:max_new_tokens])!r})")
     tokens = tokenizer.encode(sentence)
     if "fill" not in can or len(tokens) < 3:
         return f"(no demonstration: the sentence {sentence!r} is too short)"
-    _, layout, _ = resolve_mode("fill", "auto", trained, [MASK_TEXT])
+    leaf = offering(trained, "fill")[0]
     lengths = [len(tokenizer.piece(int(t)).lstrip("\u2581")) for t in tokens]
     lengths[0] = -1  # a middle piece: the first has no left context
     position = int(np.argmax(lengths))
     masked = tokens.copy()
-    masked[position] = MASK_ID
-    filled = fill_masks(model, [masked], layout=layout, vocab=vocab)[0]
+    masked[position] = vocab.mask
+    filled = fill(model, [masked], leaf)[0]
     shown = f"{tokenizer.decode(tokens[:position])} {MASK_TEXT} {tokenizer.decode(tokens[position + 1:])}".strip()
-    return (f"fills {MASK_TEXT} in {shown!r} with {tokenizer.piece(int(filled[position]))!r} "
+    return (f"fills {MASK_TEXT} in {shown!r} with {tokenizer.decode(filled[position : position + 1]) or '?'!r} "
             f"(the held-out text has {tokenizer.piece(int(tokens[position]))!r})")
+
+
+def trained_leaves(config: Any, vocab: Vocabulary) -> list[Objective]:
+    """The leaves of a run's objectives with the run's settings (its config.json)."""
+    return list(build_mixture(config.objective, vocab, config.objectives).objectives)
 
 
 # -- command line -----------------------------------------------------------------------
@@ -393,8 +382,8 @@ def demonstrate(model: Transformer, tokenizer: Tokenizer, trained: Sequence[str]
 def run(workdir: str, prompts: Sequence[str], *, mode: str = "auto", layout: str = "auto",
         max_new_tokens: int = 32, sampling: Sampling = GREEDY, seed: int = 0) -> list[str]:
     """The command: one output line per prompt. The prompts and the mode are checked
-    against the run's config before its checkpoint is loaded."""
-    from pretrain.inference import load_trained, read_run_config  # checkpoint readers only when run
+    against the run's config and tokenizer before its checkpoint is loaded."""
+    from pretrain.inference import checkpoint_steps, load_trained, read_run_config, run_tokenizer  # when run
 
     if not prompts:
         raise ValueError("no --prompt given: pass --prompt='some text' (repeat it for a batch)")
@@ -402,22 +391,26 @@ def run(workdir: str, prompts: Sequence[str], *, mode: str = "auto", layout: str
     if empty:
         raise ValueError(f"--prompt number {empty[0] + 1} is empty: give text to continue, translate or fill, "
                          "e.g. --prompt='Return the sum'")
-    trained_names = tuple(parse_mixture_spec(read_run_config(workdir).objective))
-    mode, layout, warning = resolve_mode(mode, layout, trained_names, prompts)
+    config = read_run_config(workdir)
+    if not os.path.isfile(os.path.join(workdir, MODEL_FILENAME)):
+        checkpoint_steps(workdir)  # a run without a checkpoint yet is the likelier news
+    tokenizer = run_tokenizer(workdir)
+    vocab = tokenizer.vocabulary()
+    mode, leaf, warning = resolve_mode(mode, layout, trained_leaves(config, vocab), prompts, vocab)
     trained = load_trained(workdir)
-    tokenizer, vocab = trained.tokenizer, trained.tokenizer.vocabulary()
     notes = [warning] if warning else []
     if mode == "fill":
         texts = [encode_with_masks(tokenizer, prompt) for prompt in prompts]
-        filled = fill_masks(trained.model, texts, layout=layout, sampling=sampling, seed=seed, vocab=vocab)
+        filled = fill(trained.model, texts, leaf, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens)
         return notes + [f"{prompt!r} -> {tokenizer.decode(ids)!r}  (filled: "
-                        f"{', '.join(repr(tokenizer.piece(int(t))) for t in ids[text == MASK_ID])})"
+                        f"{', '.join(repr(tokenizer.decode(ids[i : i + 1])) for i in np.flatnonzero(text == vocab.mask))})"
+                        if len(ids) == len(text) else f"{prompt!r} -> {tokenizer.decode(ids)!r}"
                         for prompt, text, ids in zip(prompts, texts, filled)]
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
-    made = [LAYOUTS[layout](tokens, max_new_tokens) for tokens in encoded]
+    made = [leaf.prompt(mode, tokens, max_new_tokens) for tokens in encoded]
     outputs = generate(trained.model, made, sampling=sampling, seed=seed, vocab=vocab)
     return notes + [f"{prompt!r} -> {decode_continuation(tokenizer, tokens, ids)!r}"
-                    + ("  [EOS]" if len(ids) and ids[-1] == EOS_ID else "")
+                    + ("  [EOS]" if len(ids) and ids[-1] == vocab.eos else "")
                     for prompt, tokens, ids in zip(prompts, encoded, outputs)]
 
 
@@ -429,11 +422,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   flag_values=flag_values)
     prompts = flags.DEFINE_multi_string("prompt", None, "text to continue, translate or fill; repeat for a batch",
                                         flag_values=flag_values)
-    mode = flags.DEFINE_enum("mode", "auto", ["auto", *MODE_LAYOUTS], "auto: fill when a prompt holds [MASK], "
-                             "else continue (clm models) or seq2seq (unilm / mass models)", flag_values=flag_values)
-    layout = flags.DEFINE_enum("layout", "auto", list(dict.fromkeys(["auto", *LAYOUTS, *FILL_DELIMITERS])),
-                               "which objective's layout to use (auto: one the model was trained with; naming one "
-                               "it was not trained with forces it, with a warning)", flag_values=flag_values)
+    mode = flags.DEFINE_enum("mode", "auto", ["auto", *MODES], "auto: fill when a prompt holds [MASK], else "
+                             "continue or seq2seq, whichever the run's objectives offer", flag_values=flag_values)
+    layout = flags.DEFINE_string("layout", "auto", "whose layout to use: an objective or leaf name (e.g. unilm, "
+                                 "unilm/seq2seq, mass); auto: one the model was trained with; naming one it was not "
+                                 "trained with forces it, with a warning", flag_values=flag_values)
     max_new = flags.DEFINE_integer("max_new_tokens", 32, "tokens to generate at most (mass: exactly, the span)",
                                    flag_values=flag_values)
     temperature = flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample", flag_values=flag_values)

@@ -181,16 +181,21 @@ def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int,
     return step, data_state
 
 
+def run_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a run directory; its absence is one message saying what to do."""
+    path = os.path.join(os.fspath(workdir), MODEL_FILENAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read its "
+                                "checkpoints; restore it, or " + TRAIN_HINT)
+    return load_tokenizer(path)
+
+
 def load_trained(workdir: str | os.PathLike) -> TrainedModel:
     """The newest checkpoint of a run directory as a ready-to-use model."""
     workdir = os.fspath(workdir)
     config = read_run_config(workdir)
     checkpoint_steps(workdir)  # before the tokenizer: "no checkpoint" is the likelier news
-    tokenizer_path = os.path.join(workdir, MODEL_FILENAME)
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"{tokenizer_path} is missing: the run's tokenizer is needed to read its "
-                                "checkpoints; restore it, or " + TRAIN_HINT)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = run_tokenizer(workdir)
     model = create_model(model_config(config, tokenizer.vocab_size), seed=0)
     step, data_state = restore_params(workdir, model)
     return TrainedModel(model, tokenizer, config, step, workdir, data_state)

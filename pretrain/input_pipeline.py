@@ -57,7 +57,8 @@ def tokenizer_problems(tokenizer_config: Any) -> list[str]:
             return [f"config.tokenizer.model_path={tokenizer_config.model_path!r} is not a file; give the path of a "
                     "SentencePiece .model file, or leave it empty to train one"]
         return []
-    return tokenizer_settings_problems(tokenizer_config.vocab_size, tokenizer_config.model_type)
+    return tokenizer_settings_problems(tokenizer_config.vocab_size, tokenizer_config.model_type,
+                                       sentinels=tokenizer_config.sentinels)
 
 
 def source_from_config(data_config: Any) -> sources.Source:
@@ -110,6 +111,7 @@ def build_input_pipeline(config: Any, workdir: str | os.PathLike, *, process_ind
             tokenizer_config.vocab_size,
             tokenizer_config.model_type,
             user_model_path=tokenizer_config.model_path or None,
+            sentinels=tokenizer_config.sentinels,
         )
     stats = source.statistics("train", lambda text: len(tokenizer.encode(text)),
                               max_documents=tokenizer_config.sample_documents)

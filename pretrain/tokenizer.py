@@ -38,8 +38,8 @@ from typing import Any, Literal
 import numpy as np
 import sentencepiece as spm
 
-from objectives.vocab import (BOS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID, SPECIAL_TOKENS,
-                              UNK_ID, Vocabulary)
+from objectives.vocab import (BOS_ID, EOS_ID, NUM_SPECIAL_TOKENS, PAD_ID, PARADIGM_TOKENS,
+                              SPECIAL_TOKENS, UNK_ID, Vocabulary, reserved_tokens)
 from pretrain.errors import raise_problems
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ _SPECIAL_FLAGS: dict[str, Any] = dict(  # load_tokenizer checks they give SPECIA
     pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_piece="[PAD]",
     unk_piece="[UNK]", bos_piece="[BOS]", eos_piece="[EOS]",
     control_symbols=["[CLS]", "[SEP]", "[MASK]"])
+
+
+def _control_symbols(sentinels: int) -> list[str]:
+    """The control symbols a new tokenizer reserves after its four fixed ids: [CLS],
+    [SEP], [MASK], the paradigm tokens and `sentinels` sentinels (objectives.vocab)."""
+    return [name for name in reserved_tokens(sentinels) if name not in ("[PAD]", "[UNK]", "[BOS]", "[EOS]")]
 _FIX = ("retrain it with pretrain.tokenizer.train_tokenizer (or leave the tokenizer path "
         "unset so the run trains one), or pass these flags to spm_train: "
         + " ".join(f"--{k}={','.join(v) if isinstance(v, list) else v}"
@@ -112,10 +118,26 @@ class Tokenizer:
         return self._sp.decode(ids[~self._special[ids]].tolist())
 
     def vocabulary(self) -> Vocabulary:
-        """The facts objectives need: size, word starts, and any extra special ids."""
-        extra = np.flatnonzero(self._special[NUM_SPECIAL_TOKENS:]) + NUM_SPECIAL_TOKENS
-        return Vocabulary(size=self.vocab_size, word_start=self._word_start.copy(),
-                          extra_special_ids=tuple(int(i) for i in extra))
+        """The facts objectives need: size, word starts, the special tokens this model
+        has by name (the fixed seven, and the paradigm tokens and sentinels when it
+        reserves them), and any other control ids (built once)."""
+        if getattr(self, "_vocabulary", None) is None:
+            self._vocabulary = self._make_vocabulary()
+        return self._vocabulary
+
+    def _make_vocabulary(self) -> Vocabulary:
+        tokens = dict(SPECIAL_TOKENS)
+        for name in (*PARADIGM_TOKENS, *(f"[S{i}]" for i in range(self.vocab_size))):
+            found = self._sp.piece_to_id(name)
+            if self._sp.id_to_piece(found) != name or not self._sp.is_control(found):
+                if name.startswith("[S") and name not in PARADIGM_TOKENS:
+                    break  # sentinels are consecutive
+                continue
+            tokens[name] = found
+        extra = np.flatnonzero(self._special)
+        extra = tuple(int(i) for i in extra if int(i) not in tokens.values())
+        return Vocabulary(size=self.vocab_size, word_start=self._word_start.copy(), extra_special_ids=extra,
+                          tokens=tokens)
 
     def _check_ids(self, ids: np.ndarray) -> None:
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
@@ -127,16 +149,21 @@ class Tokenizer:
         return f"Tokenizer({self._path!r}, vocab_size={self.vocab_size})"
 
 
-def settings_problems(vocab_size: int, model_type: str, byte_fallback: bool = True) -> list[str]:
+def settings_problems(vocab_size: int, model_type: str, byte_fallback: bool = True,
+                      sentinels: int = 0) -> list[str]:
     """Why a tokenizer of this size and type cannot be trained (`config.tokenizer`
     fields; the one home of these rules), or nothing."""
     problems = []
     if model_type not in MODEL_TYPES:
         problems.append(f"config.tokenizer.model_type={model_type!r} must be one of {MODEL_TYPES}")
-    minimum = NUM_SPECIAL_TOKENS + (NUM_BYTE_PIECES if byte_fallback else 0)
+    if not isinstance(sentinels, int) or sentinels < 0:
+        problems.append(f"config.tokenizer.sentinels={sentinels!r} must be an integer >= 0 (T5 reserves 100)")
+        sentinels = 0
+    reserved = len(reserved_tokens(sentinels))
+    minimum = reserved + (NUM_BYTE_PIECES if byte_fallback else 0)
     if not isinstance(vocab_size, int) or vocab_size <= minimum:
-        pieces = f"{NUM_SPECIAL_TOKENS} special tokens" + (f" and {NUM_BYTE_PIECES} byte pieces" if byte_fallback
-                                                           else "")
+        pieces = f"{reserved} special tokens" + (f" and {NUM_BYTE_PIECES} byte pieces" if byte_fallback
+                                                 else "")
         problems.append(f"config.tokenizer.vocab_size={vocab_size} is too small: it must exceed {minimum} "
                         f"({pieces}); raise it (8000 is the default)")
     return problems
@@ -146,7 +173,7 @@ def train_tokenizer(sentences: Iterable[str], model_prefix_path: str | os.PathLi
                     vocab_size: int, model_type: ModelType = "unigram", *,
                     character_coverage: float = 0.9995, byte_fallback: bool = True,
                     max_sentences: int = 2_000_000, seed: int = 0,
-                    num_threads: int = 1) -> Tokenizer:
+                    num_threads: int = 1, sentinels: int = 0) -> Tokenizer:
     """Trains a SentencePiece model and writes `<prefix>.model` and `<prefix>.vocab`.
 
     Args:
@@ -161,11 +188,14 @@ def train_tokenizer(sentences: Iterable[str], model_prefix_path: str | os.PathLi
       byte_fallback: spell unknown characters as bytes; needs vocab_size > 263.
       max_sentences: train on a uniform sample (drawn with `seed`) of this many.
       num_threads: the unigram model depends on it; 1 gives the same model anywhere.
+      sentinels: T5-style sentinel tokens [S0].. reserved after the paradigm tokens
+        (the pretraining config reserves DEFAULT_SENTINELS; 0 here keeps the smallest
+        vocabularies usable).
 
     The files appear atomically (temp file, then rename), so a crash never leaves a
     half-written model; existing files are replaced.
     """
-    raise_problems(settings_problems(vocab_size, model_type, byte_fallback))
+    raise_problems(settings_problems(vocab_size, model_type, byte_fallback, sentinels))
     sample = _reservoir_sample(_training_lines(sentences), max_sentences, seed)
     if not sample:
         raise ValueError("no text to train the tokenizer on: the sentence source gave no "
@@ -181,7 +211,7 @@ def train_tokenizer(sentences: Iterable[str], model_prefix_path: str | os.PathLi
             input_sentence_size=0, shuffle_input_sentence=False,
             max_sentence_length=4 * MAX_SENTENCE_CHARS,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
-            minloglevel=1, **_SPECIAL_FLAGS)
+            minloglevel=1, **{**_SPECIAL_FLAGS, "control_symbols": _control_symbols(sentinels)})
     except RuntimeError as error:
         raise _explain_training_error(error, vocab_size) from error
     tokenizer = _from_proto(model.getvalue(), os.fspath(model_prefix_path) + ".model")

@@ -42,7 +42,6 @@ import optax
 from absl import flags
 from flax import nnx
 
-from objectives import parse_mixture_spec
 from pretrain import cli, distributed, sharding
 from pretrain.baseline import unigram_baseline
 from pretrain.checkpoint import Checkpointer
@@ -343,8 +342,8 @@ class Trainer:
         if sentence is None:
             return
         model = nnx.merge(self.graphdef, jax.device_get(self.unreplicate(self.state["params"])), self.rest)
-        trained = tuple(parse_mixture_spec(self.config.objective))
-        print(f"the model now {demonstrate(model, self.pipeline.tokenizer, trained, sentence)}", flush=True)
+        leaves = self.pipeline.mixture.objectives
+        print(f"the model now {demonstrate(model, self.pipeline.tokenizer, leaves, sentence)}", flush=True)
 
     # -- the console ------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ CONFIG_CASES = {
     "misspelt field": ({"total_step": 5}, r"config.total_step is not a field the trainer knows",
                        r"did you mean config.total_steps\?"),
     "vocabulary too small": ({"tokenizer.vocab_size": 100}, r"config.tokenizer.vocab_size=100 is too small",
-                             r"must exceed 263 .*; raise it"),
+                             r"must exceed 282 \(26 special tokens and 256 byte pieces\); raise it"),
     "tokenizer file missing": ({"tokenizer.model_path": "/nonexistent/sp.model"},
                                r"config.tokenizer.model_path='/nonexistent/sp.model' is not a file",
                                r"give the path of a SentencePiece .model file, or leave it empty to train one"),

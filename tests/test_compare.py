@@ -18,7 +18,7 @@ def small_budget(preset: str = "mlm_rate") -> ml_collections.ConfigDict:
     config = get_config(f"preset={preset},size=tiny,steps=4")
     budget = config.budget
     budget.seq_len, budget.batch_size, budget.log_every, budget.checkpoint_every = 64, 8, 1, 4
-    budget.tokenizer.vocab_size = 400
+    budget.tokenizer.vocab_size, budget.tokenizer.sentinels = 400, 16
     budget.tokenizer.sample_documents = 100  # the tokenizer is given; this only bounds the start-up statistics
     budget.data.heldout_fraction = 0.005  # a small held-out split: the trainer scores it at the end of each run
     budget.peak_flops_per_device = 1e12  # MFU's denominator given, not measured at each start

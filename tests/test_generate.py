@@ -2,6 +2,7 @@
 no source-to-target attention in seq2seq, [MASK] filling, sampling, and CLI errors."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from objectives import L2R, PREFIX, Vocabulary
+from objectives import L2R, PREFIX, Vocabulary, build_mixture
 from objectives.vocab import EOS_ID, MASK_ID
 from pretrain import generate as gen
 from pretrain.model import create_model, preset
@@ -20,6 +21,9 @@ from trained_run import shared_run
 VOCAB = Vocabulary(400)
 PROMPTS = [np.arange(20, 22), np.arange(30, 35), np.arange(100, 109)]  # ragged: 2, 5 and 9 tokens
 MAX_NEW = [4, 7, 5]
+LEAVES = {leaf.name: leaf for leaf in build_mixture("clm:1,mass:1,mlm:1,unilm:1", VOCAB).objectives}
+DECODING = [(name, mode) for name, leaf in LEAVES.items() for mode in leaf.generation_modes() if mode != "fill"]
+ONE_PASS = [name for name, leaf in LEAVES.items() if leaf.fill_row(np.array([20, MASK_ID])) is not None]
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +85,9 @@ def greedy_without_cache(forward, prompt: gen.Prompt) -> list[int]:
     return generated
 
 
-@pytest.mark.parametrize("layout", list(gen.LAYOUTS))
-def test_cached_greedy_equals_full_forward_greedy_in_a_ragged_batch(model, forward, layout):
-    prompts = [gen.LAYOUTS[layout](tokens, n) for tokens, n in zip(PROMPTS, MAX_NEW)]
+@pytest.mark.parametrize("name, mode", DECODING)
+def test_cached_greedy_equals_full_forward_greedy_in_a_ragged_batch(model, forward, name, mode):
+    prompts = [LEAVES[name].prompt(mode, tokens, n) for tokens, n in zip(PROMPTS, MAX_NEW)]
     outputs = gen.generate(model, prompts, vocab=VOCAB)
     for prompt, output in zip(prompts, outputs):
         expected = greedy_without_cache(forward, prompt)
@@ -94,15 +98,15 @@ def test_cached_greedy_equals_full_forward_greedy_in_a_ragged_batch(model, forwa
 def test_every_row_stops_at_eos(model):
     eager = create_model(preset("tiny", vocab_size=VOCAB.size), seed=3)
     eager.output_bias[...] = eager.output_bias[...].at[EOS_ID].set(100.0)
-    outputs = gen.generate(eager, [gen.clm_prompt(tokens, 6) for tokens in PROMPTS], vocab=VOCAB)
+    outputs = gen.generate(eager, [LEAVES["clm"].prompt("continue", tokens, 6) for tokens in PROMPTS], vocab=VOCAB)
     assert [o.tolist() for o in outputs] == [[EOS_ID]] * len(PROMPTS)
 
 
-@pytest.mark.parametrize("layout", ["unilm", "mass"])
-def test_seq2seq_source_never_sees_the_target(model, forward, layout):
+@pytest.mark.parametrize("name", [name for name, mode in DECODING if mode == "seq2seq"])
+def test_seq2seq_source_never_sees_the_target(model, forward, name):
     """Changing every generated target token leaves each source token's hidden state
     bit-identical (and does change the target's own states)."""
-    prompt = gen.LAYOUTS[layout](PROMPTS[1], 6)
+    prompt = LEAVES[name].prompt("seq2seq", PROMPTS[1], 6)
     generated = gen.generate(model, [prompt], vocab=VOCAB)[0].tolist()
     row = full_sequence(prompt, generated)
     source = row["attention_kind"] == PREFIX
@@ -113,18 +117,18 @@ def test_seq2seq_source_never_sees_the_target(model, forward, layout):
     assert np.any(hidden[~source] != changed[~source])
 
 
-@pytest.mark.parametrize("layout", list(gen.FILL_DELIMITERS))
+@pytest.mark.parametrize("name", ONE_PASS)
 @pytest.mark.parametrize("sampling", [gen.GREEDY, gen.Sampling(temperature=1.0, top_k=50)], ids=["greedy", "sampled"])
-def test_fill_changes_the_mask_positions_only(model, layout, sampling):
+def test_fill_changes_the_mask_positions_only(model, name, sampling):
     texts = [np.array([20, MASK_ID, 22, 23, MASK_ID]), np.array([MASK_ID, 40, 41])]
-    filled = gen.fill_masks(model, texts, layout=layout, sampling=sampling, vocab=VOCAB)
+    filled = gen.fill_masks(model, texts, LEAVES[name], sampling=sampling)
     for text, out in zip(texts, filled):
         masked = text == MASK_ID
         assert out.shape == text.shape
         np.testing.assert_array_equal(out[~masked], text[~masked])
         assert not VOCAB.is_special(out[masked]).any()
     with pytest.raises(ValueError, match=r"prompt 0 has no \[MASK\]"):
-        gen.fill_masks(model, [np.array([20, 21])], vocab=VOCAB)
+        gen.fill_masks(model, [np.array([20, 21])], LEAVES[name])
 
 
 def test_sampling_rules():
@@ -166,42 +170,46 @@ def test_bad_input_gets_one_clear_message(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints holds no finished checkpoint; let the run reach"):
         gen.run(str(tmp_path), ["a [MASK] text"])
     with pytest.raises(ValueError, match="a model trained with mlm fills masks: put \\[MASK\\] in --prompt"):
-        gen.resolve_mode("auto", "auto", ("mlm",), ["no mask here"])
-    with pytest.raises(ValueError, match="--layout='mlm' cannot do --mode=continue"):
-        gen.resolve_mode("continue", "mlm", ("mlm",), ["text"])
+        gen.resolve_mode("auto", "auto", [LEAVES["mlm"]], ["no mask here"])
+    with pytest.raises(ValueError, match="--layout='mlm' cannot do --mode=continue; choose one of clm"):
+        gen.resolve_mode("continue", "mlm", [LEAVES["mlm"]], ["text"])
 
 
-def run_dir_trained_with(tmp_path, objective: str):
-    """A workdir with only the config.json of a run trained with `objective`: no
-    tokenizer, no checkpoint, so anything decided here is decided before loading."""
+def run_dir_trained_with(tmp_path, objective: str, tokenizer_file):
+    """A workdir with the config.json and tokenizer of a run trained with `objective` but
+    no checkpoint, so anything decided here is decided before loading."""
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(objective).to_dict()))
+    shutil.copy(tokenizer_file, tmp_path / "tokenizer.model")
     return str(tmp_path)
 
 
 @pytest.mark.parametrize("objective, mode, prompt, message", [
-    ("clm", "seq2seq", "Return the sum.", r"--mode=seq2seq needs a model trained with unilm or mass, but this run was "
+    ("clm", "seq2seq", "Return the sum.", r"--mode=seq2seq needs a model trained with mass or unilm, but this run was "
                                           r"trained with clm, which never learnt to generate a target from a source; "
                                           r"it can --mode=continue\. To force it anyway, name the layout: "
-                                          r"--layout=unilm"),
+                                          r"--layout=mass"),
     ("clm", "auto", "Return the [MASK] of it.", r"--mode=fill needs a model trained with mlm or unilm, but this run "
                                                 r"was trained with clm, which never learnt to fill \[MASK\]"),
     ("mlm", "continue", "Return the", r"--mode=continue needs a model trained with clm, but this run was trained "
                                       r"with mlm, which never learnt to continue text.*it can --mode=fill"),
 ], ids=["seq2seq on clm", "fill on clm", "continue on mlm"])
-def test_a_mode_the_model_never_learnt_is_refused_before_loading(tmp_path, objective, mode, prompt, message):
+def test_a_mode_the_model_never_learnt_is_refused_before_loading(tmp_path, tokenizer_file, objective, mode, prompt,
+                                                                 message):
     with pytest.raises(ValueError, match=message):
-        gen.run(run_dir_trained_with(tmp_path, objective), [prompt], mode=mode)
+        gen.run(run_dir_trained_with(tmp_path, objective, tokenizer_file), [prompt], mode=mode)
 
 
 def test_a_forced_layout_warns_and_the_help_lists_each_layout_once(capsys):
-    assert gen.resolve_mode("seq2seq", "mass", ("clm",), ["x"]) == (
-        "seq2seq", "mass", "warning: the model was trained with clm, never in the mass layout; expect text "
-        "unrelated to the prompt")
-    assert gen.resolve_mode("fill", "auto", ("mlm", "clm"), ["[MASK]"]) == ("fill", "mlm", None)
+    mode, leaf, warning = gen.resolve_mode("seq2seq", "mass", [LEAVES["clm"]], ["x"])
+    assert (mode, leaf.name, warning) == ("seq2seq", "mass", "warning: the model was trained with clm, never in "
+                                          "the mass layout; expect text unrelated to the prompt")
+    mode, leaf, warning = gen.resolve_mode("fill", "auto", [LEAVES["mlm"], LEAVES["clm"]], ["[MASK]"])
+    assert (mode, leaf.name, warning) == ("fill", "mlm", None)
+    assert gen.resolve_mode("seq2seq", "unilm", list(LEAVES.values()), ["x"])[1].name == "unilm/seq2seq"
     with pytest.raises(SystemExit):
         gen.main(["generate", "--help"])
-    layout_help = capsys.readouterr().out.split("--layout:")[1].split("--")[0]
-    assert layout_help.count("unilm") == 1 and layout_help.count("mass") == 1, layout_help
+    layout_help = capsys.readouterr().out.split("--layout:")[1].split("\n  --")[0]
+    assert layout_help.count("unilm/seq2seq") == 1 and layout_help.count("mass") == 1, layout_help
 
 
 def test_a_continuation_keeps_the_space_that_joins_it_to_the_prompt(tokenizer_file):
@@ -211,4 +219,4 @@ def test_a_continuation_keeps_the_space_that_joins_it_to_the_prompt(tokenizer_fi
     assert gen.decode_continuation(tokenizer, prompt, np.append(rest, EOS_ID)) == " number of items"
     assert tokenizer.decode(rest) == "number of items"  # what the command used to print
     with pytest.raises(ValueError, match="exceeds the model's max_positions=256"):
-        gen.generate(create_model(preset("tiny", vocab_size=VOCAB.size)), [gen.clm_prompt(PROMPTS[0], 300)])
+        gen.generate(create_model(preset("tiny", vocab_size=VOCAB.size)), [LEAVES["clm"].prompt("continue", PROMPTS[0], 300)])

@@ -16,7 +16,7 @@ from pretrain.model import TransformerConfig, create_model
 def small_config(objective="mlm:1,clm:1,mass:1,unilm:1", **data):
     config = get_config(f"objective={objective},size=tiny")
     config.seq_len, config.batch_size = 64, 4
-    config.tokenizer.vocab_size = 400
+    config.tokenizer.vocab_size, config.tokenizer.sentinels = 400, 16
     for key, value in data.items():
         config.data[key] = value
     return config

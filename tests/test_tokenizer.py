@@ -289,9 +289,9 @@ def test_a_vocab_size_the_corpus_cannot_support(tmp_path, model_type):
 def test_vocab_sizes_too_small(tmp_path):
     for size in [0, 7]:
         with pytest.raises(ValueError, match=rf"config.tokenizer.vocab_size={size} is too small: it must exceed "
-                           r"263 \(7 special tokens and 256 byte pieces\); raise it"):
+                           r"266 \(10 special tokens and 256 byte pieces\); raise it"):
             train_tokenizer(corpus(), tmp_path / "sp", size)
-    with pytest.raises(ValueError, match=r"vocab_size=7 is too small: it must exceed 7 \(7 special tokens\)"):
+    with pytest.raises(ValueError, match=r"vocab_size=7 is too small: it must exceed 10 \(10 special tokens\)"):
         train_tokenizer(corpus(), tmp_path / "sp", 7, byte_fallback=False)
     with pytest.raises(ValueError, match=r"vocab_size=270 is too small for the training text: "
                        r"its characters .* need at least (\d+) ids"):

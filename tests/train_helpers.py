@@ -27,7 +27,8 @@ TRAIN_COMMAND = [sys.executable, "-m", "pretrain.train"]  # run in ROOT
 # The tiny run every training test starts from: config fields and their values, as
 # `tiny_config` applies them and as `command` passes them on the command line.
 TINY = {"seq_len": 64, "batch_size": 8, "log_every": 10, "checkpoint_every": 20, "eval_every": 0,
-        "tokenizer.vocab_size": 400, "optimizer.learning_rate": 0.003, "optimizer.warmup_steps": 5,
+        "tokenizer.vocab_size": 400, "tokenizer.sentinels": 16, "optimizer.learning_rate": 0.003,
+        "optimizer.warmup_steps": 5,
         "sample_at_end": False}  # the closing example line is tested once (tests/test_run_lifecycle.py)
 OVERRIDES = {k: v for k, v in TINY.items() if "." not in k}  # the top-level ones (kept for older imports)
 FINISHED_RUN = {"total_steps": 40, "checkpoint_every": 20, "log_every": 10}  # see shared_finished_run

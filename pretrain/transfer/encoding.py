@@ -35,14 +35,16 @@ import numpy as np
 
 import objectives
 from objectives.example import L2R, PREFIX
-from objectives.vocab import BOS_ID, CLS_ID, EOS_ID, SEP_ID
 from pretrain import data
 from pretrain.tokenizer import Tokenizer
 from pretrain.transfer.tasks import Task, TaskExample
 
 LAYOUTS = ("bidirectional", "causal")
-# (first, middle, last) special ids of each layout
-SPECIALS = {"bidirectional": (CLS_ID, SEP_ID, SEP_ID), "causal": (BOS_ID, SEP_ID, EOS_ID)}
+
+
+def specials(vocab: objectives.Vocabulary) -> dict[str, tuple[int, int, int]]:
+    """(first, middle, last) special ids of each layout, from the tokenizer's vocabulary."""
+    return {"bidirectional": (vocab.cls, vocab.sep, vocab.sep), "causal": (vocab.bos, vocab.sep, vocab.eos)}
 NO_LABEL = -1
 # field -> (dtype, value of padding and of tokens without it)
 FIELDS: dict[str, tuple[type, float]] = {
@@ -94,7 +96,7 @@ def encode(example: TaskExample, index: int, task: Task, tokenizer: Tokenizer, s
     parts = [first] if second is None else [first, second]
     length = sum(len(p) for p in parts) + len(parts) + 1
     fields = _skeleton(length)
-    for layout, (opening, middle, closing) in SPECIALS.items():
+    for layout, (opening, middle, closing) in specials(tokenizer.vocabulary()).items():
         view = "inputs" if layout == "bidirectional" else "inputs_causal"
         pieces = [[opening], first] + ([[middle], second, [closing]] if second is not None else [[closing]])
         fields[view] = np.concatenate([np.asarray(p, np.int32) for p in pieces])
@@ -123,7 +125,7 @@ def _encode_tagging(example: TaskExample, index: int, tokenizer: Tokenizer, seq_
         firsts.append((len(pieces) + 1, number))
         pieces.extend(word.tolist())
     fields = _skeleton(len(pieces) + 2)
-    for layout, (opening, _, closing) in SPECIALS.items():
+    for layout, (opening, _, closing) in specials(tokenizer.vocabulary()).items():
         view = "inputs" if layout == "bidirectional" else "inputs_causal"
         fields[view] = np.asarray([opening, *pieces, closing], np.int32)
     for position, number in firsts:

@@ -28,7 +28,7 @@ from flax import nnx
 import objectives
 from pretrain.config_checks import parallel_problems, schema_problems
 from pretrain.checkpoint import Checkpointer
-from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params
+from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token
 from pretrain.model import EMBEDDING_PARAMETERS, Transformer, create_model
@@ -117,10 +117,8 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     bodies, tokenizer, digest = [], None, None
     for run in runs:
         run_config = read_run_config(run)
+        run_tokenizer(run)  # its absence is one message
         path = os.path.join(run, MODEL_FILENAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: a body's tokenizer comes from its pretraining run; restore "
-                                    "it (or point config.init at a complete pretraining run)")
         with open(path, "rb") as handle:
             this = hashlib.sha256(handle.read()).hexdigest()
         if digest is not None and this != digest:
