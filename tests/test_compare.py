@@ -48,7 +48,7 @@ def test_config_mistakes_name_the_run_and_the_field():
     config = get_config("preset=objectives")
     config.runs.mlm.objective = "bert"
     with pytest.raises(ValueError, match=r"config.runs.mlm \(objective 'bert'\): .*unknown objective 'bert'; "
-                                         r"known objectives: clm, mass, mlm, unilm"):
+                                         r"known objectives: clm, mass, mlm, .*unilm"):
         compare.run_configs(config)
     config = get_config("preset=objectives")
     config.runs.clm.overrides = ml_collections.ConfigDict({"optimizer": {"learning_rat": 0.1}})

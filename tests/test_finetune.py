@@ -176,7 +176,9 @@ def test_packed_and_unpacked_rows_give_the_same_predictions(tmp_path_factory, tm
             results.append((predicted, loss / count, rows))
     assert results[0][0] == results[1][0]
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
-    assert results[0][2] < results[1][2]  # packing used fewer rows
+    assert results[0][2] <= results[1][2]
+    if task == "pydocs_code_spans":  # short sentences: packing must have used fewer rows
+        assert results[0][2] < results[1][2]
 
 
 def run_command(argv, env=None):

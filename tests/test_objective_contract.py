@@ -1,0 +1,178 @@
+"""The contract every registered objective keeps, parametrized over the registry: a new
+objective gets all of these tests without editing any list.
+
+For every leaf of every registered objective (default settings, and the settings
+variants each objective declares in `CONTRACT_VARIANTS` below when it has options
+that change its layout):
+- its examples use only the attention kinds and token types it declares;
+- packed into rows, its examples come back out intact;
+- through the model, it leaks nothing: changing a token that a query may not see
+  leaves that query's hidden state bit-identical (and changing one it may see does not);
+- a tiny model overfits one batch of it;
+- generation works in every mode its layout offers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import objectives
+from objectives.example import TextChunk
+from pretrain import generate as gen
+from pretrain.attention import attention_mask
+from pretrain.loss import batch_loss
+from pretrain.model import create_model, preset
+from pretrain.packing import PACKED_FIELDS, pack
+
+SIZE = 400
+rng = np.random.default_rng(0)
+VOCAB = objectives.Vocabulary.reserved(SIZE, sentinels=100, word_start=rng.random(SIZE) < 0.6)
+SEQ_LEN = 96
+# Options that change an objective's layout, so they get the contract too.
+CONTRACT_VARIANTS = {"mlm": [{"nsp": True}, {"whole_word": True}], "unilm": [{"nsp": True}]}
+
+
+def leaves() -> list[tuple[str, objectives.Objective]]:
+    out = []
+    for name in objectives.registered_names():
+        for settings in [{}, *CONTRACT_VARIANTS.get(name, [])]:
+            suffix = "".join(f"[{k}={v}]" for k, v in settings.items())
+            for leaf in objectives.build_mixture(name, VOCAB, {name: settings}).objectives:
+                leaf.objective_id = 0
+                out.append((leaf.name + suffix, leaf))
+    return out
+
+
+LEAVES = leaves()
+IDS = [name for name, _ in LEAVES]
+
+
+def chunk(length: int, seed: int) -> TextChunk:
+    """A chunk of ordinary tokens with a sentence boundary, and another document."""
+    draw = np.random.default_rng(seed)
+    ordinary = VOCAB.ordinary_ids
+    tokens = ordinary[draw.integers(0, len(ordinary), length)]
+    starts = np.array([0, length // 2], np.int32)
+    return TextChunk(tokens, starts, ordinary[draw.integers(0, len(ordinary), 60)])
+
+
+def examples(leaf: objectives.Objective, count: int = 6, seed: int = 0) -> list[objectives.Example]:
+    budget = min(leaf.text_budget(SEQ_LEN // 2), 40)
+    draw = np.random.default_rng(seed)
+    return [leaf(chunk(int(draw.integers(max(leaf.min_text_tokens, 8), budget + 1)), seed + i), draw)
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_examples_use_only_the_declared_kinds_and_types(name, leaf):
+    for example in examples(leaf, 20):
+        assert set(example.attention_kind.tolist()) <= set(leaf.attention_kinds), name
+        assert set(example.token_types.tolist()) <= set(leaf.token_types), name
+        assert len(example) <= SEQ_LEN // 2
+        assert example.weights.sum() > 0 and (example.objective_id == 0).all()
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_packed_rows_give_the_examples_back_intact(name, leaf):
+    made = examples(leaf, 8)
+    batch = pack(made, SEQ_LEN)
+    found = []
+    for row in range(len(batch["inputs"])):
+        segments = batch["segment_ids"][row]
+        for segment in range(1, segments.max() + 1):
+            where = segments == segment
+            found.append({field: batch[field][row][where] for field in objectives.TOKEN_FIELDS})
+            assert batch["nsp_labels"][row][np.flatnonzero(where)[0]] in (-1, 0, 1)
+    assert len(found) == len(made)
+    for example in made:
+        assert any(all(np.array_equal(f[field], getattr(example, field)) for field in objectives.TOKEN_FIELDS)
+                   for f in found), name
+    assert set(PACKED_FIELDS) == set(batch)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True), seed=1)
+
+
+@pytest.fixture(scope="module")
+def hidden_of(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda batch: nnx.merge(graphdef, state)(batch))
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_nothing_leaks_through_the_model(name, leaf, hidden_of):
+    """A query's hidden state is bit-identical when any token it may not see changes."""
+    batch = {k: v[:1] for k, v in pack(examples(leaf, 3, seed=5), SEQ_LEN).items()}
+    visible = np.asarray(attention_mask(jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["attention_kind"])))[0, 0]
+    real = np.flatnonzero(batch["segment_ids"][0] > 0)
+    draw = np.random.default_rng(1)
+    variants, checks = [], []
+    for query in draw.choice(real, size=min(8, len(real)), replace=False):
+        hidden_keys = [j for j in real if not visible[query, j]]
+        seen_keys = [j for j in real if visible[query, j] and j != query]
+        for key, must_change in ((draw.choice(hidden_keys) if hidden_keys else None, False),
+                                 (draw.choice(seen_keys) if seen_keys else None, True)):
+            if key is None:
+                continue
+            changed = batch["inputs"].copy()
+            changed[0, key] = VOCAB.ordinary_ids[(np.searchsorted(VOCAB.ordinary_ids, changed[0, key]) + 7)
+                                                 % len(VOCAB.ordinary_ids)]
+            variants.append(changed[0])
+            checks.append((query, must_change))
+    stacked = {k: np.repeat(v, len(variants) + 1, axis=0) for k, v in batch.items()}
+    stacked["inputs"] = np.stack([batch["inputs"][0], *variants])
+    hidden = np.asarray(hidden_of(stacked))
+    for index, (query, must_change) in enumerate(checks, start=1):
+        same = np.array_equal(hidden[index, query], hidden[0, query])
+        assert same != must_change, (name, query, must_change)
+
+
+@pytest.fixture(scope="module")
+def overfit_step():
+    model = create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True), seed=2)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: batch_loss(nnx.merge(graphdef, p, rest), batch, 1)[0])(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return params, optimizer, step
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_a_tiny_model_overfits_one_batch(name, leaf, overfit_step):
+    params, optimizer, step = overfit_step
+    batch = {k: v[:2] for k, v in pack(examples(leaf, 6, seed=3), SEQ_LEN).items()}
+    opt_state, losses = optimizer.init(params), []
+    for _ in range(100):
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and np.mean(losses[-5:]) < 0.4 * np.mean(losses[:3]), (name, losses[:3],
+                                                                                            losses[-5:])
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_generation_works_in_every_mode_of_its_layout(name, leaf, model):
+    prompt = VOCAB.ordinary_ids[10:17]
+    for mode in leaf.generation_modes():
+        if mode == "fill":
+            text = np.concatenate([prompt[:3], [VOCAB.mask], prompt[3:5], [VOCAB.mask], prompt[5:]])
+            filled = gen.fill(model, [text], leaf, max_new_tokens=8)[0]
+            keep = text != VOCAB.mask
+            if len(filled) == len(text):  # one pass: only the [MASK]s change
+                np.testing.assert_array_equal(filled[keep], text[keep])
+            assert not (filled == VOCAB.mask).any() and not VOCAB.is_special(filled).any(), (name, filled)
+        else:
+            made = gen.generate(model, [leaf.prompt(mode, prompt, 5)], vocab=VOCAB)[0]
+            assert 1 <= len(made) <= 5 and not VOCAB.is_special(made[:-1]).any(), (name, mode, made)
+    assert leaf.generation_modes() or name.startswith("unilm/"), f"{name} offers no generation mode"
