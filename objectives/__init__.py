@@ -6,7 +6,7 @@ a settings dataclass, an `Objective` subclass and a `@register` builder, importe
 below.
 """
 
-from objectives import clm, mass, mlm, prefix_lm, unilm  # noqa: F401  (registers the objectives)
+from objectives import clm, mass, mlm, prefix_lm, span_corruption, unilm  # noqa: F401  (registers them)
 from objectives.example import (
     L2R,
     NO_NSP_LABEL,

@@ -75,7 +75,11 @@ def _objective_problems(config: Any) -> list[str]:
     """The objectives and their settings, and whether seq_len leaves each room for text."""
     problems = []
     try:
-        mixture = objectives.build_mixture(config.objective, objectives.Vocabulary(64), config.objectives)
+        # a vocabulary laid out as the run's tokenizer will be (its reserved tokens, then ordinary ones)
+        sentinels = config.tokenizer.sentinels if isinstance(config.tokenizer.sentinels, int) else 0
+        vocab = objectives.Vocabulary.reserved(len(objectives.vocab.reserved_tokens(max(sentinels, 0))) + 64,
+                                               sentinels=max(sentinels, 0))
+        mixture = objectives.build_mixture(config.objective, vocab, config.objectives)
     except ValueError as error:
         return [f"config.objective / config.objectives: {error}"]
     if isinstance(config.seq_len, int) and config.seq_len >= 1:

@@ -45,19 +45,30 @@ EVAL_SEED = 0  # the held-out examples' seed: fixed, so models are scored on the
 RESULT_FILENAME = "evaluation.json"
 
 
-def evaluation_objectives(vocab: objectives.Vocabulary, names: Sequence[str] | None = None
-                          ) -> list[objectives.Objective]:
+def evaluation_objectives(vocab: objectives.Vocabulary, names: Sequence[str] | None = None,
+                          skipped: dict[str, str] | None = None) -> list[objectives.Objective]:
     """Every leaf of the named (default: all registered) objectives, default settings.
 
-    Each leaf is renumbered to objective id 0, since it is evaluated alone.
+    Each leaf is renumbered to objective id 0, since it is evaluated alone. By default
+    an objective this vocabulary cannot serve (a sentinel objective with a tokenizer
+    trained without sentinels) is left out and its reason put in `skipped`; named
+    explicitly, it is an error.
     """
-    names = tuple(names or objectives.registered_names())
-    mixture = objectives.build_mixture({name: 1.0 for name in names}, vocab)
+    explicit = names is not None and len(names) > 0
     leaves = []
-    for leaf in mixture.objectives:
-        leaf = copy.copy(leaf)
-        leaf.objective_id = 0
-        leaves.append(leaf)
+    for name in tuple(names or objectives.registered_names()):
+        try:
+            built = objectives.build_mixture(name, vocab).objectives
+        except ValueError as error:
+            if explicit or "unknown objective" in str(error):
+                raise
+            if skipped is not None:
+                skipped[name] = str(error)
+            continue
+        for leaf in built:
+            leaf = copy.copy(leaf)
+            leaf.objective_id = 0
+            leaves.append(leaf)
     return leaves
 
 
@@ -117,14 +128,14 @@ def evaluate_model(model: Transformer, tokenizer: Tokenizer, data_config: Any, *
                          "evaluate with a shorter --seq_len")
     documents = [documents[index] for index in range(count)]
     encode = functools.lru_cache(maxsize=None)(tokenizer.encode)  # each sentence once, for every objective
-    scorer, results, prints = Scorer(model), {}, {}
-    for leaf in evaluation_objectives(tokenizer.vocabulary(), objective_names):
+    scorer, results, prints, skipped = Scorer(model), {}, {}, {}
+    for leaf in evaluation_objectives(tokenizer.vocabulary(), objective_names, skipped):
         batches = heldout_batches(documents, encode, leaf, seq_len=seq_len, batch_size=batch_size, seed=seed)
         results[leaf.name] = scorer(batches)
         prints[leaf.name] = fingerprint(batches)
     heldout = {"documents": count, "seq_len": seq_len, "seed": seed, "batch_size": batch_size,
                "fingerprint": fingerprint_of(prints)}
-    return {"heldout": heldout, "objectives": results}
+    return {"heldout": heldout, "objectives": results, **({"skipped": skipped} if skipped else {})}
 
 
 def fingerprint_of(parts: dict[str, str]) -> str:
@@ -196,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         heldout = result["heldout"]
         return (f"{result['workdir']} at step {result['step']} (trained on {result['trained_objective']}); "
                 f"held-out: {heldout['documents']} documents, seq_len {heldout['seq_len']}, fingerprint "
-                f"{heldout['fingerprint']}\n{format_table(result)}\nwrote {path}")
+                f"{heldout['fingerprint']}\n{format_table(result)}\n"
+                + "".join(f"not scored: {name}: {why}\n" for name, why in result.get("skipped", {}).items())
+                + f"wrote {path}")
 
     print(cli.run_reporting_bad_input(command))
 

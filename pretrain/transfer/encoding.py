@@ -68,7 +68,7 @@ class Encoded:
 def layout_of(objective_spec: str, settings: Any = None) -> str:
     """'causal' when every leaf of the objective spec lays out its examples all
     left-to-right (found by making one example of each), else 'bidirectional'."""
-    mixture = objectives.build_mixture(objective_spec, objectives.Vocabulary(64), settings)
+    mixture = objectives.build_mixture(objective_spec, objectives.Vocabulary.reserved(200), settings)
     rng = np.random.default_rng(0)
     chunk = objectives.TextChunk(np.arange(10, 40, dtype=np.int32), np.array([0, 15], np.int32),
                                  np.arange(40, 60, dtype=np.int32))
