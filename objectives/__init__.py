@@ -6,7 +6,17 @@ a settings dataclass, an `Objective` subclass and a `@register` builder, importe
 below.
 """
 
-from objectives import clm, mass, mlm, prefix_lm, span_corruption, unilm  # noqa: F401  (registers them)
+from objectives import (  # noqa: F401  (registers them)
+    bart,
+    clm,
+    mass,
+    mlm,
+    prefix_lm,
+    span_corruption,
+    spanbert,
+    ul2,
+    unilm,
+)
 from objectives.example import (
     L2R,
     NO_NSP_LABEL,

@@ -66,6 +66,12 @@ def sentence_pair(
     return first, second, 0
 
 
+def bert_row(vocab: Vocabulary, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """`[CLS] tokens [SEP]`, all PREFIX, type 0: BERT's single-segment layout, which a
+    one-pass [MASK] fill uses."""
+    return layout.row([([vocab.cls, *tokens, vocab.sep], PREFIX, 0)])
+
+
 class MaskedLM(Objective):
     """BERT's masked LM (see module docstring)."""
 
@@ -83,8 +89,7 @@ class MaskedLM(Objective):
         return ("fill",)
 
     def fill_row(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        """`[CLS] tokens [SEP]`, all PREFIX, type 0: one bidirectional pass."""
-        return layout.row([([self.vocab.cls, *tokens, self.vocab.sep], PREFIX, 0)])
+        return bert_row(self.vocab, tokens)
 
     def text_budget(self, seq_len: int) -> int:
         return seq_len - (3 if self.config.nsp else 2)

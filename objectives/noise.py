@@ -51,6 +51,41 @@ def choose_positions(candidates: np.ndarray, count: int, rng: np.random.Generato
     return np.sort(chosen).astype(np.int32)
 
 
+def word_start_flags(tokens: np.ndarray, vocab: Vocabulary, whole_word: bool) -> np.ndarray:
+    """bool [n]: True where a token of `tokens` begins a word (the first always does);
+    every token when `whole_word` is off, so spans then count tokens."""
+    if not whole_word:
+        return np.ones(len(tokens), bool)
+    if vocab.word_start is None:
+        raise ValueError(
+            "whole-word masking needs the vocabulary's word_start table "
+            "(pretrain.tokenizer provides it for SentencePiece models)"
+        )
+    starts = vocab.word_start[np.asarray(tokens)].copy()
+    starts[:1] = True
+    return starts
+
+
+def replace_spans(
+    tokens: np.ndarray,
+    spans: list[tuple[int, int]],
+    rng: np.random.Generator,
+    vocab: Vocabulary,
+    rule: ReplacementRule,
+) -> np.ndarray:
+    """A copy of `tokens` with each [start, end) span corrupted as a whole by the
+    80/10/10 rule (one draw per span: all [MASK], all random ordinary tokens, or kept),
+    as SpanBERT does."""
+    corrupted = np.array(tokens, dtype=np.int32, copy=True)
+    for start, end in spans:
+        draw = rng.random()
+        if draw < rule.mask_rate:
+            corrupted[start:end] = vocab.mask
+        elif draw < rule.mask_rate + rule.random_rate:
+            corrupted[start:end] = vocab.ordinary_ids[rng.integers(0, len(vocab.ordinary_ids), end - start)]
+    return corrupted
+
+
 def word_groups(
     tokens: np.ndarray, candidates: np.ndarray, vocab: Vocabulary
 ) -> list[np.ndarray]:

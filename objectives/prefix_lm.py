@@ -36,17 +36,20 @@ class PrefixLMConfig:
 
 
 class PrefixLM(Objective):
-    """T5's prefix LM in one stack (see module docstring)."""
+    """T5's prefix LM in one stack (see module docstring). `opening` replaces [BOS] as
+    the first token (UL2's paradigm token)."""
 
     min_text_tokens = 2
     attention_kinds = frozenset({PREFIX, L2R})
     token_types = frozenset({0, 1})
 
-    def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: PrefixLMConfig):
+    def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: PrefixLMConfig,
+                 opening: int | None = None):
         super().__init__(name, objective_id, vocab)
         if not 0 < config.noise_density <= 0.5:
             raise ValueError(f"prefix_lm.noise_density={config.noise_density} must lie in (0, 0.5] (T5's range)")
         self.config = config
+        self.opening = vocab.bos if opening is None else opening
 
     def text_budget(self, seq_len: int) -> int:
         return seq_len - 1
@@ -60,7 +63,7 @@ class PrefixLM(Objective):
     def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
         tokens = chunk.tokens
         k = self.split(len(tokens), rng)
-        inputs = np.concatenate([[self.vocab.bos], tokens]).astype(np.int32)
+        inputs = np.concatenate([[self.opening], tokens]).astype(np.int32)
         n = len(inputs)
         return make_example(
             inputs=inputs,
@@ -79,7 +82,7 @@ class PrefixLM(Objective):
         """`[BOS] tokens` as the prefix (PREFIX, type 0); the target continues it (L2R, type 1)."""
         if mode not in self.generation_modes():
             return super().prompt(mode, tokens, max_new_tokens)
-        return layout.prompt([([self.vocab.bos, *tokens], PREFIX, 0)], target_type=1, max_new_tokens=max_new_tokens)
+        return layout.prompt([([self.opening, *tokens], PREFIX, 0)], target_type=1, max_new_tokens=max_new_tokens)
 
 
 @register("prefix_lm", PrefixLMConfig)

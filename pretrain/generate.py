@@ -302,7 +302,8 @@ def resolve_mode(mode: str, layout: str, trained: Sequence[Objective], prompts: 
             "seq2seq": "generate a target from a source"}[mode]
     instead = f"; it can {' or '.join('--mode=' + m for m in can)}" if can else ""
     layouts = sorted(dict.fromkeys(leaf.name.split("/")[0] for leaf in others))
-    raise ValueError(f"--mode={mode} needs a model trained with {' or '.join(layouts)}, but this run was trained "
+    either = ", ".join(layouts[:-1]) + " or " + layouts[-1] if len(layouts) > 1 else layouts[0]
+    raise ValueError(f"--mode={mode} needs a model trained with {either}, but this run was trained "
                      f"with {names}, which never learnt to {what}{instead}. To force it anyway, name the layout: "
                      f"--layout={others[0].name}")
 
@@ -383,7 +384,12 @@ def run(workdir: str, prompts: Sequence[str], *, mode: str = "auto", layout: str
         max_new_tokens: int = 32, sampling: Sampling = GREEDY, seed: int = 0) -> list[str]:
     """The command: one output line per prompt. The prompts and the mode are checked
     against the run's config and tokenizer before its checkpoint is loaded."""
-    from pretrain.inference import checkpoint_steps, load_trained, read_run_config, run_tokenizer  # when run
+    from pretrain.inference import (  # when run
+        checkpoint_steps,
+        load_trained,
+        read_run_config,
+        run_tokenizer,
+    )
 
     if not prompts:
         raise ValueError("no --prompt given: pass --prompt='some text' (repeat it for a batch)")

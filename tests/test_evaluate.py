@@ -5,17 +5,17 @@ import json
 import math
 
 import pytest
+from train_helpers import tiny_config
+from trained_run import shared_run
 
 import objectives
 from pretrain import evaluate
 from pretrain.inference import load_trained
 from pretrain.model import create_model
-from train_helpers import tiny_config
-from trained_run import shared_run
 
 # every leaf of every registered objective, in registry order (a new objective joins by itself)
-LEAVES = [leaf.name for name in objectives.registered_names()
-          for leaf in objectives.build_mixture(name, objectives.Vocabulary.reserved(400, sentinels=16)).objectives]
+VOCAB = objectives.Vocabulary.reserved(400, sentinels=16)  # the tiny run's tokenizer layout
+LEAVES = [leaf.name for name in objectives.registered_names() for leaf in objectives.build_mixture(name, VOCAB).objectives]
 DOCUMENTS = 4  # held-out documents scored here (all of them: --max_documents=0)
 
 
@@ -27,14 +27,24 @@ def run_dir(tmp_path_factory):
 def test_every_objective_is_scored_finite_and_a_rerun_is_identical(run_dir):
     first = evaluate.evaluate_run(str(run_dir), max_documents=DOCUMENTS)
     assert first["step"] == 10 and first["trained_objective"] == "mlm:1,clm:1,mass:1,unilm:1"
-    assert list(first["objectives"]) == LEAVES == [o.name for o in evaluate.evaluation_objectives(
-        objectives.Vocabulary(400))]
+    assert list(first["objectives"]) == LEAVES == [o.name for o in evaluate.evaluation_objectives(VOCAB)]
     for name, metrics in first["objectives"].items():
         assert metrics["targets"] > 0, name
         assert math.isfinite(metrics["loss"]) and 0 < metrics["loss"] < 10, (name, metrics)
         assert 0 <= metrics["accuracy"] <= 1 and metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
     assert first["parameters"] > 0 and first["tokens_seen"] > 0
     assert evaluate.evaluate_run(str(run_dir), max_documents=DOCUMENTS) == first
+
+
+def test_objectives_the_tokenizer_cannot_serve_are_left_out_saying_why_unless_named():
+    without_sentinels = objectives.Vocabulary.reserved(400, sentinels=0)
+    skipped = {}
+    scored = [leaf.name for leaf in evaluate.evaluation_objectives(without_sentinels, skipped=skipped)]
+    assert sorted(skipped) == ["span_corruption", "ul2"]
+    assert "sentinel" in skipped["span_corruption"] and "tokenizer.sentinels" in skipped["span_corruption"]
+    assert scored == [name for name in LEAVES if name.split("/")[0] not in skipped]
+    with pytest.raises(ValueError, match="span_corruption.*sentinel"):
+        evaluate.evaluation_objectives(without_sentinels, ["span_corruption"])
 
 
 def test_the_heldout_set_is_the_same_for_any_model_of_the_tokenizer(run_dir):

@@ -184,13 +184,16 @@ def run_dir_trained_with(tmp_path, objective: str, tokenizer_file):
 
 
 @pytest.mark.parametrize("objective, mode, prompt, message", [
-    ("clm", "seq2seq", "Return the sum.", r"--mode=seq2seq needs a model trained with mass or unilm, but this run was "
+    ("clm", "seq2seq", "Return the sum.", r"--mode=seq2seq needs a model trained with bart, mass, prefix_lm, ul2 or unilm, "
+                                          r"but this run was "
                                           r"trained with clm, which never learnt to generate a target from a source; "
                                           r"it can --mode=continue\. To force it anyway, name the layout: "
-                                          r"--layout=mass"),
-    ("clm", "auto", "Return the [MASK] of it.", r"--mode=fill needs a model trained with mlm or unilm, but this run "
+                                          r"--layout=bart"),
+    ("clm", "auto", "Return the [MASK] of it.", r"--mode=fill needs a model trained with bart, mlm, span_corruption, spanbert, "
+                                                r"ul2 or unilm, but this run "
                                                 r"was trained with clm, which never learnt to fill \[MASK\]"),
-    ("mlm", "continue", "Return the", r"--mode=continue needs a model trained with clm, but this run was trained "
+    ("mlm", "continue", "Return the", r"--mode=continue needs a model trained with clm, prefix_lm or ul2, but this run "
+                                      r"was trained "
                                       r"with mlm, which never learnt to continue text.*it can --mode=fill"),
 ], ids=["seq2seq on clm", "fill on clm", "continue on mlm"])
 def test_a_mode_the_model_never_learnt_is_refused_before_loading(tmp_path, tokenizer_file, objective, mode, prompt,
