@@ -73,7 +73,7 @@ def mask_overhead(args: argparse.Namespace, workdir: str) -> dict:
         "mixed_step_ms": 1e3 * harness.step_seconds(rounds["mixed"], args.steps),
         "causal_step_ms": 1e3 * harness.step_seconds(rounds["causal"], args.steps),
         "overhead": harness.median_ratio([s for s, _ in rounds["mixed"]], [s for s, _ in rounds["causal"]]) - 1,
-        "kind_fractions": {name: float(np.mean(kinds == value)) for value, name in enumerate(("PREFIX", "L2R", "R2L"))},
+        "kind_fractions": {name: float(np.mean(kinds == value)) for value, name in enumerate(("PREFIX", "L2R", "R2L", "ENCODER_ONLY"))},
     }
 
 

@@ -18,6 +18,7 @@ from objectives import (  # noqa: F401  (registers them)
     unilm,
 )
 from objectives.example import (
+    ENCODER_ONLY,
     L2R,
     NO_NSP_LABEL,
     PREFIX,
@@ -40,7 +41,7 @@ from objectives.registry import (
 from objectives.vocab import SPECIAL_TOKENS, Vocabulary
 
 __all__ = [
-    "L2R", "NO_NSP_LABEL", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
+    "ENCODER_ONLY", "L2R", "NO_NSP_LABEL", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
     "AttentionKind", "Example", "Mixture", "Objective", "TextChunk", "Vocabulary",
     "build_mixture", "default_settings", "lookup", "make_example", "make_settings",
     "parse_mixture_spec", "register", "registered_names",

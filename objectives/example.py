@@ -21,17 +21,21 @@ class AttentionKind(enum.IntEnum):
 
     PREFIX tokens are visible to every token of their example; an L2R token sees
     the PREFIX tokens and the L2R tokens at or before it; an R2L token sees the
-    PREFIX tokens and the R2L tokens at or after it.
+    PREFIX tokens and the R2L tokens at or after it. ENCODER_ONLY tokens are PREFIX
+    tokens that only PREFIX and ENCODER_ONLY tokens see: a source position the
+    decoder part must not read (MASS hides its [MASK]ed source positions so).
     """
 
     PREFIX = 0
     L2R = 1
     R2L = 2
+    ENCODER_ONLY = 3
 
 
 PREFIX = AttentionKind.PREFIX
 L2R = AttentionKind.L2R
 R2L = AttentionKind.R2L
+ENCODER_ONLY = AttentionKind.ENCODER_ONLY
 
 # The per-token fields of an Example, in the order the packer emits them.
 TOKEN_FIELDS = (

@@ -1,16 +1,22 @@
 """MASS span masking in its single-stack form (Song et al., 2019).
 
-For a text of n tokens, one contiguous span t[u .. u+k-1] with k = round(0.5 n) is
-chosen: at the start (u = 1; never the first token, which feeds the decoder) with
-probability 0.2, at the end (u = n - k) with 0.2, uniformly otherwise. The row holds
+As MASS's code does it (`mask_start`, `mask_sent`), for a text of n tokens one
+contiguous span t[u .. u+k-1] with k = round(0.5 n) (Python's round, half to even)
+is chosen: at the start (u = 1; never the first token, which feeds the decoder) with
+probability 0.2, at the end (u = n - k) with 0.2, otherwise uniformly from
+randint(1, n - k), which never draws the end. The row holds
 
-  encoder part: the text with the span corrupted by 80/10/10, PREFIX, positions
-                0..n-1, token type 0, no loss;
+  encoder part: the text with the span corrupted by 80/10/10, positions 0..n-1,
+                token type 0, no loss; PREFIX, except the positions that hold
+                [MASK], which are ENCODER_ONLY;
   decoder part: t[u-1 .. u+k-2] (the span shifted right), L2R, the *original*
                 positions u-1 .. u+k-2, token type 1, targets t[u .. u+k-1].
 
-So the decoder sees the corrupted encoder and its own left context only, and a
-row of seq_len holds a text of about seq_len / 1.5 tokens.
+So the decoder sees its own left context and the encoder without its [MASK]ed
+positions: MASS's decoder attends to the encoder under `enc_mask = x1 != mask_index`.
+`decoder_sees_masked_source=True` makes the whole encoder PREFIX (the decoder then
+reads the [MASK]ed positions too). A row of seq_len holds a text of about
+seq_len / 1.5 tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from objectives import layout, noise
-from objectives.example import L2R, PREFIX, Example, TextChunk, make_example
+from objectives.example import ENCODER_ONLY, L2R, PREFIX, Example, TextChunk, make_example
 from objectives.layout import Prompt
 from objectives.registry import Objective, register
 from objectives.vocab import Vocabulary
@@ -35,13 +41,13 @@ class MASSConfig:
     end_rate: float = 0.2  # span placed at the end (the rest: uniform)
     mask_token_rate: float = 0.8  # encoder span tokens replaced by [MASK]
     random_token_rate: float = 0.1  # ... by a random ordinary token (the rest stay)
+    decoder_sees_masked_source: bool = False  # MASS's code hides [MASK]ed source positions from the decoder
 
 
 class MASS(Objective):
     """Single-stack MASS (see module docstring)."""
 
     min_text_tokens = 2
-    attention_kinds = frozenset({PREFIX, L2R})
     token_types = frozenset({0, 1})
 
     def generation_modes(self) -> tuple[str, ...]:
@@ -56,8 +62,8 @@ class MASS(Objective):
         n, k = len(tokens), max_new_tokens
         if n == 0:
             raise ValueError("a MASS prompt needs at least one source token (the decoder starts from the last)")
-        return layout.prompt([([*tokens, *[self.vocab.mask] * k], PREFIX, 0), ([tokens[-1]], L2R, 1)],
-                             positions=[*range(n + k), n - 1], next_position=n, target_type=1, max_new_tokens=k)
+        return layout.prompt([(tokens, PREFIX, 0), ([self.vocab.mask] * k, self.masked_kind, 0),
+                              ([tokens[-1]], L2R, 1)], positions=[*range(n + k), n - 1], next_position=n, target_type=1, max_new_tokens=k)
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: MASSConfig):
         super().__init__(name, objective_id, vocab)
@@ -70,10 +76,13 @@ class MASS(Objective):
             )
         self.config = config
         self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
+        self.masked_kind = PREFIX if config.decoder_sees_masked_source else ENCODER_ONLY
+        self.attention_kinds = frozenset({PREFIX, L2R, self.masked_kind})
 
     def span_length(self, n: int) -> int:
-        """k for a text of n tokens, kept in 1..n-1 so the decoder has a first input."""
-        return min(max(1, noise.round_half_up(self.config.span_fraction * n)), n - 1)
+        """k = round(span_fraction n) as MASS's Python round (half to even), kept in
+        1..n-1 so the decoder has a first input."""
+        return min(max(1, round(self.config.span_fraction * n)), n - 1)
 
     def text_budget(self, seq_len: int) -> int:
         n = seq_len
@@ -82,13 +91,14 @@ class MASS(Objective):
         return n
 
     def span_start(self, n: int, k: int, rng: np.random.Generator) -> int:
-        """u in 1..n-k: start with start_rate, end with end_rate, else uniform."""
+        """u in 1..n-k: 1 with start_rate, n-k with end_rate, else MASS's
+        randint(1, n-k), uniform over 1..n-k-1 (1 when that range is empty)."""
         draw = rng.random()
         if draw < self.config.start_rate:
             return 1
         if draw < self.config.start_rate + self.config.end_rate:
             return n - k
-        return int(rng.integers(1, n - k + 1))
+        return int(rng.integers(1, n - k)) if n - k > 1 else 1
 
     def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
         text = chunk.tokens
@@ -102,7 +112,8 @@ class MASS(Objective):
             targets=np.concatenate([text, text[u : u + k]]),
             weights=np.concatenate([np.zeros(n, np.float32), np.ones(k, np.float32)]),
             positions=np.concatenate([np.arange(n), span - 1]),
-            attention_kind=np.concatenate([np.full(n, PREFIX), np.full(k, L2R)]),
+            attention_kind=np.concatenate([np.where(encoder == self.vocab.mask, self.masked_kind, PREFIX),
+                                           np.full(k, L2R)]),
             token_types=np.concatenate([np.zeros(n, np.int32), np.ones(k, np.int32)]),
             objective_id=self.objective_id,
         )

@@ -4,8 +4,12 @@ For query token i and key token j of the same packed row::
 
     visible(i, j) = seg[i] == seg[j] != 0 and (
           kind[j] == PREFIX
+       or (kind[j] == ENCODER_ONLY and kind[i] in (PREFIX, ENCODER_ONLY))
        or (kind[i] == L2R and kind[j] == L2R and j <= i)
        or (kind[i] == R2L and kind[j] == R2L and j >= i))
+
+An ENCODER_ONLY token is a PREFIX token hidden from the L2R and R2L parts (MASS's
+decoder never reads the [MASK]ed source positions); as a query it is a PREFIX token.
 
 Worked example (DESIGN.md section 3): a seq2seq example with 3 source and 2 target
 tokens, a causal example of 3 tokens and one pad, `seg = 1 1 1 1 1 2 2 2 0`,
@@ -29,7 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from objectives.example import L2R, PREFIX, R2L
+from objectives.example import ENCODER_ONLY, L2R, PREFIX, R2L
 
 
 def visibility(
@@ -52,7 +56,8 @@ def visibility(
     same_example = (q_seg == k_seg) & (q_seg != 0)
     left_to_right = (q_kind == L2R) & (k_kind == L2R) & (k_slot <= q_slot)
     right_to_left = (q_kind == R2L) & (k_kind == R2L) & (k_slot >= q_slot)
-    return same_example & ((k_kind == PREFIX) | left_to_right | right_to_left)
+    source_only = (k_kind == ENCODER_ONLY) & ((q_kind == PREFIX) | (q_kind == ENCODER_ONLY))
+    return same_example & ((k_kind == PREFIX) | source_only | left_to_right | right_to_left)
 
 
 def attention_mask(segment_ids: jax.Array, attention_kind: jax.Array) -> jax.Array:

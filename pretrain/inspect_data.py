@@ -65,7 +65,7 @@ def show(config: Any, workdir: str, count: int) -> None:
                       f"{int(weighted.sum())} predicted")
                 print(f"  inputs : {pieces(batch['inputs'][row][where])[:400]}")
                 print(f"  targets: {pieces(batch['targets'][row][where][weighted])[:400]}")
-                print(f"  kinds  : {''.join('PLR'[k] for k in batch['attention_kind'][row][where])[:200]}")
+                print(f"  kinds  : {''.join('PLRE'[k] for k in batch['attention_kind'][row][where])[:200]}")
     print(f"\nheld-out batches: {len(pipeline.eval_batches())}; "
           f"mean non-pad tokens per train row {np.mean([(b['segment_ids'] > 0).sum(1).mean() for b in batches]):.1f}")
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 import objectives
-from objectives.example import L2R, PREFIX, R2L, TextChunk
+from objectives.example import ENCODER_ONLY, L2R, PREFIX, R2L, TextChunk
 from pretrain.attention import attention_mask, visibility
 from pretrain.packing import pack
 
-P, L, R = int(PREFIX), int(L2R), int(R2L)
+P, L, R, E = int(PREFIX), int(L2R), int(R2L), int(ENCODER_ONLY)
 VOCAB = objectives.Vocabulary(size=64)
 
 
@@ -66,6 +66,21 @@ def test_prefix_never_sees_left_to_right_or_right_to_left():
     ])
 
 
+def test_encoder_only_tokens_are_hidden_from_the_decoder_parts():
+    # A MASS-like example: source P E E P (two hidden [MASK]ed positions), decoder L L,
+    # and an R2L token: source tokens see all the source; L2R and R2L never see E.
+    got = mask_of([1, 1, 1, 1, 1, 1, 1], [P, E, E, P, L, L, R])
+    np.testing.assert_array_equal(got, [
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 0, 0, 1, 1, 0, 0],
+        [1, 0, 0, 1, 1, 1, 0],
+        [1, 0, 0, 1, 0, 0, 1],
+    ])
+
+
 def test_visibility_with_offset_query_slots_matches_full_mask():
     # Incremental decoding asks for rows of the full mask with the query slot given.
     segments = jnp.asarray([[1, 1, 1, 1, 2, 2]])
@@ -100,8 +115,20 @@ def test_clm_mask_is_lower_triangular():
 
 
 def test_mass_mask_encoder_bidirectional_decoder_causal():
-    # 4 text tokens -> k = 2: encoder (4 PREFIX) then decoder (2 L2R).
-    np.testing.assert_array_equal(objective_mask("mass", 4)["mass"], [
+    # 4 text tokens -> k = 2 at u = 1 (this seed): encoder a [MASK] [MASK] d, the two
+    # [MASK]s ENCODER_ONLY, then the decoder (2 L2R), which never sees them.
+    settings = {"mass": {"mask_token_rate": 1.0, "random_token_rate": 0.0}}
+    np.testing.assert_array_equal(objective_mask("mass", 4, settings)["mass"], [
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 0, 0, 1, 1, 0],
+        [1, 0, 0, 1, 1, 1],
+    ])
+    # decoder_sees_masked_source: the whole encoder is PREFIX, as before MASS's enc_mask.
+    settings["mass"]["decoder_sees_masked_source"] = True
+    np.testing.assert_array_equal(objective_mask("mass", 4, settings)["mass"], [
         [1, 1, 1, 1, 0, 0],
         [1, 1, 1, 1, 0, 0],
         [1, 1, 1, 1, 0, 0],
@@ -148,7 +175,7 @@ def test_packed_row_of_mixed_objectives():
         [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
         [0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
         [0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
-        [0, 0, 0, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 1, 0, 0, 0, 0],  # MASS's [MASK]ed source token is hidden from its decoder
         [0, 0, 0, 0, 0, 0, 1, 1, 1, 0],
         [0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from objectives import L2R, PREFIX, Vocabulary, build_mixture
+from objectives import ENCODER_ONLY, L2R, PREFIX, Vocabulary, build_mixture
 from objectives.vocab import EOS_ID, MASK_ID
 from pretrain import generate as gen
 from pretrain.model import create_model, preset
@@ -109,7 +109,7 @@ def test_seq2seq_source_never_sees_the_target(model, forward, name):
     prompt = LEAVES[name].prompt("seq2seq", PROMPTS[1], 6)
     generated = gen.generate(model, [prompt], vocab=VOCAB)[0].tolist()
     row = full_sequence(prompt, generated)
-    source = row["attention_kind"] == PREFIX
+    source = np.isin(row["attention_kind"], [PREFIX, ENCODER_ONLY])
     assert source.sum() >= len(PROMPTS[1]) and (row["attention_kind"][~source] == L2R).all()
     other = dict(row, inputs=np.where(source, row["inputs"], 7 + (row["inputs"] + 50) % 300))
     (hidden, _), (changed, _) = forward(row), forward(other)

@@ -34,7 +34,8 @@ rng = np.random.default_rng(0)
 VOCAB = objectives.Vocabulary.reserved(SIZE, sentinels=100, word_start=rng.random(SIZE) < 0.6)
 SEQ_LEN = 96
 # Options that change an objective's layout, so they get the contract too.
-CONTRACT_VARIANTS = {"mlm": [{"nsp": True}, {"whole_word": True}], "unilm": [{"nsp": True}]}
+CONTRACT_VARIANTS = {"mlm": [{"nsp": True}, {"whole_word": True}], "unilm": [{"nsp": True}],
+                     "mass": [{"decoder_sees_masked_source": True}]}
 
 
 def leaves() -> list[tuple[str, objectives.Objective]]:
@@ -95,6 +96,9 @@ def test_packed_rows_give_the_examples_back_intact(name, leaf):
     assert set(PACKED_FIELDS) == set(batch)
 
 
+LAYERS = preset("tiny", vocab_size=SIZE).num_layers
+
+
 @pytest.fixture(scope="module")
 def model():
     return create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True), seed=1)
@@ -108,14 +112,20 @@ def hidden_of(model):
 
 @pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
 def test_nothing_leaks_through_the_model(name, leaf, hidden_of):
-    """A query's hidden state is bit-identical when any token it may not see changes."""
+    """A query's hidden state is bit-identical when any token it cannot reach changes, and
+    differs when a token it sees changes. Through L layers a query reaches what it sees,
+    what those see, and so on L times (an ENCODER_ONLY token hidden from the decoder
+    still reaches it through the source tokens that see it)."""
     batch = {k: v[:1] for k, v in pack(examples(leaf, 3, seed=5), SEQ_LEN).items()}
     visible = np.asarray(attention_mask(jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["attention_kind"])))[0, 0]
+    reach = visible | np.eye(len(visible), dtype=bool)
+    for _ in range(LAYERS - 1):
+        reach = reach | ((reach.astype(int) @ visible.astype(int)) > 0)
     real = np.flatnonzero(batch["segment_ids"][0] > 0)
     draw = np.random.default_rng(1)
     variants, checks = [], []
     for query in draw.choice(real, size=min(8, len(real)), replace=False):
-        hidden_keys = [j for j in real if not visible[query, j]]
+        hidden_keys = [j for j in real if not reach[query, j]]
         seen_keys = [j for j in real if visible[query, j] and j != query]
         for key, must_change in ((draw.choice(hidden_keys) if hidden_keys else None, False),
                                  (draw.choice(seen_keys) if seen_keys else None, True)):

@@ -7,12 +7,15 @@ each test says why it is right. Ids 0..6 are the specials of `objectives.vocab`:
 50.. so they can never be confused with a special id.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import objectives
-from objectives import L2R, NO_NSP_LABEL, PREFIX, R2L, TextChunk, Vocabulary, build_mixture
+from objectives import ENCODER_ONLY, L2R, NO_NSP_LABEL, PREFIX, R2L, TextChunk, Vocabulary, build_mixture
 from objectives.vocab import BOS_ID, CLS_ID, EOS_ID, MASK_ID, SEP_ID
+from pretrain.model import create_model, preset
+from pretrain.packing import pack
 
 PAD, UNK, BOS, EOS, CLS, SEP, MASK = 0, 1, 2, 3, 4, 5, 6
 VOCAB = Vocabulary(size=100)
@@ -249,14 +252,15 @@ def test_mass_literal():
     # PREFIX, type 0, weight 0): 53 -> [MASK], 54 -> [MASK], 55 -> 74 (random),
     # 56 kept, 57 -> [MASK]; outside the span the text is untouched. Decoder: inputs
     # t[2..6] = 52..56 (span shifted right), original positions 2..6, L2R, type 1,
-    # targets t[3..7] = 53..57, weight 1.
+    # targets t[3..7] = 53..57, weight 1. The three [MASK]ed encoder positions are
+    # ENCODER_ONLY (3): the decoder never attends to them, as in MASS's code.
     assert_example(
         ex,
         inputs=[50, 51, 52, 6, 6, 74, 56, 6, 58, 59, 52, 53, 54, 55, 56],
         targets=[50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 53, 54, 55, 56, 57],
         weights=[0] * 10 + [1] * 5,
         positions=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 2, 3, 4, 5, 6],
-        attention_kind=[0] * 10 + [1] * 5,
+        attention_kind=[0, 0, 0, 3, 3, 0, 0, 3, 0, 0] + [1] * 5,
         token_types=[0] * 10 + [1] * 5,
         objective_id=[0] * 15,
     )
@@ -266,7 +270,7 @@ def test_mass_structure_given_the_span_start():
     objective = leaf("mass", {"mask_token_rate": 1.0, "random_token_rate": 0.0})
     for n in range(2, 41):
         text = np.arange(50, 50 + n)
-        k = (n + 1) // 2  # round_half_up(n / 2)
+        k = min(max(1, round(n / 2)), n - 1)  # MASS's Python round: half to even
         for seed in range(5):
             ex = objective(TextChunk(text), rng(seed))
             assert len(ex) == n + k
@@ -279,7 +283,8 @@ def test_mass_structure_given_the_span_start():
             np.testing.assert_array_equal(ex.targets, [*text, *text[u:u + k]])
             np.testing.assert_array_equal(ex.weights, [0] * n + [1] * k)
             np.testing.assert_array_equal(ex.positions, [*range(n), *(span - 1)])
-            np.testing.assert_array_equal(ex.attention_kind, [PREFIX] * n + [L2R] * k)
+            np.testing.assert_array_equal(ex.attention_kind, [*np.where(encoder == MASK, ENCODER_ONLY, PREFIX),
+                                                              *[L2R] * k])
             np.testing.assert_array_equal(ex.token_types, [0] * n + [1] * k)
 
 
@@ -291,6 +296,38 @@ def test_mass_span_start_and_end_placements():
         assert always_start.span_start(10, 5, rng(seed)) == 1  # never the first token
         assert always_end.span_start(10, 5, rng(seed)) == 5
         assert 1 <= objective.span_start(10, 5, rng(seed)) <= 5
+
+
+def test_mass_uniform_placement_is_masss_randint_over_10000_draws():
+    """n = 10, k = 5: MASS's randint(1, 5) draws 1..4, never the end (5), each near 1/4
+    (tolerance 4 binomial std); the start and end cases come at 0.2 each."""
+    uniform, draw = leaf("mass", {"start_rate": 0.0, "end_rate": 0.0}), rng(0)
+    counts = np.bincount([uniform.span_start(10, 5, draw) for _ in range(10_000)], minlength=6)
+    assert counts[0] == counts[5] == 0
+    assert np.all(np.abs(counts[1:5] / 10_000 - 0.25) <= 4 * np.sqrt(0.25 * 0.75 / 10_000))
+    counts = np.bincount([leaf("mass").span_start(10, 5, draw) for _ in range(10_000)], minlength=6)
+    expected = np.array([0, 0.2 + 0.15, 0.15, 0.15, 0.15, 0.2])
+    assert np.all(np.abs(counts / 10_000 - expected) <= 4 * np.sqrt(expected * (1 - expected) / 10_000))
+    assert [leaf("mass").span_length(n) for n in (3, 5, 7, 9, 10)] == [2, 2, 4, 4, 5]  # round(1.5) = 2, round(2.5) = 2
+
+
+def test_mass_decoder_never_reads_masked_source_positions_through_the_model():
+    """One layer, so a token reaches a query only by direct attention: changing the
+    [MASK]-valued encoder tokens leaves every decoder hidden state bit-identical under
+    the default, and changes them with decoder_sees_masked_source."""
+    model = create_model(preset("tiny", vocab_size=VOCAB.size, max_positions=64, num_layers=1), seed=0)
+    text = np.arange(50, 70)
+    for sees, must_change in ((False, False), (True, True)):
+        settings = {"mask_token_rate": 1.0, "random_token_rate": 0.0, "decoder_sees_masked_source": sees}
+        row = pack([leaf("mass", settings)(TextChunk(text), rng(3))], 32)
+        decoder = np.flatnonzero(row["attention_kind"][0] == L2R)
+        masked = np.flatnonzero(row["inputs"][0] == MASK)
+        assert len(decoder) == 10 and len(masked) == 10
+        changed = {name: value.copy() for name, value in row.items()}
+        changed["inputs"][0, masked] = 60
+        before, after = (np.asarray(model({k: jnp.asarray(v) for k, v in batch.items()})) for batch in (row, changed))
+        assert np.array_equal(before[0, decoder], after[0, decoder]) != must_change
+        assert not np.array_equal(before[0, masked[0] - 1], after[0, masked[0] - 1])  # the source does read them
 
 
 def test_mass_rejects_bad_settings():
