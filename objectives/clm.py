@@ -1,9 +1,13 @@
-"""GPT causal language modelling.
+"""GPT causal language modelling over contiguous windows of a document.
 
-`[BOS] text [EOS]` gives inputs `[BOS] text` and targets `text [EOS]`: every
-position predicts the next token, every target is weighted, every token is L2R.
-A packed row never lets a target cross an example boundary because each example
-carries its own `[BOS]`/`[EOS]` and the attention rule stops at segments.
+A document longer than a row is cut into chunks, and each chunk's window continues
+the previous one: `[BOS]` opens only the document's first window, and a window's
+last token predicts the document's next token (the next window's first), so every
+token of the document is predicted exactly once and `[EOS]` is a target only where
+the document ends. A one-chunk document is `[BOS] text [EOS]`: inputs `[BOS] text`,
+targets `text [EOS]`. Every position is weighted, every token is L2R. Windows do
+not attend across chunks (each is its own example); GPT's windows also run across
+document boundaries, which the attention rule here never does (README deviations).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class CLMConfig:
 
 
 class CausalLM(Objective):
-    """Next-token prediction over `[BOS] text [EOS]` (see module docstring)."""
+    """Next-token prediction over contiguous windows of a document (see module docstring)."""
 
     attention_kinds = frozenset({L2R})
 
@@ -43,7 +47,9 @@ class CausalLM(Objective):
 
     def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
         del rng  # deterministic
-        sequence = np.concatenate([[self.vocab.bos], chunk.tokens, [self.vocab.eos]]).astype(np.int32)
+        opening = [self.vocab.bos] if chunk.at_document_start else []
+        closing = [self.vocab.eos] if chunk.next_token is None else [chunk.next_token]
+        sequence = np.concatenate([opening, chunk.tokens, closing]).astype(np.int32)
         length = len(sequence) - 1
         return make_example(
             inputs=sequence[:-1],

@@ -63,11 +63,17 @@ class TextChunk:
       other_document: int32 tokens taken from a different document, the source
         of random second segments for NSP negatives. Only objectives whose
         `needs_other_document` is true read it.
+      at_document_start: whether the chunk begins its document.
+      next_token: the document's token right after the chunk, None where the chunk
+        ends its document. A causal LM reads these two so that its windows continue
+        across chunk boundaries and [BOS] / [EOS] mark only real document edges.
     """
 
     tokens: np.ndarray
     sentence_starts: np.ndarray | None = None
     other_document: np.ndarray | None = None
+    at_document_start: bool = True
+    next_token: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens", np.asarray(self.tokens, dtype=np.int32))

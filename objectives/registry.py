@@ -28,8 +28,8 @@ class Objective(abc.ABC):
       objective_id: index of this leaf in its mixture, written into every example.
       needs_other_document: whether chunks must carry `other_document` (NSP negatives).
       min_text_tokens: the shortest chunk this objective can use.
-      whole_sentences: whether chunks should end at sentence boundaries (sentence
-        pairs, as BERT's NSP builds them) rather than at the token budget.
+      whole_sentences: whether chunks start at a sentence start and end at a sentence
+        end (sentence pairs, as BERT's NSP builds them) rather than at the token budget.
       attention_kinds: the attention kinds its examples use (the contract tests check
         every example against it; kernels that need key ranges read it).
       token_types: the token types its examples use (checked against the model's

@@ -82,11 +82,30 @@ def _objective_problems(config: Any) -> list[str]:
         mixture = objectives.build_mixture(config.objective, vocab, config.objectives)
     except ValueError as error:
         return [f"config.objective / config.objectives: {error}"]
+    problems += _coupling_problems(mixture, config.model)
     if isinstance(config.seq_len, int) and config.seq_len >= 1:
         for leaf in mixture.objectives:
             if leaf.text_budget(config.seq_len) < max(leaf.min_text_tokens, 2):
                 problems.append(f"config.seq_len={config.seq_len} leaves objective {leaf.name!r} no room for "
                                 f"text (budget {leaf.text_budget(config.seq_len)} tokens); use seq_len >= 16")
+    return problems
+
+
+def _coupling_problems(mixture: objectives.Mixture, model_config: Any) -> list[str]:
+    """What the objectives declare they need from the model: an NSP head for their
+    sentence-pair labels, and a token-type table that holds every type they use."""
+    problems = []
+    for leaf in mixture.objectives:
+        if leaf.needs_nsp_head and model_config.nsp_head is not True:
+            problems.append(f"objective {leaf.name!r} trains next-sentence prediction (its nsp setting) but "
+                            "config.model.nsp_head is False, so no NSP loss would be trained; set "
+                            "config.model.nsp_head=True, or turn the objective's nsp off")
+    types = sorted({t for leaf in mixture.objectives for t in leaf.token_types})
+    table = model_config.num_token_types
+    if types and isinstance(table, int) and types[-1] >= table:
+        users = [leaf.name for leaf in mixture.objectives if max(leaf.token_types, default=0) >= table]
+        problems.append(f"config.model.num_token_types={table} is too small: objectives {users} use token types up "
+                        f"to {types[-1]}; set config.model.num_token_types={types[-1] + 1} or more")
     return problems
 
 

@@ -42,10 +42,21 @@ class DocumentExamples:
     `text_budget(seq_len)` tokens of the document (fewer only at its end), and
     the objective makes the example. Chunks are not cut back to sentence ends:
     full-length chunks plus short document tails as fillers pack rows to ~99%
-    real tokens, where ending at sentence boundaries left ~9% padding; sentence
-    boundaries inside a chunk still guide the sentence-pair objectives. A tail shorter than the drawn objective's minimum is counted, not
-    hidden (`dropped_tokens`). Objectives that need NSP negatives get a window of
-    another document of the same split.
+    real tokens, where ending at sentence boundaries left ~9% padding.
+
+    The exception is an objective that reads whole sentences
+    (`Objective.whole_sentences`, BERT's NSP): its chunk starts at a sentence start
+    and ends at the last sentence end that fits the budget, as BERT's
+    create_pretraining_data accumulates whole sentences. Only a sentence longer than
+    the budget is cut; and where the previous chunk ended mid-sentence (a cut
+    sentence, or another objective's chunk in a mixture), the tokens up to the next
+    sentence start are skipped and counted as dropped.
+
+    Each chunk knows whether it opens its document and the token that follows it,
+    so a causal LM continues across chunks. A tail shorter than the drawn
+    objective's minimum is counted, not hidden (`dropped_tokens`). Objectives that
+    need NSP negatives get a window of another document of the same split, from a
+    sentence start when they read whole sentences.
     """
 
     documents: Sequence[HasSentences]
@@ -66,15 +77,21 @@ class DocumentExamples:
         starts = np.cumsum([0] + [len(piece) for piece in pieces[:-1]]).astype(np.int32)
         return np.concatenate(pieces), starts
 
-    def other_window(self, rng: np.random.Generator, exclude: HasSentences, length: int) -> np.ndarray:
-        """Up to `length` contiguous tokens from a random other document."""
+    def other_window(self, rng: np.random.Generator, exclude: HasSentences, length: int,
+                     from_sentence_start: bool = False) -> np.ndarray:
+        """Up to `length` contiguous tokens from a random other document, starting at
+        a random one of its sentence starts when `from_sentence_start` (as BERT's
+        random next sentence), else anywhere."""
         for _ in range(8):
             other = self.documents[int(rng.integers(len(self.documents)))]
             if other is exclude:
                 continue
-            tokens, _ = self.tokens_of(other)
+            tokens, starts = self.tokens_of(other)
             if len(tokens):
-                start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
+                if from_sentence_start:
+                    start = int(starts[rng.integers(len(starts))])
+                else:
+                    start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
                 return tokens[start : start + length]
         raise ValueError("NSP negatives need at least two non-empty documents in the split")
 
@@ -83,19 +100,41 @@ class DocumentExamples:
         rng = self.rng(position)
         tokens, starts = self.tokens_of(document)
         examples: list[Example] = []
-        begin = 0
+        begin, skipped = 0, 0
         while begin < len(tokens):
             objective = self.mixture.choose(rng)
+            if objective.whole_sentences:
+                start = sentence_start_at_or_after(starts, begin, len(tokens))
+                skipped, begin = skipped + start - begin, start
+                if begin == len(tokens):
+                    break
             budget = objective.text_budget(self.seq_len)
             end = min(len(tokens), begin + budget)
+            if objective.whole_sentences and end < len(tokens):
+                end = last_sentence_end_within(starts, begin, end)
             if end - begin < objective.min_text_tokens:
                 break
             inside = starts[(starts >= begin) & (starts < end)] - begin
-            other = (self.other_window(rng, document, end - begin)
+            other = (self.other_window(rng, document, end - begin, objective.whole_sentences)
                      if objective.needs_other_document else None)
-            examples.append(objective(TextChunk(tokens[begin:end], inside, other), rng))
+            following = int(tokens[end]) if end < len(tokens) else None
+            examples.append(objective(TextChunk(tokens[begin:end], inside, other, at_document_start=begin == 0,
+                                                next_token=following), rng))
             begin = end
-        return position, examples, len(tokens) - begin
+        return position, examples, skipped + len(tokens) - begin
+
+
+def sentence_start_at_or_after(starts: np.ndarray, offset: int, length: int) -> int:
+    """The first sentence start at or after `offset` (`length` when none is left)."""
+    later = starts[starts >= offset]
+    return int(later[0]) if len(later) else length
+
+
+def last_sentence_end_within(starts: np.ndarray, begin: int, end: int) -> int:
+    """The last sentence boundary in (begin, end]: where a whole-sentence chunk that
+    may run to `end` stops. `end` itself when one sentence fills the whole budget."""
+    inside = starts[(starts > begin) & (starts <= end)]
+    return int(inside[-1]) if len(inside) else end
 
 
 @dataclasses.dataclass

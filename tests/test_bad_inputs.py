@@ -17,6 +17,7 @@ import pytest
 import sentencepiece as spm
 
 from pretrain.checkpoint import CheckpointMismatch
+from objectives import registered_names
 from pretrain.config_checks import validate_config
 from pretrain.tokenizer import train_tokenizer
 from pretrain import compare, evaluate, generate, inspect_data, train
@@ -28,7 +29,7 @@ DEVICES = 8
 
 # (overrides of the tiny config, what the message must say of the problem, and of the fix)
 CONFIG_CASES = {
-    "unknown objective": ({"objective": "bert"}, r"unknown objective 'bert'", r"known objectives: clm, mass, mlm"),
+    "unknown objective": ({"objective": "bert"}, r"unknown objective 'bert'", "known objectives: " + ", ".join(registered_names())),
     "unknown objective setting": ({"objectives.mlm.mask_ratio": 0.2}, r"objective 'mlm' has no setting 'mask_ratio'",
                                   r"valid settings: .*mask_rate"),
     "seq_len too short": ({"seq_len": 2}, r"config.seq_len=2 leaves objective 'mlm' no room", r"use seq_len >= 16"),
@@ -53,6 +54,13 @@ CONFIG_CASES = {
                                  r"config.model.num_heads=3", r"choose num_heads among \[1, 2, 4, 8, 16, 32, 64\]"),
     "unknown compute dtype": ({"model.dtype": "float12"}, r"model.dtype='float12' is not a JAX dtype",
                               r"e.g. 'float32', 'bfloat16'"),
+    "NSP without its head": ({"objectives.mlm.nsp": True},
+                             r"objective 'mlm' trains next-sentence prediction \(its nsp setting\) but "
+                             r"config.model.nsp_head is False, so no NSP loss would be trained",
+                             r"set config.model.nsp_head=True, or turn the objective's nsp off"),
+    "token types beyond the table": ({"objective": "unilm", "model.num_token_types": 4},
+                                     r"config.model.num_token_types=4 is too small: objectives \['unilm/seq2seq'\] use "
+                                     r"token types up to 5", r"set config.model.num_token_types=6 or more"),
     "misspelt field": ({"total_step": 5}, r"config.total_step is not a field the trainer knows",
                        r"did you mean config.total_steps\?"),
     "vocabulary too small": ({"tokenizer.vocab_size": 100}, r"config.tokenizer.vocab_size=100 is too small",

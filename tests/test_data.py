@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import objectives
+from objectives.vocab import BOS_ID as BOS, EOS_ID as EOS
 from pretrain import data
 
 SEQ_LEN = 64
@@ -108,7 +109,9 @@ def test_every_example_lands_whole_in_one_segment():
 
 
 def test_examples_respect_budgets_and_drop_nothing_here():
-    make = data.DocumentExamples(DOCS, tokenize, MIXTURE, SEQ_LEN, seed=0)
+    # No whole-sentence objective here: those may skip a cut sentence's rest (below).
+    mixture = objectives.build_mixture("mlm:1,clm:1,mass:1,unilm:1", objectives.Vocabulary(120))
+    make = data.DocumentExamples(DOCS, tokenize, mixture, SEQ_LEN, seed=0)
     for position, document in enumerate(DOCS[:50]):
         _, examples, dropped = make(position, document)
         text = sum(len(tokenize(s)) for s in document.sentences)
@@ -143,3 +146,66 @@ def test_documents_too_short_are_counted_and_a_barren_corpus_is_an_error():
     with pytest.raises(ValueError, match="2 documents in a row gave no example"):
         next(iter(data.training_batches(barren, tokenize, mass_only, seq_len=SEQ_LEN,
                                         global_batch_size=BATCH, seed=0)))
+
+
+def recorded_chunks(mixture, monkeypatch) -> list:
+    """Every chunk the mixture's leaves are given, in order."""
+    chunks = []
+    for leaf in mixture.objectives:
+        def record(chunk, rng, make=leaf.make_example):
+            chunks.append(chunk)
+            return make(chunk, rng)
+        monkeypatch.setattr(leaf, "make_example", record)
+    return chunks
+
+
+def test_causal_windows_continue_across_chunks_and_end_only_where_the_document_ends():
+    """55 tokens in rows of 16: four windows of 15 + 15 + 15 + 10 text tokens. [BOS]
+    opens only the first; each window's last target is the next window's first token;
+    [EOS] is a target once, at the end; every token is predicted exactly once."""
+    clm = objectives.build_mixture("clm", objectives.Vocabulary(120))
+    document = Doc(tuple(" ".join(f"w{(7 * s + i) % 100}" for i in range(11)) for s in range(5)))
+    tokens = np.concatenate([tokenize(s) for s in document.sentences]).tolist()
+    _, examples, dropped = data.DocumentExamples([document], tokenize, clm, seq_len=16, seed=0)(0, document)
+    assert dropped == 0 and [len(e) for e in examples] == [16, 15, 15, 10]
+    assert np.concatenate([e.inputs for e in examples]).tolist() == [BOS, *tokens]
+    assert np.concatenate([e.targets for e in examples]).tolist() == [*tokens, EOS]
+    assert all(e.weights.sum() == len(e) for e in examples)
+    for before, after in zip(examples, examples[1:]):
+        assert before.targets[-1] == after.inputs[0] != BOS
+    one_chunk = Doc(("w1 w2 w3",))
+    (only,) = data.DocumentExamples([one_chunk], tokenize, clm, seq_len=16, seed=0)(0, one_chunk)[1]
+    assert only.inputs.tolist() == [BOS, 8, 9, 10] and only.targets.tolist() == [8, 9, 10, EOS]
+
+
+def test_sentence_pair_chunks_hold_whole_sentences(monkeypatch):
+    """BERT's NSP reads whole sentences: every chunk starts at a sentence start and ends
+    at a sentence end (no sentence here exceeds the 61-token budget, so nothing is cut
+    or skipped), and a negative's B starts at a sentence start of another document."""
+    nsp = objectives.build_mixture("mlm", objectives.Vocabulary(120), {"mlm": {"nsp": True}})
+    chunks = recorded_chunks(nsp, monkeypatch)
+    make = data.DocumentExamples(DOCS, tokenize, nsp, SEQ_LEN, seed=0)
+    sentence_openings = {tuple(tokenize(s)[:3].tolist()) for doc in DOCS for s in doc.sentences}
+    for position, document in enumerate(DOCS[:40]):
+        del chunks[:]
+        _, examples, dropped = make(position, document)
+        sentences = [tokenize(s).tolist() for s in document.sentences]
+        bounds = set(np.cumsum([0] + [len(s) for s in sentences]).tolist())
+        assert dropped == 0 and len(chunks) == len(examples)
+        offset = 0
+        for chunk in chunks:
+            assert offset in bounds and offset + len(chunk) in bounds, (position, offset, len(chunk))
+            assert tuple(chunk.other_document[:3].tolist()) in sentence_openings
+            offset += len(chunk)
+        assert offset == max(bounds)
+
+
+def test_a_sentence_longer_than_the_budget_is_cut_and_its_rest_skipped(monkeypatch):
+    """Sentences of 5, 40 and 6 tokens, budget 13: [0, 5) whole; the long sentence cut to
+    [5, 18); its other 27 tokens skipped and counted as dropped; [45, 51) whole."""
+    nsp = objectives.build_mixture("mlm", objectives.Vocabulary(120), {"mlm": {"nsp": True}})
+    chunks = recorded_chunks(nsp, monkeypatch)
+    document = Doc(tuple(" ".join(f"w{i}" for i in range(start, start + n)) for start, n in ((0, 5), (5, 40), (45, 6))))
+    _, _, dropped = data.DocumentExamples([document, DOCS[0]], tokenize, nsp, seq_len=16, seed=0)(0, document)
+    assert [(int(c.tokens[0]) - 7, len(c)) for c in chunks] == [(0, 5), (5, 13), (45, 6)]
+    assert dropped == 27

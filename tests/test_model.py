@@ -11,6 +11,7 @@ from pretrain.attention import attention_mask
 from pretrain.model import (TransformerConfig, create_model, dense, non_embedding_parameter_count, parameter_count,
                             preset)
 from pretrain.packing import pack
+from reach import reach_through_layers
 
 VOCAB_SIZE = 64
 VOCAB = objectives.Vocabulary(size=VOCAB_SIZE)
@@ -48,12 +49,14 @@ def perturbed_copies(row: dict, seq_len: int) -> dict:
 
 
 def assert_no_leakage(model, packed: dict) -> None:
-    """Changing token j changes the outputs of query i exactly when i may see j."""
+    """Changing token j changes the outputs of query i exactly when j reaches i through
+    the model's layers (for every kind but ENCODER_ONLY, exactly when i may see j)."""
     seq_len = packed["inputs"].shape[1]
     batch = perturbed_copies(packed, seq_len)
     forward = jax.jit(lambda b: (lambda h: (h, model.logits(h)))(model(b)))
     hidden, logits = forward(batch)
-    visible = np.asarray(attention_mask(batch["segment_ids"][:1], batch["attention_kind"][:1]))[0, 0]
+    mask = np.asarray(attention_mask(batch["segment_ids"][:1], batch["attention_kind"][:1]))[0, 0]
+    visible = reach_through_layers(mask, model.config.num_layers)
     real = packed["segment_ids"][0] > 0
     for output in (np.asarray(hidden), np.asarray(logits)):
         original = output[0]
@@ -85,7 +88,7 @@ def test_no_leakage_packed_mixture(config):
     seq_len = sum(len(e) for e in examples) + 3
     packed = pack(examples, seq_len, strategy="first_fit")
     assert packed["inputs"].shape[0] == 1 and packed["segment_ids"][0].max() == 5
-    assert set(packed["attention_kind"][0][packed["segment_ids"][0] > 0].tolist()) == {0, 1, 2}
+    assert set(packed["attention_kind"][0][packed["segment_ids"][0] > 0].tolist()) == {0, 1, 2, 3}  # 3: MASS's [MASK]ed source
     assert_no_leakage(create_model(tiny(**config)), packed)
 
 

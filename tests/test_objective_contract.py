@@ -28,6 +28,7 @@ from pretrain.attention import attention_mask
 from pretrain.loss import batch_loss
 from pretrain.model import create_model, preset
 from pretrain.packing import PACKED_FIELDS, pack
+from reach import reach_through_layers
 
 SIZE = 400
 rng = np.random.default_rng(0)
@@ -118,9 +119,7 @@ def test_nothing_leaks_through_the_model(name, leaf, hidden_of):
     still reaches it through the source tokens that see it)."""
     batch = {k: v[:1] for k, v in pack(examples(leaf, 3, seed=5), SEQ_LEN).items()}
     visible = np.asarray(attention_mask(jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["attention_kind"])))[0, 0]
-    reach = visible | np.eye(len(visible), dtype=bool)
-    for _ in range(LAYERS - 1):
-        reach = reach | ((reach.astype(int) @ visible.astype(int)) > 0)
+    reach = reach_through_layers(visible, LAYERS)
     real = np.flatnonzero(batch["segment_ids"][0] > 0)
     draw = np.random.default_rng(1)
     variants, checks = [], []

@@ -228,21 +228,24 @@ def test_unilm_masks_15_percent_of_ordinary_tokens(text_length):
 
 
 def test_mass_span_length_is_exact():
-    # k = round_half_up(0.5 n) = (n + 1) // 2 for every n, whatever the seed.
+    # k = round(0.5 n) with Python's round (half to even, as MASS's code), kept in
+    # 1..n-1, for every n, whatever the seed: 3 -> 2 (round(1.5)), 5 -> 2 (round(2.5)).
     objective = build_mixture("mass", Vocabulary(size=100)).objectives[0]
     rng = np.random.default_rng(8)
+    assert [objective.span_length(n) for n in (2, 3, 5, 7, 9, 10)] == [1, 2, 2, 4, 4, 5]
     for n in range(2, 301):
+        k = min(max(1, round(n / 2)), n - 1)
         for _ in range(3):
             ex = objective(TextChunk(np.arange(n) % 90 + 8), rng)
-            assert len(ex) - n == (n + 1) // 2, n
-            assert ex.weights.sum() == (n + 1) // 2
+            assert len(ex) - n == k, n
+            assert ex.weights.sum() == k
 
 
 def test_mass_span_placement():
-    # n = 10 -> k = 5, u in 1..5. u == 1 w.p. 0.2 + 0.6 / 5 = 0.32, u == 5 likewise,
-    # each interior u in {2, 3, 4} w.p. 0.6 / 5 = 0.12 (also checked pooled, see
-    # below). u is read from the example: the
-    # decoder's first position is u - 1.
+    # n = 10 -> k = 5, u in 1..5, as MASS's mask_start(end = n - k): 1 w.p. 0.2, the end
+    # (5) w.p. 0.2, else randint(1, 5), uniform over 1..4 and never the end. So u == 1
+    # w.p. 0.2 + 0.6 / 4 = 0.35, u == 5 w.p. 0.2, each of u in {2, 3, 4} w.p. 0.15.
+    # u is read from the example: the decoder's first position is u - 1.
     objective = build_mixture("mass", Vocabulary(size=100)).objectives[0]
     n, k = 10, 5
     rng = np.random.default_rng(9)
@@ -250,17 +253,15 @@ def test_mass_span_placement():
     chunk = TextChunk(np.arange(50, 50 + n))
     u = np.asarray([int(objective(chunk, rng).positions[n]) + 1 for _ in range(draws)])
     assert u.min() >= 1 and u.max() <= n - k  # never the first token; zero tolerance
-    uniform = 0.6 / (n - k)
+    uniform = 0.6 / (n - k - 1)
     assert_rate((u == 1).sum(), draws, 0.2 + uniform, "span at the start")
-    assert_rate((u == n - k).sum(), draws, 0.2 + uniform, "span at the end")
-    interior = (u > 1) & (u < n - k)
+    assert_rate((u == n - k).sum(), draws, 0.2, "span at the end")
     for start in range(2, n - k):
         assert_rate((u == start).sum(), draws, uniform, f"span at u={start}")
-    # The interior as a whole: hit w.p. cells * uniform = 0.36, an exact binomial; its
-    # average cell frequency is that proportion / cells, so this bounds the average
-    # interior cell by the binomial tolerance / cells.
-    cells = n - k - 2
-    assert_rate(interior.sum(), draws, cells * uniform, "interior (average cell * cells)")
+    # With no start or end draws, the end is never drawn at all (zero tolerance).
+    uniform_only = build_mixture("mass", Vocabulary(size=100), {"mass": {"start_rate": 0.0, "end_rate": 0.0}}).objectives[0]
+    starts = {int(uniform_only(chunk, rng).positions[n]) + 1 for _ in range(DRAWS)}
+    assert starts == {1, 2, 3, 4}
 
 
 # ---------------------------------------------------------------------------------------

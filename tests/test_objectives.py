@@ -298,19 +298,6 @@ def test_mass_span_start_and_end_placements():
         assert 1 <= objective.span_start(10, 5, rng(seed)) <= 5
 
 
-def test_mass_uniform_placement_is_masss_randint_over_10000_draws():
-    """n = 10, k = 5: MASS's randint(1, 5) draws 1..4, never the end (5), each near 1/4
-    (tolerance 4 binomial std); the start and end cases come at 0.2 each."""
-    uniform, draw = leaf("mass", {"start_rate": 0.0, "end_rate": 0.0}), rng(0)
-    counts = np.bincount([uniform.span_start(10, 5, draw) for _ in range(10_000)], minlength=6)
-    assert counts[0] == counts[5] == 0
-    assert np.all(np.abs(counts[1:5] / 10_000 - 0.25) <= 4 * np.sqrt(0.25 * 0.75 / 10_000))
-    counts = np.bincount([leaf("mass").span_start(10, 5, draw) for _ in range(10_000)], minlength=6)
-    expected = np.array([0, 0.2 + 0.15, 0.15, 0.15, 0.15, 0.2])
-    assert np.all(np.abs(counts / 10_000 - expected) <= 4 * np.sqrt(expected * (1 - expected) / 10_000))
-    assert [leaf("mass").span_length(n) for n in (3, 5, 7, 9, 10)] == [2, 2, 4, 4, 5]  # round(1.5) = 2, round(2.5) = 2
-
-
 def test_mass_decoder_never_reads_masked_source_positions_through_the_model():
     """One layer, so a token reaches a query only by direct attention: changing the
     [MASK]-valued encoder tokens leaves every decoder hidden state bit-identical under
