@@ -7,8 +7,11 @@ packed tokens (`config.budget`, a whole `configs/pretrain.py` config); a run onl
 names its objective (or mixture) and, optionally, overrides of budget fields.
 Variants (comma-separated `key=value`):
   preset  which runs: 'objectives' (mlm, clm, mass, unilm), 'mixtures' (mlm, clm
-          and their 1:1 mixture), 'mass_span' (MASS at span fractions 0.3 / 0.5 /
-          0.7) or 'mlm_rate' (MLM at masking rates 0.1 / 0.15 / 0.3).
+          and their 1:1 mixture), 't5' (T5's objective study, Raffel et al. 2020
+          tables 4-5, in one stack: mlm, mass, span_corruption, prefix_lm, clm),
+          'ul2' (UL2's comparison, Tay et al. 2022: ul2 against span_corruption and
+          clm), 'mass_span' (MASS at span fractions 0.3 / 0.5 / 0.7) or 'mlm_rate'
+          (MLM at masking rates 0.1 / 0.15 / 0.3).
   size    model preset of the budget: tiny, small, base, large.
   steps   optimizer steps of every run.
 
@@ -26,12 +29,16 @@ from configs import variants as variants_lib
 DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "400"}
 # preset -> the downstream tasks it fine-tunes on by default
 DOWNSTREAM_TASKS = {"objectives": "pydocs_topic,pydocs_code_spans", "mixtures": "pydocs_topic",
+                    "t5": "pydocs_topic,pydocs_code_spans", "ul2": "pydocs_topic,pydocs_code_spans",
                     "mass_span": "", "mlm_rate": ""}
 
 # preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
 PRESETS = {
     "objectives": ({"mlm": "mlm", "clm": "clm", "mass": "mass", "unilm": "unilm"}, None),
     "mixtures": ({"mlm": "mlm", "clm": "clm", "mlm+clm": "mlm:1,clm:1"}, None),
+    "t5": ({"mlm": "mlm", "mass": "mass", "span_corruption": "span_corruption", "prefix_lm": "prefix_lm",
+            "clm": "clm"}, None),
+    "ul2": ({"ul2": "ul2", "span_corruption": "span_corruption", "clm": "clm"}, None),
     "mass_span": ({"mass": "mass"}, ("mass", "objectives.mass.span_fraction", (0.3, 0.5, 0.7))),
     "mlm_rate": ({"mlm": "mlm"}, ("mlm", "objectives.mlm.mask_rate", (0.1, 0.15, 0.3))),
 }

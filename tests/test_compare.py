@@ -45,6 +45,19 @@ def test_run_configs_expand_the_budget_and_the_sweep():
     assert {run.total_steps for run in compare.run_configs(config).values()} == {10}
 
 
+@pytest.mark.parametrize("preset, expected", [
+    ("t5", {"mlm": "mlm", "mass": "mass", "span_corruption": "span_corruption", "prefix_lm": "prefix_lm",
+            "clm": "clm"}),
+    ("ul2", {"ul2": "ul2", "span_corruption": "span_corruption", "clm": "clm"}),
+])
+def test_the_t5_and_ul2_presets_build_valid_runs_under_one_budget(preset, expected):
+    runs = compare.run_configs(get_config(f"preset={preset}"))  # validated against the budget's tokenizer layout
+    assert {name: run.objective for name, run in runs.items()} == expected
+    assert len({(run.total_steps, run.batch_size, run.seq_len, repr(sorted(run.model.to_dict().items())))
+                for run in runs.values()}) == 1
+    assert get_config(f"preset={preset}").downstream.tasks == "pydocs_topic,pydocs_code_spans"
+
+
 def test_config_mistakes_name_the_run_and_the_field():
     config = get_config("preset=objectives")
     config.runs.mlm.objective = "bert"
