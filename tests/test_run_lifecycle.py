@@ -130,17 +130,18 @@ def test_the_measured_mfu_peak_is_kept_with_the_run(tmp_path, monkeypatch):
 
 def test_the_quick_start_learns_beyond_the_unigram_baseline(tokenizer_file, tmp_path, capsys):
     """The tiny version of the README's quick start: held-out loss clearly below the unigram
-    baseline (at least 0.2 nats; it measured 0.3 below, 3.8 against 4.1, when written),
+    baseline (at least 0.2 nats; it measured 0.32 below, 3.61 against 3.93, when the causal
+    LM's windows became contiguous: fewer easy [EOS] targets, so 300 steps, not 200),
     held-out numbers at each evaluation, and one line of what the model does."""
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
-    config = tiny_config("clm", total_steps=200, batch_size=32, log_every=50, eval_every=100, checkpoint_every=200,
+    config = tiny_config("clm", total_steps=300, batch_size=32, log_every=50, eval_every=150, checkpoint_every=300,
                          sample_at_end=True, **{"optimizer.warmup_steps": 20})
     Trainer(config, str(workdir)).run()
     final = read_metrics(workdir)[-1]
     assert final["eval/loss"] < final["eval/baseline"] - 0.2, final
     out = capsys.readouterr().out
     evaluations = re.findall(r"^eval at step (\d+): held-out loss (\S+) \(unigram baseline (\S+)\)", out, re.M)
-    assert [int(step) for step, _, _ in evaluations] == [100, 200]
+    assert [int(step) for step, _, _ in evaluations] == [150, 300]
     assert float(evaluations[-1][1]) == pytest.approx(final["eval/loss"], abs=1e-4)
     assert re.search(r"^the model now continues '.+' with '.+' \(the held-out text: '.+'\)$", out, re.M), out
     assert np.isfinite(final["eval/baseline"])
