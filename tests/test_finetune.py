@@ -306,13 +306,14 @@ def test_glue_through_tfds_from_a_prepared_data_dir(tmp_path_factory, tmp_path, 
 def test_pretraining_beats_the_random_init_control_on_the_topic_task(tmp_path_factory, tmp_path):
     """A tiny MLM pretrained 1,000 steps on 64-token rows (past the masked-LM plateau; under
     a minute here) against the same shape and tokenizer from random initialisation, each
-    fine-tuned alike over 3 seeds (150 steps). Both pool with ULMFiT's concat pooling: an
+    fine-tuned alike over 2 seeds (150 steps). Both pool with ULMFiT's concat pooling: an
     MLM without NSP never trains its [CLS], so first-token pooling reads a position the
     body learnt to ignore, and at this scale a random body's near-uniform attention pools
     better (measured when written: macro-F1 0.030 against 0.060). With concat pooling,
-    measured when written: test loss 3.298 ± 0.013 against 3.450 ± 0.057 (every
-    pretrained seed below every control seed), macro-F1 0.069 against 0.058; asserted:
-    the mean test loss lower by 0.05."""
+    measured when written over seeds 0-2: test loss 3.298 ± 0.013 against 3.450 ± 0.057 (every
+    pretrained seed below every control seed; over seeds 0 and 1, 3.301 against 3.409),
+    macro-F1 0.069 against 0.058; asserted: the mean test loss over seeds 0 and 1 lower by
+    0.05."""
     run = tmp_path_factory.mktemp("mlm_1000")
     config = tiny_config("mlm", total_steps=1000, batch_size=32, checkpoint_every=1000, log_every=250,
                          peak_flops_per_device=1e12, **{"tokenizer.vocab_size": 2000, "data.heldout_fraction": 0.1,
@@ -321,6 +322,6 @@ def test_pretraining_beats_the_random_init_control_on_the_topic_task(tmp_path_fa
     scores = {}
     for name, init, shape in (("pretrained", str(run), ""), ("control", "", str(run))):
         tune = config_for(init, shape_from=shape, pooling="concat", total_steps=150, eval_every=150,
-                          checkpoint_every=150, batch_size=32, task_max_examples=0, seeds=(0, 1, 2))
+                          checkpoint_every=150, batch_size=32, task_max_examples=0, seeds=(0, 1))
         scores[name] = transfer.run_seeds(tune, tmp_path / name)["test"]
     assert scores["pretrained"]["loss"]["mean"] < scores["control"]["loss"]["mean"] - 0.05, scores
