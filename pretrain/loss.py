@@ -120,7 +120,7 @@ def weighted_token_statistics(
         transform = lambda state, h: nnx.merge(graphdef, state)(h)
     chunk = min(rows // groups * length, max(1, chunk_tokens // groups))
     head_loss = _head_loss(transform, model.config.compute_dtype, num_objectives, chunk)
-    total, stats = head_loss(transform_state, head.token_embedding[...], head.output_bias[...], grouped(hidden),
+    total, stats = head_loss(transform_state, head.token_embedding[...], head.bias(), grouped(hidden),
                              grouped(targets), grouped(weights), grouped(objective_id))
     return total, jax.lax.stop_gradient(stats)
 

@@ -3,8 +3,8 @@
 Flax NNX. Token, learned-position and token-type embeddings; pre-LayerNorm blocks
 (post-LN for BERT fidelity); multi-head softmax attention under the mask of
 `pretrain.attention`; GELU MLP; an
-output projection tied to the token embedding (with an optional BERT MLM transform
-head in front); an NSP head on each example's first token; and a KV cache for
+output projection tied to the token embedding, with an optional bias (with an optional
+BERT MLM transform head in front); an NSP head on each example's first token; and a KV cache for
 incremental left-to-right decoding.
 
 Parameters are float32 and carry logical axis names (`nnx.with_partitioning`),
@@ -45,6 +45,8 @@ class TransformerConfig:
     mlm_transform_head: bool = False  # BERT's dense + GELU + LayerNorm before the output
     nsp_head: bool = False  # sentence-pair classifier on each example's first token
     layer_norm_epsilon: float = 1e-6
+    gelu: str = "tanh"  # 'tanh': the tanh approximation (GPT-2's gelu_new); 'exact': the erf form (BERT's gelu)
+    output_bias: bool = True  # a bias on the vocabulary logits (BERT has one, GPT-2 none)
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
     def __post_init__(self) -> None:
@@ -74,12 +76,25 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
                         f"choose num_heads among {divisors} (or change model_dim)")
     if "dropout_rate" in fields and not 0 <= fields["dropout_rate"] < 1:
         problems.append(f"config.model.dropout_rate={fields['dropout_rate']!r} must lie in [0, 1)")
+    if "gelu" in fields and fields["gelu"] not in GELU_FORMS:
+        problems.append(f"config.model.gelu={fields['gelu']!r} must be one of {GELU_FORMS} ('tanh': the "
+                        "approximation GPT-2 uses; 'exact': the erf form BERT uses)")
+    if "output_bias" in fields and not isinstance(fields["output_bias"], bool):
+        problems.append(f"config.model.output_bias={fields['output_bias']!r} must be True or False")
     if "dtype" in fields:
         try:
             jnp.dtype(fields["dtype"])
         except TypeError:
             problems.append(f"config.model.dtype={fields['dtype']!r} is not a JAX dtype (e.g. 'float32', 'bfloat16')")
     return problems
+
+
+GELU_FORMS = ("tanh", "exact")
+
+
+def gelu(config: TransformerConfig, x: jax.Array) -> jax.Array:
+    """GELU in the form `config.gelu` names (the tanh approximation or the exact erf)."""
+    return jax.nn.gelu(x, approximate=config.gelu == "tanh")
 
 
 # Size presets. `small` is the benchmark shape of the performance issue; `base`
@@ -229,7 +244,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.config.compute_dtype
-        hidden = jax.nn.gelu(dense(x, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype))
+        hidden = gelu(self.config, dense(x, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype))
         return hidden @ self.wo[...].astype(dtype) + self.bo[...].astype(dtype)
 
 
@@ -290,7 +305,7 @@ class MLMTransform(nnx.Module):
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         dtype = self.config.compute_dtype
-        hidden = jax.nn.gelu(hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
+        hidden = gelu(self.config, hidden @ self.head_kernel[...].astype(dtype) + self.head_bias[...].astype(dtype))
         return self.head_norm(hidden).astype(dtype)
 
 
@@ -303,14 +318,20 @@ class OutputHead(nnx.Module):
     def __init__(self, model: Transformer):
         self.config = model.config
         self.token_embedding = model.token_embedding
-        self.output_bias = model.output_bias
+        self.output_bias = model.output_bias if model.config.output_bias else None
         self.transform = MLMTransform(model) if model.config.mlm_transform_head else None
+
+    def bias(self) -> jax.Array:
+        """The output bias [V], zeros for a model without one (`config.output_bias`)."""
+        if self.output_bias is None:
+            return jnp.zeros((self.config.vocab_size,), jnp.float32)
+        return self.output_bias[...]
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         """Vocabulary logits [..., V] (float32) from hidden states [..., D]."""
         if self.transform is not None:
             hidden = self.transform(hidden)
-        return tied_logits(hidden, self.token_embedding[...], self.output_bias[...], self.config.compute_dtype)
+        return tied_logits(hidden, self.token_embedding[...], self.bias(), self.config.compute_dtype)
 
 
 class Transformer(nnx.Module):
@@ -330,7 +351,8 @@ class Transformer(nnx.Module):
             self.head_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
             self.head_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
             self.head_norm = _layer_norm(config, rngs)
-        self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
+        if config.output_bias:
+            self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
         if config.nsp_head:
             self.pooler_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
             self.pooler_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)

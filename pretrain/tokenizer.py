@@ -96,6 +96,29 @@ class Tokenizer:
         """Number of ids; ids are 0..vocab_size-1."""
         return len(self._special)
 
+    @property
+    def model_type(self) -> str:
+        """'unigram' or 'bpe' (or another SentencePiece type of a user's model)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
+
+    def pieces(self) -> list[tuple[str, float, str]]:
+        """(piece, score, kind) of every id in order; kind is 'normal', 'control',
+        'unknown', 'byte' or 'unused' (what a converter to another library needs)."""
+        sp = self._sp
+
+        def kind(i: int) -> str:
+            for name, test in (("unknown", sp.is_unknown), ("control", sp.is_control), ("byte", sp.is_byte),
+                               ("unused", sp.is_unused)):
+                if test(i):
+                    return name
+            return "normal"
+
+        return [(sp.id_to_piece(i), float(sp.get_score(i)), kind(i)) for i in range(sp.get_piece_size())]
+
     def piece(self, token_id: int) -> str:
         """The piece string of `token_id` (e.g. '▁the', '<0xE2>', '[MASK]')."""
         self._check_ids(np.asarray([token_id]))

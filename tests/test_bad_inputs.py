@@ -61,6 +61,8 @@ CONFIG_CASES = {
     "token types beyond the table": ({"objective": "unilm", "model.num_token_types": 4},
                                      r"config.model.num_token_types=4 is too small: objectives \['unilm/seq2seq'\] use "
                                      r"token types up to 5", r"set config.model.num_token_types=6 or more"),
+    "unknown GELU form": ({"model.gelu": "erf"}, r"config.model.gelu='erf' must be one of \('tanh', 'exact'\)",
+                          r"'tanh': the approximation GPT-2 uses; 'exact': the erf form BERT uses"),
     "misspelt field": ({"total_step": 5}, r"config.total_step is not a field the trainer knows",
                        r"did you mean config.total_steps\?"),
     "vocabulary too small": ({"tokenizer.vocab_size": 100}, r"config.tokenizer.vocab_size=100 is too small",

@@ -10,6 +10,7 @@ from objectives.example import L2R, PREFIX, TextChunk
 from pretrain.attention import attention_mask
 from pretrain.model import (TransformerConfig, create_model, dense, non_embedding_parameter_count, parameter_count,
                             preset)
+from pretrain import model as model_lib
 from pretrain.packing import pack
 from reach import reach_through_layers
 
@@ -205,3 +206,18 @@ def test_dense_equals_the_einsum_in_value_and_gradient(kernel_shape):
 def test_non_embedding_parameters_leave_out_the_three_embedding_tables():
     model = create_model(tiny())
     assert non_embedding_parameter_count(model) == parameter_count(model) - (64 + 256 + 8) * 64
+
+
+def test_gelu_form_and_output_bias_are_model_options():
+    """`gelu='exact'` is the erf GELU (BERT), 'tanh' the approximation (GPT-2; the
+    default); `output_bias=False` leaves the logits without a bias parameter (GPT-2)."""
+    x = jnp.linspace(-3, 3, 7)
+    assert np.allclose(model_lib.gelu(tiny(gelu="exact"), x), jax.nn.gelu(x, approximate=False))
+    assert np.allclose(model_lib.gelu(tiny(), x), jax.nn.gelu(x, approximate=True))
+    assert not np.allclose(model_lib.gelu(tiny(gelu="exact"), x), model_lib.gelu(tiny(), x))
+    with_bias, without = create_model(tiny()), create_model(tiny(output_bias=False))
+    assert hasattr(with_bias, "output_bias") and not hasattr(without, "output_bias")
+    assert parameter_count(with_bias) - parameter_count(without) == VOCAB_SIZE
+    hidden = without(as_batch(pack([example_of("clm", 4)], 8)))
+    expected = np.asarray(hidden) @ np.asarray(without.token_embedding[...]).T
+    assert np.allclose(np.asarray(without.logits(hidden)), expected, atol=1e-5)

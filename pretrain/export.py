@@ -1,0 +1,106 @@
+"""Writes a training run as a directory `transformers` loads with `from_pretrained`.
+
+    python -m pretrain.export --workdir=runs/clm --out=exports/clm
+
+The newest good checkpoint's parameters become `model.safetensors` (written from
+NumPy; no torch needed), the model's shape `config.json`, and the run's SentencePiece
+tokenizer `tokenizer.json` / `tokenizer_config.json` with the same ids. A pre-LN run
+maps to `GPT2LMHeadModel`; a post-LN run with BERT's MLM transform head to
+`BertForMaskedLM`, or `BertForPreTraining` when it has the NSP head. A run with no
+exact counterpart is refused with the option that prevents it and what to set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import flags
+
+import objectives
+from pretrain import cli
+from pretrain.hf import convert
+from pretrain.hf.hf_tokenizer import write_tokenizer
+from pretrain.hf.models import architecture_of, flat_params, hf_config
+from pretrain.inference import model_config, read_run_config, restore_params, run_tokenizer
+from pretrain.model import TransformerConfig, create_model
+
+
+def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> list[str]:
+    """Why a run with this model and these objectives has no exact `transformers`
+    counterpart (each names the option and what to set), or nothing."""
+    problems = []
+    if architecture_of(config) == "gpt2":
+        typed = sorted({leaf.name for leaf in mixture.objectives if leaf.token_types - {0}})
+        if typed:
+            problems.append(f"objectives {typed} use token types beyond 0, which GPT-2 does not embed; export a run "
+                            "of objectives that use type 0 only (clm, mlm without nsp), or train with "
+                            "config.model.pre_layer_norm=False for a BERT export")
+        if config.output_bias:
+            problems.append("config.model.output_bias=True: GPT-2's output layer has no bias; train with "
+                            "config.model.output_bias=False to export to GPT2LMHeadModel")
+        if config.mlm_transform_head:
+            problems.append("config.model.mlm_transform_head=True: GPT-2 has no MLM transform head; train with "
+                            "config.model.mlm_transform_head=False, or post-LN (config.model.pre_layer_norm=False) "
+                            "for a BERT export")
+        if config.nsp_head:
+            problems.append("config.model.nsp_head=True: GPT-2 has no NSP head; train without it, or post-LN "
+                            "(config.model.pre_layer_norm=False) for a BERT export")
+    elif not config.mlm_transform_head:
+        problems.append("config.model.mlm_transform_head=False: BertForMaskedLM reads logits through BERT's MLM "
+                        "transform head; train with config.model.mlm_transform_head=True (or pre-LN, "
+                        "config.model.pre_layer_norm=True, for a GPT-2 export)")
+    return problems
+
+
+def export_run(workdir: str, out: str) -> dict[str, Any]:
+    """Writes run `workdir` as a `transformers` directory `out`; returns what it wrote."""
+    from safetensors.numpy import save_file
+
+    run_config = read_run_config(workdir)
+    tokenizer = run_tokenizer(workdir)
+    config = model_config(run_config, tokenizer.vocab_size)
+    vocab = tokenizer.vocabulary()
+    mixture = objectives.build_mixture(run_config.objective, vocab, run_config.objectives.to_dict())
+    problems = export_problems(config, mixture)
+    if problems:
+        raise ValueError(f"{workdir} has no exact transformers counterpart:\n  " + "\n  ".join(problems))
+    model = create_model(config)
+    step, _ = restore_params(workdir, model)
+    architecture = architecture_of(config)
+    state = convert.to_hf(flat_params(model), architecture)
+    os.makedirs(out, exist_ok=True)
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    described = hf_config(config, vocab.tokens)
+    with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(described, handle, indent=2)
+    write_tokenizer(tokenizer, out, architecture, config.max_positions)
+    return {"workdir": workdir, "step": step, "out": out, "class": described["architectures"][0],
+            "tensors": len(state)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pretrain.export`: flags are defined here, not at import."""
+    argv = list(sys.argv if argv is None else argv)
+    flag_values = flags.FlagValues()
+    workdir = flags.DEFINE_string("workdir", None, "a training run's directory (pretrain.train --workdir)",
+                                  flag_values=flag_values)
+    out = flags.DEFINE_string("out", None, "the directory to write (transformers loads it with from_pretrained)",
+                              flag_values=flag_values)
+    cli.parse(flag_values, argv, __doc__)
+
+    def command() -> str:
+        if not workdir.value or not out.value:
+            raise ValueError("--workdir and --out are required, e.g. --workdir=runs/clm --out=exports/clm")
+        wrote = export_run(workdir.value, out.value)
+        return (f"{wrote['workdir']} at step {wrote['step']} -> {wrote['out']} ({wrote['class']}, "
+                f"{wrote['tensors']} tensors, tokenizer.json)")
+
+    print(cli.run_reporting_bad_input(command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Model configs between this project and `transformers`, and whole models both ways.
+
+`hf_config` describes a project model as the `config.json` of `GPT2LMHeadModel`
+(pre-LN) or `BertForMaskedLM` / `BertForPreTraining` (post-LN); `transformer_config`
+reads such a `config.json` back. `load_hf_model` builds this project's Transformer
+from a local `transformers` directory (`model.safetensors`), through
+`pretrain.hf.convert`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pretrain.hf import convert
+from pretrain.model import Transformer, TransformerConfig, create_model
+
+GELU_NAMES = {"tanh": "gelu_new", "exact": "gelu"}  # model.gelu -> transformers' activation name
+GELU_FROM_HF = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+CLASSES = {"gpt2": ("GPT2LMHeadModel",), "bert": ("BertForMaskedLM", "BertForPreTraining")}
+
+
+def architecture_of(config: TransformerConfig) -> str:
+    """'gpt2' for a pre-LN model, 'bert' for a post-LN one."""
+    return "gpt2" if config.pre_layer_norm else "bert"
+
+
+def hf_config(config: TransformerConfig, special_ids: Mapping[str, int]) -> dict[str, Any]:
+    """The `config.json` of the `transformers` model `config` exports to;
+    `special_ids` are the tokenizer's ('[PAD]', '[BOS]', '[EOS]' ...)."""
+    if architecture_of(config) == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+                "n_positions": config.max_positions, "n_embd": config.model_dim, "n_layer": config.num_layers,
+                "n_head": config.num_heads, "n_inner": config.mlp_dim,
+                "activation_function": GELU_NAMES[config.gelu], "layer_norm_epsilon": config.layer_norm_epsilon,
+                "resid_pdrop": config.dropout_rate, "embd_pdrop": config.dropout_rate,
+                "attn_pdrop": config.dropout_rate, "initializer_range": 0.02, "scale_attn_weights": True,
+                "tie_word_embeddings": True, "bos_token_id": special_ids["[BOS]"],
+                "eos_token_id": special_ids["[EOS]"], "pad_token_id": special_ids["[PAD]"], "dtype": "float32"}
+    return {"architectures": ["BertForPreTraining" if config.nsp_head else "BertForMaskedLM"], "model_type": "bert",
+            "vocab_size": config.vocab_size, "hidden_size": config.model_dim,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+            "intermediate_size": config.mlp_dim, "hidden_act": GELU_NAMES[config.gelu],
+            "max_position_embeddings": config.max_positions, "type_vocab_size": config.num_token_types,
+            "layer_norm_eps": config.layer_norm_epsilon, "hidden_dropout_prob": config.dropout_rate,
+            "attention_probs_dropout_prob": config.dropout_rate, "initializer_range": 0.02,
+            "tie_word_embeddings": True, "pad_token_id": special_ids["[PAD]"], "dtype": "float32"}
+
+
+def transformer_config(described: Mapping[str, Any], path: str) -> tuple[str, TransformerConfig]:
+    """(architecture, this project's config) of a `transformers` `config.json` (read
+    from `path`); a model this project cannot represent exactly is refused."""
+    kind = described.get("model_type")
+    classes = described.get("architectures") or []
+    if kind not in CLASSES or not any(name in CLASSES[kind] for name in classes):
+        known = ", ".join(name for names in CLASSES.values() for name in names)
+        raise ValueError(f"{path}: model_type {kind!r} with architectures {classes} is not one this project imports; "
+                         f"give a directory of {known} (save_pretrained writes one)")
+    activation = described.get("activation_function" if kind == "gpt2" else "hidden_act", "gelu_new")
+    if activation not in GELU_FROM_HF:
+        raise ValueError(f"{path}: activation {activation!r} has no counterpart here; this project's model.gelu "
+                         f"takes {', '.join(sorted(GELU_FROM_HF))}")
+    if kind == "gpt2":
+        d = described["n_embd"]
+        config = TransformerConfig(
+            vocab_size=described["vocab_size"], num_layers=described["n_layer"], model_dim=d,
+            num_heads=described["n_head"], mlp_dim=described.get("n_inner") or 4 * d,
+            max_positions=described["n_positions"], num_token_types=1, pre_layer_norm=True,
+            layer_norm_epsilon=described.get("layer_norm_epsilon", 1e-5), gelu=GELU_FROM_HF[activation],
+            output_bias=False)
+    else:
+        config = TransformerConfig(
+            vocab_size=described["vocab_size"], num_layers=described["num_hidden_layers"],
+            model_dim=described["hidden_size"], num_heads=described["num_attention_heads"],
+            mlp_dim=described["intermediate_size"], max_positions=described["max_position_embeddings"],
+            num_token_types=described["type_vocab_size"], pre_layer_norm=False, mlm_transform_head=True,
+            nsp_head="BertForPreTraining" in classes, layer_norm_epsilon=described.get("layer_norm_eps", 1e-12),
+            gelu=GELU_FROM_HF[activation], output_bias=True)
+    return kind, config
+
+
+def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """A model's parameters as float32 NumPy arrays keyed by dotted paths."""
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    return {_dotted(path): np.asarray(leaf, np.float32) for path, leaf in leaves}
+
+
+def set_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None:
+    """Puts `params` (dotted paths, as `flat_params` gives them) into `model`; every
+    parameter must be given, with its shape."""
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    missing = [_dotted(path) for path, _ in leaves if _dotted(path) not in params]
+    extra = sorted(set(params) - {_dotted(path) for path, _ in leaves})
+    if missing or extra:
+        raise ValueError(f"the converted parameters do not fit the model: missing {missing[:5]}, extra {extra[:5]}")
+    values = []
+    for path, leaf in leaves:
+        value = np.asarray(params[_dotted(path)], np.float32)
+        if value.shape != leaf.shape:
+            raise ValueError(f"parameter {_dotted(path)} has shape {value.shape}, the model wants {leaf.shape}")
+        values.append(value)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, values))
+    nnx.update(model, state)
+
+
+def load_hf_model(directory: str | os.PathLike) -> tuple[str, Transformer]:
+    """(architecture, model) of a local `transformers` BERT or GPT-2 directory."""
+    from safetensors.numpy import load_file
+
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    weights_path = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} is missing: give a directory that transformers' save_pretrained wrote")
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} is missing: this project reads safetensors weights; save the model "
+                                "with save_pretrained(dir) (safetensors is its default)")
+    with open(config_path, encoding="utf-8") as handle:
+        architecture, config = transformer_config(json.load(handle), config_path)
+    state = load_file(weights_path)
+    model = create_model(config)
+    set_flat_params(model, convert.from_hf(state, architecture, num_heads=config.num_heads))
+    return architecture, model
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
