@@ -192,8 +192,9 @@ def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: st
         "## Held-out accuracy (higher is better)",
         matrix_table(runs, "accuracy", lower_is_better=False),
         "Columns are objectives the model is scored under (`pretrain.evaluate`, paper-default settings), "
-        "whatever it was trained with: `clm` is left-to-right next-token loss (perplexity = exp(loss)), `mlm` "
-        "the masked-token loss, `mass` the span loss, `unilm/*` the cloze loss of each UniLM mode. "
+        "whatever it was trained with: each column is that objective's own loss on its own held-out examples, "
+        "weighted where it puts its loss (every token for a causal LM, whose perplexity is exp(loss); the masked "
+        "or corrupted tokens for the denoisers; one column per leaf of an objective with parts). "
         f"Held-out set: {heldout['documents']} documents, seq_len {heldout['seq_len']}, seed {heldout['seed']}, "
         f"identical for every run (fingerprint `{heldout['fingerprint']}`).",
         "## Runs",
