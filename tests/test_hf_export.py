@@ -52,8 +52,9 @@ def trained_run(tmp_path, tokenizer_file, objective: str, overrides: dict, steps
     return workdir
 
 
-def project_outputs(workdir, rows: list[dict]) -> list[np.ndarray]:
-    trained = load_trained(workdir)
+def project_outputs(workdir, rows: list[dict], trained=None) -> list[np.ndarray]:
+    """(logits, hidden states) of each row under the run's newest checkpoint."""
+    trained = trained or load_trained(workdir)
     out = []
     for row in rows:
         batch = {name: jnp.asarray(np.asarray(values, np.int32)[None]) for name, values in row.items()}
@@ -98,13 +99,14 @@ def test_a_post_ln_bert_run_is_bert_for_pretraining_with_the_same_logits(tmp_pat
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     texts = sentences(8)
     worst_mlm = worst_nsp = 0.0
+    trained = load_trained(workdir)
     for first, second in zip(texts[::2], texts[1::2]):
         encoding = tokenizer(first, second)  # [CLS] A [SEP] B [SEP], types 0 / 1
         ids, types = encoding["input_ids"], encoding["token_type_ids"]
         n = len(ids)
         row = {"inputs": ids, "positions": range(n), "token_types": types, "segment_ids": [1] * n,
                "attention_kind": [PREFIX] * n}
-        [(logits, hidden)], trained = project_outputs(workdir, [row])
+        [(logits, hidden)], _ = project_outputs(workdir, [row], trained)
         nsp = np.asarray(trained.model.nsp_logits(jnp.asarray(hidden[:1])))[0]
         with torch.no_grad():
             output = model(torch.tensor([ids]), token_type_ids=torch.tensor([types]))
