@@ -78,6 +78,7 @@ class BART(Objective):
 
     min_text_tokens = 2
     attention_kinds = frozenset({PREFIX, L2R})
+    special_tokens = frozenset({"[BOS]", "[EOS]", "[MASK]"})
     token_types = frozenset({0, 1})
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: BARTConfig):

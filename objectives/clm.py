@@ -32,6 +32,7 @@ class CausalLM(Objective):
     """Next-token prediction over contiguous windows of a document (see module docstring)."""
 
     attention_kinds = frozenset({L2R})
+    special_tokens = frozenset({"[BOS]", "[EOS]"})
 
     def generation_modes(self) -> tuple[str, ...]:
         return ("continue",)

@@ -49,6 +49,7 @@ class MASS(Objective):
 
     min_text_tokens = 2
     token_types = frozenset({0, 1})
+    special_tokens = frozenset({"[MASK]"})
 
     def generation_modes(self) -> tuple[str, ...]:
         return ("seq2seq",)

@@ -76,6 +76,7 @@ class MaskedLM(Objective):
     """BERT's masked LM (see module docstring)."""
 
     attention_kinds = frozenset({PREFIX})
+    special_tokens = frozenset({"[CLS]", "[SEP]", "[MASK]"})
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: MLMConfig):
         super().__init__(name, objective_id, vocab)

@@ -35,6 +35,9 @@ class Objective(abc.ABC):
       token_types: the token types its examples use (checked against the model's
         `num_token_types` before training).
       needs_nsp_head: whether its examples carry sentence-pair labels for an NSP head.
+      special_tokens: the named special tokens its examples and prompts use ('[MASK]',
+        '[BOS]', ...); building it against a vocabulary without one of them is refused
+        with one message naming the objective and the token.
 
     Layout for generation and scoring (`objectives.layout`): `generation_modes()`
     names the modes it offers; `prompt(mode, tokens, max_new_tokens)` lays out a
@@ -49,11 +52,14 @@ class Objective(abc.ABC):
     attention_kinds: frozenset[int] = frozenset()
     token_types: frozenset[int] = frozenset({0})
     needs_nsp_head: bool = False
+    special_tokens: frozenset[str] = frozenset()
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary):
         self.name = name
         self.objective_id = objective_id
         self.vocab = vocab
+        for token in sorted(self.special_tokens):
+            vocab.token(token, needed_by=f"objective {name!r}")
 
     @abc.abstractmethod
     def text_budget(self, seq_len: int) -> int:

@@ -68,6 +68,7 @@ class SpanBERT(Objective):
     """SpanBERT's span masking (see module docstring)."""
 
     attention_kinds = frozenset({PREFIX})
+    special_tokens = frozenset({"[CLS]", "[SEP]", "[MASK]"})
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary, config: SpanBERTConfig):
         super().__init__(name, objective_id, vocab)

@@ -69,6 +69,8 @@ MODES: dict[str, ModeLayout] = {
 class UniLMMode(Objective):
     """One UniLM mode (see module docstring)."""
 
+    special_tokens = frozenset({"[BOS]", "[EOS]", "[MASK]"})
+
     def __init__(
         self, mode: str, objective_id: int, vocab: Vocabulary, config: UniLMConfig
     ):

@@ -61,7 +61,9 @@ class Vocabulary:
       extra_special_ids: further ids that must never be masked or drawn as random
         replacements (e.g. user-defined control symbols).
       tokens: the special tokens by name ('[BOS]', '[S0]', ...) and their ids; by
-        default the seven fixed ones.
+        default the seven fixed ones. Only [PAD] is required: an imported tokenizer may
+        lack others (GPT-2 has no [MASK]), and an objective that needs a missing one is
+        refused when it is built (`Objective.special_tokens`).
     """
 
     size: int
@@ -70,9 +72,8 @@ class Vocabulary:
     tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(SPECIAL_TOKENS))
 
     def __post_init__(self) -> None:
-        missing = [name for name in SPECIAL_TOKENS if name not in self.tokens]
-        if missing:
-            raise ValueError(f"a vocabulary needs the special tokens {list(SPECIAL_TOKENS)}; {missing} are missing")
+        if "[PAD]" not in self.tokens:
+            raise ValueError("a vocabulary needs a [PAD] token (the id padding takes); name one in `tokens`")
         if self.size <= len(self.tokens) or max(self.tokens.values()) >= self.size:
             raise ValueError(
                 f"vocabulary size {self.size} leaves no ordinary tokens: it must exceed "
@@ -125,23 +126,23 @@ class Vocabulary:
 
     @property
     def bos(self) -> int:
-        return self.tokens["[BOS]"]
+        return self.token("[BOS]")
 
     @property
     def eos(self) -> int:
-        return self.tokens["[EOS]"]
+        return self.token("[EOS]")
 
     @property
     def cls(self) -> int:
-        return self.tokens["[CLS]"]
+        return self.token("[CLS]")
 
     @property
     def sep(self) -> int:
-        return self.tokens["[SEP]"]
+        return self.token("[SEP]")
 
     @property
     def mask(self) -> int:
-        return self.tokens["[MASK]"]
+        return self.token("[MASK]")
 
     @property
     def sentinels(self) -> tuple[int, ...]:

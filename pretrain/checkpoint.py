@@ -90,9 +90,10 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
             force=True)
 
-    def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """(step, state, data_state) of the newest good checkpoint, or None when there
-        is none. `abstract_state` gives shapes, dtypes and shardings.
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, data_state) of the newest good checkpoint (or of `step` alone,
+        when given), or None when there is none. `abstract_state` gives shapes, dtypes
+        and shardings.
 
         Raises:
           CheckpointMismatch: the newest readable checkpoint was written for another
@@ -100,11 +101,17 @@ class Checkpointer:
           NoGoodCheckpoint: checkpoints exist but every one is damaged (none is deleted).
         """
         with _quiet_abandoned_reads():
-            return self._restore(abstract_state)
+            return self._restore(abstract_state, step)
 
-    def _restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    def _restore(self, abstract_state: Any, only: int | None) -> tuple[int, Any, dict] | None:
         failures = []
-        for step in reversed(self.steps()):
+        candidates = list(reversed(self.steps()))
+        if only is not None:
+            if only not in candidates:
+                raise ValueError(f"there is no checkpoint of step {only} in {self.directory}; its checkpoints are at "
+                                 f"steps {sorted(candidates)}")
+            candidates = [only]
+        for step in candidates:
             try:
                 body = self._read_meta(step)
                 self._check_compatible(step, body, abstract_state)

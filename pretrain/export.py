@@ -1,8 +1,8 @@
 """Writes a training run as a directory `transformers` loads with `from_pretrained`.
 
-    python -m pretrain.export --workdir=runs/clm --out=exports/clm
+    python -m pretrain.export --workdir=runs/clm --out=exports/clm [--step=N]
 
-The newest good checkpoint's parameters become `model.safetensors` (written from
+The newest good checkpoint's parameters (or those of step N) become `model.safetensors` (written from
 NumPy; no torch needed), the model's shape `config.json`, and the run's SentencePiece
 tokenizer `tokenizer.json` / `tokenizer_config.json` with the same ids. A pre-LN run
 maps to `GPT2LMHeadModel`; a post-LN run with BERT's MLM transform head to
@@ -56,8 +56,9 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
     return problems
 
 
-def export_run(workdir: str, out: str) -> dict[str, Any]:
-    """Writes run `workdir` as a `transformers` directory `out`; returns what it wrote."""
+def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+    """Writes run `workdir` (its newest good checkpoint, or that of `step`) as a
+    `transformers` directory `out`; returns what it wrote."""
     from safetensors.numpy import save_file
 
     run_config = read_run_config(workdir)
@@ -69,7 +70,7 @@ def export_run(workdir: str, out: str) -> dict[str, Any]:
     if problems:
         raise ValueError(f"{workdir} has no exact transformers counterpart:\n  " + "\n  ".join(problems))
     model = create_model(config)
-    step, _ = restore_params(workdir, model)
+    step, _ = restore_params(workdir, model, step)
     architecture = architecture_of(config)
     state = convert.to_hf(flat_params(model), architecture)
     os.makedirs(out, exist_ok=True)
@@ -90,12 +91,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                   flag_values=flag_values)
     out = flags.DEFINE_string("out", None, "the directory to write (transformers loads it with from_pretrained)",
                               flag_values=flag_values)
+    step = flags.DEFINE_integer("step", 0, "the checkpoint step to export; 0: the newest good one",
+                                flag_values=flag_values)
     cli.parse(flag_values, argv, __doc__)
 
     def command() -> str:
         if not workdir.value or not out.value:
             raise ValueError("--workdir and --out are required, e.g. --workdir=runs/clm --out=exports/clm")
-        wrote = export_run(workdir.value, out.value)
+        wrote = export_run(workdir.value, out.value, step.value or None)
         return (f"{wrote['workdir']} at step {wrote['step']} -> {wrote['out']} ({wrote['class']}, "
                 f"{wrote['tensors']} tensors, tokenizer.json)")
 

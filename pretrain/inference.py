@@ -150,17 +150,22 @@ def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: i
                          f"tokenizer.model in that directory: restore them as the run wrote them")
 
 
-def restore_params(workdir: str | os.PathLike, model: Transformer) -> tuple[int, dict]:
-    """Loads the newest loadable checkpoint's parameters into `model` (in place).
+def restore_params(workdir: str | os.PathLike, model: Transformer, step: int | None = None) -> tuple[int, dict]:
+    """Loads the newest loadable checkpoint's parameters (or those of `step`) into
+    `model` (in place).
 
     Returns (step, data_state). A damaged newest checkpoint falls back to an
-    older one (pretrain.checkpoint reports it).
+    older one (pretrain.checkpoint reports it); a damaged `step` is an error.
     """
     steps = checkpoint_steps(workdir)
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
-        _check_shape(workdir, checkpointer, steps[-1], model.config)
-        step, state, data_state = checkpointer.restore(_abstract_from_metadata(checkpointer, steps))
+        _check_shape(workdir, checkpointer, steps[-1] if step is None else step, model.config)
+        restored = checkpointer.restore(_abstract_from_metadata(checkpointer, steps), step)
+        if restored is None:
+            raise ValueError(f"the checkpoint of step {step} in {checkpointer.directory} is damaged; export another "
+                             f"step (checkpoints at {steps})")
+        step, state, data_state = restored
     finally:
         checkpointer.close()
     directory = checkpointer.directory

@@ -46,8 +46,9 @@ def sentences(count: int) -> list[str]:
 
 
 def trained_run(tmp_path, tokenizer_file, objective: str, overrides: dict, steps: int = 6):
+    """A tiny run of `steps` steps with checkpoints half way and at the end."""
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
-    Trainer(tiny_config(objective, total_steps=steps, checkpoint_every=steps, log_every=steps,
+    Trainer(tiny_config(objective, total_steps=steps, checkpoint_every=steps // 2, log_every=steps,
                         peak_flops_per_device=1e12, **overrides), str(workdir)).run()
     return workdir
 
@@ -87,6 +88,15 @@ def test_a_pre_ln_causal_run_is_gpt2_with_the_same_logits(tmp_path, tokenizer_fi
             worst = max(worst, float(np.abs(theirs - logits).max()))
     print(f"GPT-2 {shape}: max |logit difference| over {len(texts)} sentences: {worst:.2e}")
     assert worst <= LOGIT_TOLERANCE
+    # --step: an earlier checkpoint exports its own weights; a step with no checkpoint is one line
+    export.main(["export", f"--workdir={workdir}", f"--out={tmp_path / 'hf3'}", "--step=3"])
+    from safetensors.numpy import load_file
+    newest, earlier = (load_file(tmp_path / name / "model.safetensors") for name in ("hf", "hf3"))
+    assert newest.keys() == earlier.keys() and not np.array_equal(newest["transformer.wte.weight"],
+                                                                  earlier["transformer.wte.weight"])
+    with pytest.raises(SystemExit, match=r"error: there is no checkpoint of step 4 in .*; its checkpoints are at "
+                                         r"steps \[3, 6\]"):
+        export.main(["export", f"--workdir={workdir}", f"--out={tmp_path / 'hf4'}", "--step=4"])
 
 
 @pytest.mark.parametrize("shape", ["wider"])

@@ -14,6 +14,8 @@ that change its layout):
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,9 @@ CONTRACT_VARIANTS = {"mlm": [{"nsp": True}, {"whole_word": True}], "unilm": [{"n
                      "mass": [{"decoder_sees_masked_source": True}]}
 
 
+BUILT_WITH: dict[str, tuple[str, dict]] = {}  # leaf id -> (registered name, settings)
+
+
 def leaves() -> list[tuple[str, objectives.Objective]]:
     out = []
     for name in objectives.registered_names():
@@ -47,6 +52,7 @@ def leaves() -> list[tuple[str, objectives.Objective]]:
             for leaf in objectives.build_mixture(name, VOCAB, {name: settings}).objectives:
                 leaf.objective_id = 0
                 out.append((leaf.name + suffix, leaf))
+                BUILT_WITH[leaf.name + suffix] = (name, settings)
     return out
 
 
@@ -68,6 +74,22 @@ def examples(leaf: objectives.Objective, count: int = 6, seed: int = 0) -> list[
     draw = np.random.default_rng(seed)
     return [leaf(chunk(int(draw.integers(max(leaf.min_text_tokens, 8), budget + 1)), seed + i), draw)
             for i in range(count)]
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_the_declared_special_tokens_are_the_ones_it_uses(name, leaf):
+    """Every named special token in its examples is declared (sentinels and paradigm
+    tokens aside, which its builder asks for), and a vocabulary without a declared
+    one is refused when the objective is built, naming the objective and the token."""
+    fixed = {VOCAB.tokens[token]: token for token in objectives.vocab.SPECIAL_TOKENS if token != "[PAD]"}
+    used = {fixed[int(i)] for example in examples(leaf, 20) for i in example.inputs if int(i) in fixed}
+    assert used <= leaf.special_tokens, (name, used - leaf.special_tokens)
+    registered, settings = BUILT_WITH[name]
+    for token in sorted(leaf.special_tokens):
+        lacking = objectives.Vocabulary(SIZE, tokens={k: v for k, v in VOCAB.tokens.items() if k != token})
+        with pytest.raises(ValueError, match=rf"the tokenizer has no {re.escape(token)} token and "
+                                             rf"objective '{registered}"):
+            objectives.build_mixture(registered, lacking, {registered: settings})
 
 
 @pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)

@@ -1,0 +1,88 @@
+"""A Hugging Face checkpoint's own tokenizer behind this project's interface: a WordPiece
+(BERT) and a byte-level BPE (GPT-2) tokenizer trained here on pydocs sentences, saved
+with `transformers`, read back with `pretrain.hf.imported_tokenizer` (nothing is
+downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
+
+import objectives  # noqa: E402
+from objectives.example import TextChunk  # noqa: E402
+from pretrain.hf.imported_tokenizer import ImportedTokenizer  # noqa: E402
+from pretrain.sources import make_source  # noqa: E402
+
+
+def pydocs_sentences(count: int, split: str = "train") -> list[str]:
+    documents = make_source("pydocs").split(split)
+    found = []
+    for index in range(len(documents)):
+        found.extend(documents[index].sentences)
+        if len(found) >= count:
+            break
+    return found[:count]
+
+
+@pytest.fixture(scope="module")
+def saved_tokenizers(tmp_path_factory):
+    """{'bert': dir, 'gpt2': dir}: tokenizers trained here and saved by transformers."""
+    from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer
+
+    root = tmp_path_factory.mktemp("hf_tokenizers")
+    text = pydocs_sentences(3000)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(text, vocab_size=600, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    bert = transformers.BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]",
+                                          sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+                                          mask_token="[MASK]")
+    bert.save_pretrained(root / "bert")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(text, vocab_size=600, special_tokens=["<|endoftext|>"])
+    gpt2 = transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                          eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    gpt2.save_pretrained(root / "gpt2")
+    return {"bert": root / "bert", "gpt2": root / "gpt2"}
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_ids_are_the_transformers_tokenizers_own(saved_tokenizers, kind):
+    ours = ImportedTokenizer(saved_tokenizers[kind] / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(saved_tokenizers[kind])
+    assert ours.vocab_size == len(theirs)
+    for text in pydocs_sentences(100, "heldout"):
+        ids = ours.encode(text)
+        assert ids.tolist() == theirs(text, add_special_tokens=False)["input_ids"], text
+    batch = pydocs_sentences(5, "heldout")
+    assert [ids.tolist() for ids in ours.encode_batch(batch)] == [ours.encode(t).tolist() for t in batch]
+
+
+def test_bert_roles_follow_unilm_and_its_objectives_build(saved_tokenizers):
+    tokenizer = ImportedTokenizer(saved_tokenizers["bert"] / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(saved_tokenizers["bert"])
+    vocab = tokenizer.vocabulary()
+    assert (vocab.cls, vocab.sep, vocab.mask, vocab.pad) == (theirs.cls_token_id, theirs.sep_token_id,
+                                                             theirs.mask_token_id, theirs.pad_token_id)
+    assert (vocab.bos, vocab.eos) == (vocab.cls, vocab.sep)  # UniLM's [SOS] / [EOS] on BERT
+    assert vocab.word_start[theirs.convert_tokens_to_ids("the")] and not any(
+        vocab.word_start[i] for i, piece in enumerate(tokenizer._pieces) if piece.startswith("##"))
+    text = tokenizer.encode(pydocs_sentences(1, "heldout")[0])
+    mixture = objectives.build_mixture("unilm", vocab)
+    rng = np.random.default_rng(0)
+    for leaf in mixture.objectives:
+        example = leaf(TextChunk(text, [0, len(text) // 2], text[::-1].copy()), rng)
+        assert example.inputs[0] == vocab.cls  # [SOS] is BERT's [CLS]
+        assert not np.isin(example.inputs, [theirs.unk_token_id]).any() or np.isin(text, [theirs.unk_token_id]).any()
+
+
+def test_a_gpt2_vocabulary_refuses_objectives_that_need_a_missing_token(saved_tokenizers):
+    vocab = ImportedTokenizer(saved_tokenizers["gpt2"] / "tokenizer.json").vocabulary()
+    end = transformers.AutoTokenizer.from_pretrained(saved_tokenizers["gpt2"]).eos_token_id
+    assert vocab.bos == vocab.eos == vocab.pad == end
+    objectives.build_mixture("clm", vocab)  # needs only [BOS] and [EOS]
+    with pytest.raises(ValueError, match=r"the tokenizer has no \[CLS\] token and objective 'mlm' needs it"):
+        objectives.build_mixture("mlm", vocab)
+    with pytest.raises(ValueError, match=r"the tokenizer has no \[MASK\] token and objective 'unilm/"):
+        objectives.build_mixture("unilm", vocab)
