@@ -63,6 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seq_len = 128  # tokens per packed row
     config.batch_size = 32  # global batch, in packed rows, across all hosts
     config.seed = 0  # parameter initialisation and example sampling
+    config.init = ml_collections.ConfigDict()  # where the parameters start (empty: random, from config.seed)
+    # a local Hugging Face BertForMaskedLM / BertForPreTraining / GPT2LMHeadModel directory: the run starts from
+    # its weights, takes its shape (config.model) and its own tokenizer (tokenizer.json); README, Interop
+    config.init.hf = ""
 
     config.total_steps = 1000  # optimizer steps
     config.accumulation_steps = 1  # micro-batches per step (batch_size must divide by it)

@@ -31,7 +31,8 @@ def validate_config(config: Any, device_count: int) -> None:
 
     problems = _schema_problems(config)
     if not problems:
-        problems = [*loop_problems(config), *_objective_problems(config), *model.config_problems(config.model),
+        problems = [*_init_problems(config), *loop_problems(config), *_objective_problems(config),
+                    *model.config_problems(config.model),
                     *_position_problems(config), *parallel_problems(config, device_count),
                     *optimizer.settings_problems(config.optimizer, config.total_steps),
                     *data_problems(config.data), *tokenizer_problems(config.tokenizer)]
@@ -106,6 +107,20 @@ def _coupling_problems(mixture: objectives.Mixture, model_config: Any) -> list[s
         users = [leaf.name for leaf in mixture.objectives if max(leaf.token_types, default=0) >= table]
         problems.append(f"config.model.num_token_types={table} is too small: objectives {users} use token types up "
                         f"to {types[-1]}; set config.model.num_token_types={types[-1] + 1} or more")
+    return problems
+
+
+def _init_problems(config: Any) -> list[str]:
+    """A Hugging Face model to start from: readable, and the only source of the tokenizer."""
+    if not config.init.hf:
+        return []
+    from pretrain.hf.models import hf_directory_problems  # the interop modules load only when asked for
+
+    problems = hf_directory_problems(config.init.hf)
+    if config.tokenizer.model_path:
+        problems.append(f"config.tokenizer.model_path={config.tokenizer.model_path!r} and config.init.hf="
+                        f"{config.init.hf!r} both give a tokenizer; an imported model keeps its own, so leave "
+                        "config.tokenizer.model_path empty")
     return problems
 
 

@@ -24,6 +24,7 @@ import objectives
 from pretrain import cli
 from pretrain.hf import convert
 from pretrain.hf.hf_tokenizer import write_tokenizer
+from pretrain.hf.imported_tokenizer import ImportedTokenizer, ensure_imported
 from pretrain.hf.models import architecture_of, flat_params, hf_config
 from pretrain.inference import model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.model import TransformerConfig, create_model
@@ -78,7 +79,10 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
     described = hf_config(config, vocab.tokens)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(described, handle, indent=2)
-    write_tokenizer(tokenizer, out, architecture, config.max_positions)
+    if isinstance(tokenizer, ImportedTokenizer):  # a run that started from a Hugging Face model keeps its tokenizer
+        ensure_imported(out, os.path.dirname(tokenizer.path))
+    else:
+        write_tokenizer(tokenizer, out, architecture, config.max_positions)
     return {"workdir": workdir, "step": step, "out": out, "class": described["architectures"][0],
             "tensors": len(state)}
 

@@ -187,7 +187,14 @@ def restore_params(workdir: str | os.PathLike, model: Transformer, step: int | N
 
 
 def run_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a run directory; its absence is one message saying what to do."""
+    """The tokenizer of a run directory (its SentencePiece model, or the tokenizer.json
+    of the Hugging Face model it started from); its absence is one message saying what
+    to do."""
+    from pretrain.hf.imported_tokenizer import FILENAME as IMPORTED, ImportedTokenizer
+
+    imported = os.path.join(os.fspath(workdir), IMPORTED)
+    if os.path.isfile(imported):
+        return ImportedTokenizer(imported)
     path = os.path.join(os.fspath(workdir), MODEL_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read its "

@@ -105,14 +105,19 @@ def build_input_pipeline(config: Any, workdir: str | os.PathLike, *, process_ind
     train_documents, heldout_documents = source.split("train"), source.split("heldout")
     tokenizer_config = config.tokenizer
     with distributed.primary_first("tokenizer"):
-        tokenizer = ensure_tokenizer(
-            workdir,
-            lambda: _sentences(train_documents, tokenizer_config.sample_documents),
-            tokenizer_config.vocab_size,
-            tokenizer_config.model_type,
-            user_model_path=tokenizer_config.model_path or None,
-            sentinels=tokenizer_config.sentinels,
-        )
+        if config.get("init") is not None and config.init.get("hf"):  # the imported model's own tokenizer
+            from pretrain.hf.imported_tokenizer import ensure_imported
+
+            tokenizer = ensure_imported(workdir, config.init.hf)
+        else:
+            tokenizer = ensure_tokenizer(
+                workdir,
+                lambda: _sentences(train_documents, tokenizer_config.sample_documents),
+                tokenizer_config.vocab_size,
+                tokenizer_config.model_type,
+                user_model_path=tokenizer_config.model_path or None,
+                sentinels=tokenizer_config.sentinels,
+            )
     stats = source.statistics("train", lambda text: len(tokenizer.encode(text)),
                               max_documents=tokenizer_config.sample_documents)
     log.info("data: train split (first %d documents): %d sentences, %d characters, %d tokens",

@@ -184,7 +184,13 @@ class Trainer:
             raise
 
     def _validate(self, config: Any) -> None:
-        """Raises ValueError naming every problem of the config (a subclass checks its own)."""
+        """Raises ValueError naming every problem of the config (a subclass checks its
+        own). A run starting from a Hugging Face model takes that model's shape first."""
+        if "init" in config and config.init.hf:
+            from pretrain.hf.models import adopt_shape, hf_directory_problems
+
+            if not hf_directory_problems(config.init.hf):  # else validate_config names the problem
+                adopt_shape(config.model, config.init.hf)
         validate_config(config, jax.device_count())
 
     def _build(self) -> None:
@@ -205,6 +211,10 @@ class Trainer:
             copies = jax.local_device_count() if config.parallelism == "pmap" else 1  # pmap saves every replica
             check_free_space(workdir, copies * checkpoint_bytes(jax.eval_shape(self._initial_state, abstract)))
         model = create_model(self.model_config, seed=config.seed)
+        if config.init.hf:  # a fresh start begins from the imported weights; a resume then restores its own
+            from pretrain.hf.models import hf_params, set_flat_params
+
+            set_flat_params(model, hf_params(config.init.hf, self.model_config.num_heads)[1])
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         embedding = sum(int(np.prod(params[name].shape)) for name in ("token_embedding", "position_embedding",
                                                                       "type_embedding"))

@@ -61,6 +61,13 @@ CONFIG_CASES = {
     "token types beyond the table": ({"objective": "unilm", "model.num_token_types": 4},
                                      r"config.model.num_token_types=4 is too small: objectives \['unilm/seq2seq'\] use "
                                      r"token types up to 5", r"set config.model.num_token_types=6 or more"),
+    "Hugging Face directory missing": ({"init.hf": "/nonexistent/bert"},
+                                       r"config.init.hf='/nonexistent/bert' is not a directory",
+                                       r"give a local Hugging Face model directory \(save_pretrained writes one"),
+    "Hugging Face directory incomplete": ({"init.hf": str(ROOT / "configs"), "tokenizer.model_path": "sp.model"},
+                                          r"lacks config.json, model.safetensors, tokenizer.json; save the model and "
+                                          r"its tokenizer there", r"config.tokenizer.model_path='sp.model' and "
+                                          r"config.init.hf=.* both give a tokenizer; an imported model keeps its own"),
     "unknown GELU form": ({"model.gelu": "erf"}, r"config.model.gelu='erf' must be one of \('tanh', 'exact'\)",
                           r"'tanh': the approximation GPT-2 uses; 'exact': the erf form BERT uses"),
     "misspelt field": ({"total_step": 5}, r"config.total_step is not a field the trainer knows",

@@ -86,3 +86,69 @@ def test_a_gpt2_vocabulary_refuses_objectives_that_need_a_missing_token(saved_to
         objectives.build_mixture("mlm", vocab)
     with pytest.raises(ValueError, match=r"the tokenizer has no \[MASK\] token and objective 'unilm/"):
         objectives.build_mixture("unilm", vocab)
+
+
+def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path):
+    """UniLM's recipe on a tiny BERT built here: `--config.init.hf` takes the model's
+    weights, shape and own WordPiece tokenizer. Before any step, the MLM loss of this
+    project on a masked batch equals `transformers`' loss on the same batch; 30 steps of
+    UniLM lower the training loss; the run resumes, evaluates and exports as any other."""
+    import jax
+    import shutil
+    import torch
+    from flax import nnx
+
+    from pretrain.loss import batch_loss
+    from pretrain.packing import pack
+    from pretrain.train import Trainer
+    from train_helpers import read_metrics, tiny_config
+
+    directory = tmp_path / "bert"
+    shutil.copytree(saved_tokenizers["bert"], directory)
+    torch.manual_seed(0)
+    hf_config = transformers.BertConfig(vocab_size=600, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, max_position_embeddings=128, type_vocab_size=6)
+    reference = transformers.BertForMaskedLM(hf_config).eval()
+    reference.save_pretrained(directory)
+    config = tiny_config("unilm", total_steps=30, log_every=10, checkpoint_every=30, peak_flops_per_device=1e12,
+                         **{"init.hf": str(directory), "optimizer.warmup_steps": 5})
+    trainer = Trainer(config, str(tmp_path / "run"))
+    assert config.model.model_dim == 64 and config.model.num_token_types == 6 and not config.model.pre_layer_norm
+    model = nnx.merge(trainer.graphdef, jax.device_get(trainer.unreplicate(trainer.state["params"])), trainer.rest)
+
+    vocab = trainer.pipeline.tokenizer.vocabulary()
+    text = trainer.pipeline.tokenizer.encode(" ".join(pydocs_sentences(6, "heldout")))[:60]
+    example = objectives.build_mixture("mlm", vocab).objectives[0](TextChunk(text), np.random.default_rng(3))
+    row = pack([example], len(example))
+    ours, _ = batch_loss(model, {k: jax.numpy.asarray(v) for k, v in row.items()}, 1)
+    labels = np.where(example.weights > 0, example.targets, -100).astype(np.int64)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(np.int64([example.inputs])),
+                           token_type_ids=torch.tensor(np.int64([example.token_types])),
+                           labels=torch.tensor([labels])).loss.item()
+    print(f"step-0 MLM loss on {int(example.weights.sum())} masked tokens: ours {float(ours):.6f}, "
+          f"transformers {theirs:.6f}")
+    assert abs(float(ours) - theirs) <= 1e-5
+
+    trainer.run()
+    losses = [line["loss"] for line in read_metrics(tmp_path / "run") if "loss" in line]
+    print(f"UniLM on the imported BERT, training loss at steps 10/20/30: {losses}")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (tmp_path / "run" / "tokenizer.json").is_file() and not (tmp_path / "run" / "tokenizer.model").exists()
+    again = Trainer(config, str(tmp_path / "run"))  # a resume keeps the run's own tokenizer and finds it complete
+    assert again.run() == 30
+    from pretrain import export
+    from pretrain.inference import load_trained
+
+    export.export_run(str(tmp_path / "run"), str(tmp_path / "out"))  # and back out, with its own tokenizer
+    exported = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    tokens = tokenizer(pydocs_sentences(1, "heldout")[0])["input_ids"]
+    trained = load_trained(tmp_path / "run")
+    n = len(tokens)
+    row = {"inputs": [tokens], "positions": [list(range(n))], "token_types": [[0] * n], "segment_ids": [[1] * n],
+           "attention_kind": [[0] * n]}
+    ours = np.asarray(trained.model.logits(trained.model({k: jax.numpy.asarray(v) for k, v in row.items()})))[0]
+    with torch.no_grad():
+        theirs = exported(torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4

@@ -134,7 +134,7 @@ def test_tokenizer_pickles(tokenizer):
 
 def test_training_is_deterministic_and_writes_only_the_two_files(tmp_path):
     first = train_tokenizer(corpus(), tmp_path / "a" / "sp", VOCAB_SIZE)
-    second = train_tokenizer(corpus(), tmp_path / "b" / "other_name", VOCAB_SIZE)
+    train_tokenizer(corpus(), tmp_path / "b" / "other_name", VOCAB_SIZE)
     assert first.path == str(tmp_path / "a" / "sp.model")
     for a, b in [("a/sp.model", "b/other_name.model"), ("a/sp.vocab", "b/other_name.vocab")]:
         assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes()

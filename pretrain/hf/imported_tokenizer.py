@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,10 +27,34 @@ from tokenizers import Tokenizer as HFTokenizer
 from objectives.vocab import Vocabulary
 
 FILENAME = "tokenizer.json"
+CONFIG_FILENAME = "tokenizer_config.json"
 # this project's role -> tokenizer_config.json field
 ROLE_FIELDS = {"[PAD]": "pad_token", "[UNK]": "unk_token", "[CLS]": "cls_token", "[SEP]": "sep_token",
                "[MASK]": "mask_token", "[BOS]": "bos_token", "[EOS]": "eos_token"}
 STAND_INS = {"[BOS]": "[CLS]", "[EOS]": "[SEP]", "[PAD]": "[EOS]"}  # a missing role takes this role's token
+
+
+def ensure_imported(workdir: str | os.PathLike, directory: str) -> ImportedTokenizer:
+    """The run's copy of a Hugging Face model's tokenizer (`workdir/tokenizer.json`, and
+    its `tokenizer_config.json`), made on the first start and kept: a resumed run must
+    keep the tokenizer it started with."""
+    os.makedirs(workdir, exist_ok=True)
+    target = os.path.join(os.fspath(workdir), FILENAME)
+    source = os.path.join(directory, FILENAME)
+    with open(source, "rb") as handle:
+        wanted = handle.read()
+    if os.path.exists(target):
+        with open(target, "rb") as handle:
+            if handle.read() != wanted:
+                raise ValueError(f"{target} differs from {source}: a run keeps the tokenizer it started with; resume "
+                                 "with the same config.init.hf, or use a new workdir")
+        return ImportedTokenizer(target)
+    for name in (CONFIG_FILENAME, FILENAME):  # the tokenizer file last: its presence marks a complete copy
+        if os.path.isfile(os.path.join(directory, name)):
+            temporary = os.path.join(os.fspath(workdir), name + ".tmp")
+            shutil.copyfile(os.path.join(directory, name), temporary)
+            os.replace(temporary, os.path.join(os.fspath(workdir), name))
+    return ImportedTokenizer(target)
 
 
 class ImportedTokenizer:
@@ -48,7 +73,7 @@ class ImportedTokenizer:
         added = self._tokenizer.get_added_tokens_decoder()
         self._special = np.zeros(self._size, bool)
         self._special[[index for index, token in added.items() if token.special]] = True
-        self._roles = self._read_roles(os.path.join(os.path.dirname(self._path), "tokenizer_config.json"))
+        self._roles = self._read_roles(os.path.join(os.path.dirname(self._path), CONFIG_FILENAME))
         self._special[list(self._roles.values())] = True
         wordpiece = any(piece.startswith("##") for piece in self._pieces)
         starts = [not piece.startswith("##") if wordpiece else piece.startswith("Ġ") for piece in self._pieces]

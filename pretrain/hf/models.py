@@ -111,10 +111,49 @@ def set_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None
     nnx.update(model, state)
 
 
-def load_hf_model(directory: str | os.PathLike) -> tuple[str, Transformer]:
-    """(architecture, model) of a local `transformers` BERT or GPT-2 directory."""
+SHAPE_FIELDS = ("num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
+                "pre_layer_norm", "mlm_transform_head", "nsp_head", "layer_norm_epsilon", "gelu", "output_bias")
+
+
+def hf_directory_problems(directory: str) -> list[str]:
+    """Why `config.init.hf` cannot be imported, or nothing (each names the file)."""
+    if not os.path.isdir(directory):
+        return [f"config.init.hf={directory!r} is not a directory; give a local Hugging Face model directory "
+                "(save_pretrained writes one; nothing is downloaded)"]
+    needed = ("config.json", "model.safetensors", "tokenizer.json")
+    missing = [name for name in needed if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        return [f"config.init.hf={directory!r} lacks {', '.join(missing)}; save the model and its tokenizer there "
+                "with save_pretrained (safetensors weights, a fast tokenizer)"]
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            transformer_config(json.load(handle), os.path.join(directory, "config.json"))
+    except (ValueError, KeyError) as error:
+        return [f"config.init.hf: {error}"]
+    return []
+
+
+def adopt_shape(model_fields: Any, directory: str) -> None:
+    """Sets a run's `config.model` shape fields to those of the Hugging Face model in
+    `directory` (dropout and dtype stay the run's own)."""
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+        _, config = transformer_config(json.load(handle), directory)
+    for field in SHAPE_FIELDS:
+        model_fields[field] = getattr(config, field)
+
+
+def hf_params(directory: str, num_heads: int) -> tuple[str, dict[str, np.ndarray]]:
+    """(architecture, this project's parameters) of the Hugging Face model in `directory`."""
     from safetensors.numpy import load_file
 
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+        architecture, _ = transformer_config(json.load(handle), directory)
+    return architecture, convert.from_hf(load_file(os.path.join(directory, "model.safetensors")), architecture,
+                                         num_heads=num_heads)
+
+
+def load_hf_model(directory: str | os.PathLike) -> tuple[str, Transformer]:
+    """(architecture, model) of a local `transformers` BERT or GPT-2 directory."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, "config.json")
     weights_path = os.path.join(directory, "model.safetensors")
@@ -125,9 +164,8 @@ def load_hf_model(directory: str | os.PathLike) -> tuple[str, Transformer]:
                                 "with save_pretrained(dir) (safetensors is its default)")
     with open(config_path, encoding="utf-8") as handle:
         architecture, config = transformer_config(json.load(handle), config_path)
-    state = load_file(weights_path)
     model = create_model(config)
-    set_flat_params(model, convert.from_hf(state, architecture, num_heads=config.num_heads))
+    set_flat_params(model, hf_params(directory, config.num_heads)[1])
     return architecture, model
 
 
