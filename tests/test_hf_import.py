@@ -152,3 +152,9 @@ def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path)
     with torch.no_grad():
         theirs = exported(torch.tensor([tokens])).logits[0].numpy()
     assert np.abs(ours - theirs).max() <= 1e-4
+    # ... and fine-tunes as any pretraining run (its own tokenizer comes along)
+    from pretrain.transfer import trainer as transfer
+    from test_finetune import config_for
+
+    summary = transfer.run_seeds(config_for(str(tmp_path / "run")), tmp_path / "finetune")
+    assert np.isfinite(summary["test"]["loss"]["mean"])

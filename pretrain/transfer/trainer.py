@@ -33,7 +33,7 @@ from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token
 from pretrain.model import EMBEDDING_PARAMETERS, Transformer, create_model
 from pretrain.optimizer import settings_problems
-from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer
+from pretrain.tokenizer import Tokenizer
 from pretrain.train import Trainer, loop_problems
 from pretrain.train_step import make_step
 from pretrain.transfer import encoding, heads, methods, scores, tasks
@@ -117,15 +117,14 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     bodies, tokenizer, digest = [], None, None
     for run in runs:
         run_config = read_run_config(run)
-        run_tokenizer(run)  # its absence is one message
-        path = os.path.join(run, MODEL_FILENAME)
-        with open(path, "rb") as handle:
+        found = run_tokenizer(run)  # its absence is one message; a run that imported a model has its tokenizer.json
+        with open(found.path, "rb") as handle:
             this = hashlib.sha256(handle.read()).hexdigest()
         if digest is not None and this != digest:
             raise ValueError(f"the bodies of config.init={config.init!r} have different tokenizers ({run} differs "
                              f"from {runs[0]}); fusion reads one batch, so fuse runs that share a tokenizer (the "
                              "runs of one pretrain.compare do)")
-        tokenizer, digest = tokenizer or load_tokenizer(path), digest or this
+        tokenizer, digest = tokenizer or found, digest or this
         model = create_model(model_config(run_config, tokenizer.vocab_size), seed=config.seed)
         step = restore_params(run, model)[0] if pretrained else 0
         layout = config.layout if config.layout != "auto" else encoding.layout_of(run_config.objective,
