@@ -72,15 +72,25 @@ def schema_problems(config: Any, reference: Mapping, free_form: tuple[str, ...] 
     return problems
 
 
+def planned_mixture(config: Any) -> objectives.Mixture:
+    """The run's mixture built against a vocabulary laid out as its tokenizer will be
+    (the reserved tokens, then ordinary ones), before any tokenizer exists."""
+    sentinels = config.tokenizer.sentinels if isinstance(config.tokenizer.sentinels, int) else 0
+    vocab = objectives.Vocabulary.reserved(len(objectives.vocab.reserved_tokens(max(sentinels, 0))) + 64,
+                                           sentinels=max(sentinels, 0))
+    return objectives.build_mixture(config.objective, vocab, config.objectives)
+
+
+def needed_token_types(config: Any) -> int:
+    """How many token types the run's objectives use (the highest type + 1)."""
+    return 1 + max(t for leaf in planned_mixture(config).objectives for t in leaf.token_types)
+
+
 def _objective_problems(config: Any) -> list[str]:
     """The objectives and their settings, and whether seq_len leaves each room for text."""
     problems = []
     try:
-        # a vocabulary laid out as the run's tokenizer will be (its reserved tokens, then ordinary ones)
-        sentinels = config.tokenizer.sentinels if isinstance(config.tokenizer.sentinels, int) else 0
-        vocab = objectives.Vocabulary.reserved(len(objectives.vocab.reserved_tokens(max(sentinels, 0))) + 64,
-                                               sentinels=max(sentinels, 0))
-        mixture = objectives.build_mixture(config.objective, vocab, config.objectives)
+        mixture = planned_mixture(config)
     except ValueError as error:
         return [f"config.objective / config.objectives: {error}"]
     problems += _coupling_problems(mixture, config.model)

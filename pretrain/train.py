@@ -45,7 +45,7 @@ from flax import nnx
 from pretrain import cli, distributed, sharding
 from pretrain.baseline import unigram_baseline
 from pretrain.checkpoint import Checkpointer
-from pretrain.config_checks import validate_config
+from pretrain.config_checks import needed_token_types, validate_config
 from pretrain.errors import UserError
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
@@ -191,6 +191,15 @@ class Trainer:
 
             if not hf_directory_problems(config.init.hf):  # else validate_config names the problem
                 adopt_shape(config.model, config.init.hf)
+                try:
+                    needed = needed_token_types(config)
+                except ValueError:  # validate_config names it
+                    needed = 0
+                if needed > config.model.num_token_types:  # grown on import, as UniLM's code grows BERT's
+                    log.warning("config.init.hf: the objectives use %d token types and %s embeds %d; the table is "
+                                "grown (pretrain.hf.models.grow_token_types)", needed, config.init.hf,
+                                config.model.num_token_types)
+                    config.model.num_token_types = needed
         validate_config(config, jax.device_count())
 
     def _build(self) -> None:
@@ -212,9 +221,12 @@ class Trainer:
             check_free_space(workdir, copies * checkpoint_bytes(jax.eval_shape(self._initial_state, abstract)))
         model = create_model(self.model_config, seed=config.seed)
         if config.init.hf:  # a fresh start begins from the imported weights; a resume then restores its own
-            from pretrain.hf.models import hf_params, set_flat_params
+            from pretrain.hf.models import grow_token_types, hf_params, set_flat_params
 
-            set_flat_params(model, hf_params(config.init.hf, self.model_config.num_heads)[1])
+            imported = hf_params(config.init.hf, self.model_config.num_heads)[1]
+            imported["type_embedding"] = grow_token_types(imported["type_embedding"],
+                                                          self.model_config.num_token_types)
+            set_flat_params(model, imported)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         embedding = sum(int(np.prod(params[name].shape)) for name in ("token_embedding", "position_embedding",
                                                                       "type_embedding"))

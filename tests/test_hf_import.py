@@ -90,7 +90,7 @@ def test_a_gpt2_vocabulary_refuses_objectives_that_need_a_missing_token(saved_to
 
 def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path):
     """UniLM's recipe on a tiny BERT built here: `--config.init.hf` takes the model's
-    weights, shape and own WordPiece tokenizer. Before any step, the MLM loss of this
+    weights, shape and own WordPiece tokenizer, and grows its two token types to UniLM's six. Before any step, the MLM loss of this
     project on a masked batch equals `transformers`' loss on the same batch; 30 steps of
     UniLM lower the training loss; the run resumes, evaluates and exports as any other."""
     import jax
@@ -107,14 +107,19 @@ def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path)
     shutil.copytree(saved_tokenizers["bert"], directory)
     torch.manual_seed(0)
     hf_config = transformers.BertConfig(vocab_size=600, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=128, max_position_embeddings=128, type_vocab_size=6)
+                                        intermediate_size=128, max_position_embeddings=128, type_vocab_size=2)
     reference = transformers.BertForMaskedLM(hf_config).eval()
     reference.save_pretrained(directory)
     config = tiny_config("unilm", total_steps=30, log_every=10, checkpoint_every=30, peak_flops_per_device=1e12,
                          **{"init.hf": str(directory), "optimizer.warmup_steps": 5})
     trainer = Trainer(config, str(tmp_path / "run"))
-    assert config.model.model_dim == 64 and config.model.num_token_types == 6 and not config.model.pre_layer_norm
+    assert config.model.model_dim == 64 and not config.model.pre_layer_norm
     model = nnx.merge(trainer.graphdef, jax.device_get(trainer.unreplicate(trainer.state["params"])), trainer.rest)
+    # BERT's two token types grown to UniLM's six, as UniLM's code does: 2, 3, 4 from type 0; 5 from type 1
+    types = np.asarray(model.type_embedding[...])
+    bert_types = reference.bert.embeddings.token_type_embeddings.weight.detach().numpy()
+    assert config.model.num_token_types == 6 and np.array_equal(types[:2], bert_types)
+    assert all(np.array_equal(types[row], bert_types[source]) for row, source in ((2, 0), (3, 0), (4, 0), (5, 1)))
 
     vocab = trainer.pipeline.tokenizer.vocabulary()
     text = trainer.pipeline.tokenizer.encode(" ".join(pydocs_sentences(6, "heldout")))[:60]

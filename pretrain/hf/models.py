@@ -142,6 +142,20 @@ def adopt_shape(model_fields: Any, directory: str) -> None:
         model_fields[field] = getattr(config, field)
 
 
+# UniLM's code grows BERT's two-row token-type table: L2R (2), R2L (3) and the seq2seq
+# source (4) start from type 0, the seq2seq target (5) and type 6 from type 1.
+GROWN_TYPE_SOURCES = {2: 0, 3: 0, 4: 0, 5: 1, 6: 1}
+
+
+def grow_token_types(table: np.ndarray, rows: int) -> np.ndarray:
+    """`table` [T, D] with rows added up to `rows`, each a copy of the row UniLM's code
+    copies (`GROWN_TYPE_SOURCES`; type 0 for any beyond); unchanged if it is long enough."""
+    if rows <= len(table):
+        return table
+    added = [table[GROWN_TYPE_SOURCES.get(index, 0)] for index in range(len(table), rows)]
+    return np.concatenate([table, np.stack(added)]).astype(table.dtype)
+
+
 def hf_params(directory: str, num_heads: int) -> tuple[str, dict[str, np.ndarray]]:
     """(architecture, this project's parameters) of the Hugging Face model in `directory`."""
     from safetensors.numpy import load_file
