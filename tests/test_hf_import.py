@@ -163,3 +163,53 @@ def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path)
 
     summary = transfer.run_seeds(config_for(str(tmp_path / "run")), tmp_path / "finetune")
     assert np.isfinite(summary["test"]["loss"]["mean"])
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_hugging_face_directory_fine_tunes_directly(saved_tokenizers, tmp_path, kind):
+    """`pretrain.finetune --config.init=<HF dir>`: the body is the model's own (weights
+    bit for bit), its tokenizer comes along, and its class sets the layout (BERT:
+    `[CLS] text [SEP]`, first-token pooling; GPT-2: `<|endoftext|> text <|endoftext|>`,
+    last-token pooling, `<|endoftext|>` standing in for the [CLS]/[SEP] it lacks)."""
+    import shutil
+    import torch
+
+    from pretrain.hf.models import flat_params
+    from pretrain.transfer import trainer as transfer
+    from test_finetune import config_for
+
+    directory = tmp_path / kind
+    shutil.copytree(saved_tokenizers[kind], directory)
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128, type_vocab_size=2))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=600, n_embd=32, n_layer=2, n_head=2,
+                                                                     n_positions=128))
+    model.save_pretrained(directory)
+    bodies, tokenizer = transfer.load_bodies(config_for(str(directory)))
+    (body,) = bodies
+    assert (body.layout, body.pooling, body.pretrained) == (("bidirectional", "first") if kind == "bert"
+                                                            else ("causal", "last")) + (True,)
+    from pretrain.hf import convert
+    from safetensors.numpy import load_file
+    saved = load_file(directory / "model.safetensors")
+    assert all(np.array_equal(value, saved[key]) for key, value in
+               convert.to_hf(flat_params(body.model), "gpt2" if kind == "gpt2" else "bert").items())
+    summary = transfer.run_seeds(config_for(str(directory)), tmp_path / "finetune")
+    assert np.isfinite(summary["test"]["loss"]["mean"])
+
+
+def test_an_embedding_the_tokenizer_does_not_fill_is_refused(saved_tokenizers, tmp_path):
+    import shutil
+
+    from pretrain.hf.models import hf_directory_problems
+
+    shutil.copytree(saved_tokenizers["gpt2"], tmp_path / "gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=640, n_embd=16, n_layer=1, n_head=2,
+                                                         n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    assert hf_directory_problems(str(tmp_path / "gpt2")) == [
+        f"config.init.hf={str(tmp_path / 'gpt2')!r}: its model embeds 640 tokens and its tokenizer.json has 600; "
+        "this project sizes the embedding by the tokenizer, so give a directory where they agree"]

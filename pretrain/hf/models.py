@@ -115,6 +115,19 @@ SHAPE_FIELDS = ("num_layers", "model_dim", "num_heads", "mlp_dim", "max_position
                 "pre_layer_norm", "mlm_transform_head", "nsp_head", "layer_norm_epsilon", "gelu", "output_bias")
 
 
+def is_hf_directory(directory: str) -> bool:
+    """Whether `directory` holds a `transformers` model (a `config.json` with a
+    `model_type`) rather than one of this project's runs."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return "model_type" in json.load(handle)
+    except (OSError, ValueError):
+        return False
+
+
 def hf_directory_problems(directory: str) -> list[str]:
     """Why `config.init.hf` cannot be imported, or nothing (each names the file)."""
     if not os.path.isdir(directory):
@@ -127,9 +140,15 @@ def hf_directory_problems(directory: str) -> list[str]:
                 "with save_pretrained (safetensors weights, a fast tokenizer)"]
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
-            transformer_config(json.load(handle), os.path.join(directory, "config.json"))
+            _, config = transformer_config(json.load(handle), os.path.join(directory, "config.json"))
     except (ValueError, KeyError) as error:
         return [f"config.init.hf: {error}"]
+    from tokenizers import Tokenizer as HFTokenizer
+
+    pieces = HFTokenizer.from_file(os.path.join(directory, "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    if pieces != config.vocab_size:
+        return [f"config.init.hf={directory!r}: its model embeds {config.vocab_size} tokens and its tokenizer.json has "
+                f"{pieces}; this project sizes the embedding by the tokenizer, so give a directory where they agree"]
     return []
 
 

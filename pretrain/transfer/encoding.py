@@ -43,8 +43,12 @@ LAYOUTS = ("bidirectional", "causal")
 
 
 def specials(vocab: objectives.Vocabulary) -> dict[str, tuple[int, int, int]]:
-    """(first, middle, last) special ids of each layout, from the tokenizer's vocabulary."""
-    return {"bidirectional": (vocab.cls, vocab.sep, vocab.sep), "causal": (vocab.bos, vocab.sep, vocab.eos)}
+    """(first, middle, last) special ids of each layout, from the tokenizer's vocabulary.
+    A vocabulary without [CLS] / [SEP] (an imported GPT-2) stands in [BOS] / [EOS]."""
+    tokens = vocab.tokens
+    sep = tokens.get("[SEP]", tokens.get("[EOS]"))
+    return {"bidirectional": (tokens.get("[CLS]", tokens.get("[BOS]")), sep, sep),
+            "causal": (tokens.get("[BOS]"), sep, tokens.get("[EOS]"))}
 NO_LABEL = -1
 # field -> (dtype, value of padding and of tokens without it)
 FIELDS: dict[str, tuple[type, float]] = {

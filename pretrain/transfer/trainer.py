@@ -27,6 +27,9 @@ from flax import nnx
 
 import objectives
 from pretrain.config_checks import parallel_problems, schema_problems
+from pretrain.hf.imported_tokenizer import FILENAME as IMPORTED_TOKENIZER, ImportedTokenizer
+from pretrain.hf.models import (adopt_shape, hf_directory_problems, hf_params, is_hf_directory, set_flat_params,
+                                transformer_config)
 from pretrain.checkpoint import Checkpointer
 from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.loss import weighted_token_statistics
@@ -107,6 +110,19 @@ class Body:
     step: int  # its checkpoint's step (0: random)
 
 
+def hf_run_config(directory: str) -> Any:
+    """What a Hugging Face model directory stands in for: a pretraining config with its
+    shape, on the built-in corpus, trained with the objective its class implies (BERT:
+    mlm, GPT-2: clm), which sets the layout its task rows take."""
+    from configs.pretrain import get_config
+
+    with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+        architecture, _ = transformer_config(json.load(handle), directory)
+    run_config = get_config(f"objective={'clm' if architecture == 'gpt2' else 'mlm'}")
+    adopt_shape(run_config.model, directory)
+    return run_config
+
+
 def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     """The bodies of `config.init` (restored from each run's newest good checkpoint) or,
     with init='', one body shaped like `config.shape_from`, randomly initialised with
@@ -116,8 +132,15 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     runs = runs or [config.shape_from]
     bodies, tokenizer, digest = [], None, None
     for run in runs:
-        run_config = read_run_config(run)
-        found = run_tokenizer(run)  # its absence is one message; a run that imported a model has its tokenizer.json
+        if is_hf_directory(run):  # a Hugging Face model: its own shape, weights and tokenizer
+            problems = hf_directory_problems(run)
+            if problems:
+                raise ValueError(problems[0].replace("config.init.hf", "config.init"))
+            run_config = hf_run_config(run)
+            found = ImportedTokenizer(os.path.join(run, IMPORTED_TOKENIZER))
+        else:
+            run_config = read_run_config(run)
+            found = run_tokenizer(run)  # its absence is one message; a run that imported a model has tokenizer.json
         with open(found.path, "rb") as handle:
             this = hashlib.sha256(handle.read()).hexdigest()
         if digest is not None and this != digest:
@@ -126,7 +149,11 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
                              "runs of one pretrain.compare do)")
         tokenizer, digest = tokenizer or found, digest or this
         model = create_model(model_config(run_config, tokenizer.vocab_size), seed=config.seed)
-        step = restore_params(run, model)[0] if pretrained else 0
+        if pretrained and is_hf_directory(run):
+            set_flat_params(model, hf_params(run, model.config.num_heads)[1])
+            step = 0
+        else:
+            step = restore_params(run, model)[0] if pretrained else 0
         layout = config.layout if config.layout != "auto" else encoding.layout_of(run_config.objective,
                                                                                    run_config.objectives)
         pooling = config.pooling if config.pooling != "auto" else ("last" if layout == "causal" else "first")
