@@ -231,3 +231,51 @@ def test_an_imported_hf_model_has_transformers_logits_and_exports_back_bit_ident
     assert back.keys() == saved.keys()
     for key in saved:
         assert back[key].dtype == saved[key].dtype and np.array_equal(back[key], saved[key]), key
+
+
+@pytest.mark.parametrize("architecture", convert.ARCHITECTURES)
+def test_a_project_model_of_another_size_converts_to_transformers_logits(tmp_path, architecture):
+    """The project -> HF direction at a second size (4 layers, width 32) without a run:
+    a model of this project with random weights and non-zero biases and norms, written
+    with `to_hf` and `hf_config`, loaded by `transformers`."""
+    import json as json_lib
+
+    from safetensors.numpy import save_file
+
+    from pretrain.hf.models import flat_params, hf_config, set_flat_params
+    from pretrain.model import TransformerConfig, create_model
+
+    bert = architecture == "bert"
+    config = TransformerConfig(vocab_size=90, num_layers=4, model_dim=32, num_heads=2, mlp_dim=64, max_positions=32,
+                               num_token_types=2 if bert else 1, pre_layer_norm=not bert, mlm_transform_head=bert,
+                               nsp_head=bert, output_bias=bert, gelu="exact" if bert else "tanh",
+                               layer_norm_epsilon=1e-12 if bert else 1e-5)
+    model = create_model(config, seed=3)
+    params = flat_params(model)
+    draw = np.random.default_rng(0)
+    set_flat_params(model, {key: value + 0.1 * draw.standard_normal(value.shape).astype(np.float32)
+                            if value.ndim == 1 else value for key, value in params.items()})
+    (tmp_path / "hf").mkdir()
+    save_file(convert.to_hf(flat_params(model), architecture), str(tmp_path / "hf" / "model.safetensors"),
+              metadata={"format": "pt"})
+    (tmp_path / "hf" / "config.json").write_text(json_lib.dumps(hf_config(config, {"[PAD]": 0, "[BOS]": 1,
+                                                                                   "[EOS]": 2})))
+    reference = (transformers.BertForPreTraining if bert else transformers.GPT2LMHeadModel).from_pretrained(
+        tmp_path / "hf").eval()
+    ids = draw.integers(0, 90, size=(2, 20))
+    types = np.repeat([[0] * 12 + [1] * 8], 2, axis=0) if bert else np.zeros_like(ids)
+    batch = {"inputs": ids, "positions": np.tile(np.arange(20), (2, 1)), "token_types": types,
+             "segment_ids": np.ones_like(ids), "attention_kind": np.full_like(ids, PREFIX if bert else L2R)}
+    hidden = model({key: jnp.asarray(value, jnp.int32) for key, value in batch.items()})
+    ours = np.asarray(model.logits(hidden))
+    with torch.no_grad():
+        if bert:
+            output = reference(torch.tensor(ids), token_type_ids=torch.tensor(types))
+            theirs = output.prediction_logits.numpy()
+            nsp = np.asarray(model.nsp_logits(hidden[:, :1]))[:, 0]
+            assert np.abs(output.seq_relationship_logits.numpy() - nsp).max() <= LOGIT_TOLERANCE
+        else:
+            theirs = reference(torch.tensor(ids)).logits.numpy()
+    worst = float(np.abs(theirs - ours).max())
+    print(f"{architecture} 4x32 exported: max |logit difference| {worst:.2e}")
+    assert worst <= LOGIT_TOLERANCE
