@@ -31,6 +31,7 @@ from objectives.example import (
 )
 from objectives.mixture import Mixture, build_mixture, parse_mixture_spec
 from objectives.registry import (
+    ARCHITECTURE_OBJECTIVES,
     Objective,
     default_settings,
     lookup,
@@ -41,7 +42,7 @@ from objectives.registry import (
 from objectives.vocab import SPECIAL_TOKENS, Vocabulary
 
 __all__ = [
-    "ENCODER_ONLY", "L2R", "NO_NSP_LABEL", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
+    "ARCHITECTURE_OBJECTIVES", "ENCODER_ONLY", "L2R", "NO_NSP_LABEL", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
     "AttentionKind", "Example", "Mixture", "Objective", "TextChunk", "Vocabulary",
     "build_mixture", "default_settings", "lookup", "make_example", "make_settings",
     "parse_mixture_spec", "register", "registered_names",

@@ -104,6 +104,11 @@ class Objective(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, objective_id={self.objective_id})"
 
 
+# The objective each Hugging Face architecture this project imports was pretrained with
+# (BERT: masked LM; GPT-2: causal LM): the layout an imported model's task rows take and
+# its auxiliary loss (`pretrain.transfer`).
+ARCHITECTURE_OBJECTIVES = {"bert": "mlm", "gpt2": "clm"}
+
 # A builder returns (leaf objective, relative rate) pairs, numbering leaves from first_id.
 Builder = Callable[[Any, Vocabulary, int], list[tuple[Objective, float]]]
 

@@ -38,7 +38,7 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
         typed = sorted({leaf.name for leaf in mixture.objectives if leaf.token_types - {0}})
         if typed:
             problems.append(f"objectives {typed} use token types beyond 0, which GPT-2 does not embed; export a run "
-                            "of objectives that use type 0 only (clm, mlm without nsp), or train with "
+                            "whose objectives use type 0 only, or train with "
                             "config.model.pre_layer_norm=False for a BERT export")
         if config.output_bias:
             problems.append("config.model.output_bias=True: GPT-2's output layer has no bias; train with "

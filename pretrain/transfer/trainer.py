@@ -112,13 +112,13 @@ class Body:
 
 def hf_run_config(directory: str) -> Any:
     """What a Hugging Face model directory stands in for: a pretraining config with its
-    shape, on the built-in corpus, trained with the objective its class implies (BERT:
-    mlm, GPT-2: clm), which sets the layout its task rows take."""
+    shape, on the built-in corpus, trained with the objective its class implies
+    (`objectives.ARCHITECTURE_OBJECTIVES`), which sets the layout its task rows take."""
     from configs.pretrain import get_config
 
     with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
         architecture, _ = transformer_config(json.load(handle), directory)
-    run_config = get_config(f"objective={'clm' if architecture == 'gpt2' else 'mlm'}")
+    run_config = get_config(f"objective={objectives.ARCHITECTURE_OBJECTIVES[architecture]}")
     adopt_shape(run_config.model, directory)
     return run_config
 
