@@ -26,17 +26,27 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 log = logging.getLogger(__name__)
 
-# Dense bfloat16 peak FLOP/s per device, by jax device_kind.
+# Dense (no sparsity) bfloat16 peak FLOP/s per device, by jax's device_kind. Sources:
+# NVIDIA's H100, H200 and A100 datasheets (dense BF16 Tensor Core: H100 SXM and H200
+# 989.4 TFLOPS, H100 PCIe 756, A100 312; the datasheets' larger figures assume 2:4
+# sparsity); Google Cloud's TPU system-architecture pages (per chip: v4 275, v5e 197,
+# v5p 459, v6e Trillium 918 TFLOPS bf16).
 KNOWN_PEAKS = {
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989.4e12,
+    "NVIDIA H100": 989.4e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989.4e12,
     "NVIDIA A100-SXM4-80GB": 312e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
+    "TPU v5": 459e12,
     "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
 }
 
 

@@ -128,6 +128,20 @@ def test_the_measured_mfu_peak_is_kept_with_the_run(tmp_path, monkeypatch):
     assert metrics.peak_flops_per_device(5e12, tmp_path) == (5e12, "config.peak_flops_per_device")
 
 
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v4", 275e12),
+                                        ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12)])
+def test_known_accelerators_take_their_dense_bfloat16_peak(tmp_path, monkeypatch, kind, peak):
+    """The MFU denominator on an accelerator is its datasheet's dense bfloat16 peak
+    (sources in pretrain/metrics.py), never a measurement."""
+    import types
+
+    monkeypatch.setattr(metrics.jax, "devices", lambda: [types.SimpleNamespace(device_kind=kind)])
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: pytest.fail("measured on an accelerator"))
+    assert metrics.peak_flops_per_device(0.0, tmp_path) == (
+        peak, f"bfloat16 dense peak of {kind}; set --config.peak_flops_per_device=<FLOP/s per device> to fix it")
+
+
 def test_the_quick_start_learns_beyond_the_unigram_baseline(tokenizer_file, tmp_path, capsys):
     """The tiny version of the README's quick start: held-out loss clearly below the unigram
     baseline (at least 0.2 nats; it measured 0.32 below, 3.61 against 3.93, when the causal
