@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from objectives import layout, noise
-from objectives.example import L2R, PREFIX, Example, TextChunk, make_example
+from objectives.example import L2R, PREFIX, Example, TextChunk, source_target_example
 from objectives.layout import Prompt
 from objectives.registry import Objective, register
 from objectives.vocab import Vocabulary
@@ -153,17 +153,8 @@ class BART(Objective):
         return self.row(source, text)
 
     def row(self, source: np.ndarray, text: np.ndarray) -> Example:
-        """Encoder `source`, then the decoder reconstructing `text`."""
-        m, t = len(source), len(text) + 1
-        return make_example(
-            inputs=np.concatenate([source, [self.vocab.bos], text]),
-            targets=np.concatenate([np.zeros(m, np.int32), text, [self.vocab.eos]]),
-            weights=np.concatenate([np.zeros(m, np.float32), np.ones(t, np.float32)]),
-            positions=np.arange(m + t),
-            attention_kind=np.concatenate([np.full(m, PREFIX), np.full(t, L2R)]),
-            token_types=np.concatenate([np.zeros(m, np.int32), np.ones(t, np.int32)]),
-            objective_id=self.objective_id,
-        )
+        """Encoder `source`, then the decoder reconstructing `text [EOS]`."""
+        return source_target_example(source, np.append(text, self.vocab.eos), self.vocab.bos, self.objective_id)
 
     def generation_modes(self) -> tuple[str, ...]:
         return ("seq2seq", "fill")

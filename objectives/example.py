@@ -146,3 +146,20 @@ def make_example(
         objective_id=np.full((n,), objective_id, np.int32),
         nsp_label=nsp_label,
     )
+
+
+def source_target_example(source: np.ndarray, target: np.ndarray, start: int, objective_id: int) -> Example:
+    """An encoder-decoder example in one row: `source` (PREFIX, type 0, no loss), then the
+    decoder reading `start` followed by `target[:-1]` and predicting `target` (L2R, type
+    1, every target token weighted), positions running on from the source's. T5's span
+    corruption and BART lay out their rows this way."""
+    m, t = len(source), len(target)
+    return make_example(
+        inputs=np.concatenate([source, [start], target[:-1]]).astype(np.int32),
+        targets=np.concatenate([np.zeros(m, np.int32), target]).astype(np.int32),
+        weights=np.concatenate([np.zeros(m, np.float32), np.ones(t, np.float32)]),
+        positions=np.arange(m + t),
+        attention_kind=np.concatenate([np.full(m, PREFIX), np.full(t, L2R)]),
+        token_types=np.concatenate([np.zeros(m, np.int32), np.ones(t, np.int32)]),
+        objective_id=objective_id,
+    )

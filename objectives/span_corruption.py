@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 
 from objectives import layout
-from objectives.example import L2R, PREFIX, Example, TextChunk, make_example
+from objectives.example import L2R, PREFIX, Example, TextChunk, source_target_example
 from objectives.layout import Prompt
 from objectives.registry import Objective, register
 from objectives.vocab import Vocabulary
@@ -150,16 +150,7 @@ class SpanCorruption(Objective):
         return self._row(source, target)
 
     def _row(self, source: np.ndarray, target: np.ndarray) -> Example:
-        m, t = len(source), len(target)
-        return make_example(
-            inputs=np.concatenate([source, [self.vocab.bos], target[:-1]]),
-            targets=np.concatenate([np.zeros(m, np.int32), target]),
-            weights=np.concatenate([np.zeros(m, np.float32), np.ones(t, np.float32)]),
-            positions=np.arange(m + t),
-            attention_kind=np.concatenate([np.full(m, PREFIX), np.full(t, L2R)]),
-            token_types=np.concatenate([np.zeros(m, np.int32), np.ones(t, np.int32)]),
-            objective_id=self.objective_id,
-        )
+        return source_target_example(source, target, self.vocab.bos, self.objective_id)
 
     # -- generation: fill [MASK]s by generating the spans ------------------------------
 

@@ -173,6 +173,26 @@ def test_a_run_without_an_exact_counterpart_is_refused_naming_the_option(tmp_pat
     assert not (tmp_path / "hf").exists()
 
 
+def assert_same_logits(model, reference, batch: dict) -> float:
+    """Asserts this project's `model` and the `transformers` `reference` give the same
+    vocabulary logits (and NSP logits, for BERT) on `batch` within LOGIT_TOLERANCE;
+    returns the largest vocabulary-logit difference."""
+    hidden = model({key: jnp.asarray(value, jnp.int32) for key, value in batch.items()})
+    ours = np.asarray(model.logits(hidden))
+    ids = torch.tensor(np.int64(batch["inputs"]))
+    with torch.no_grad():
+        if isinstance(reference, transformers.BertForPreTraining):
+            output = reference(ids, token_type_ids=torch.tensor(np.int64(batch["token_types"])))
+            theirs = output.prediction_logits.numpy()
+            nsp = np.asarray(model.nsp_logits(hidden[:, :1]))[:, 0]
+            assert np.abs(output.seq_relationship_logits.numpy() - nsp).max() <= LOGIT_TOLERANCE
+        else:
+            theirs = reference(ids).logits.numpy()
+    worst = float(np.abs(theirs - ours).max())
+    assert worst <= LOGIT_TOLERANCE
+    return worst
+
+
 HF_SHAPES = {"small": dict(layers=2, width=24, heads=3, mlp=40), "deeper": dict(layers=4, width=32, heads=2, mlp=64)}
 
 
@@ -213,19 +233,8 @@ def test_an_imported_hf_model_has_transformers_logits_and_exports_back_bit_ident
     batch = {"inputs": ids, "positions": np.tile(np.arange(n), (3, 1)), "token_types": types,
              "segment_ids": np.ones_like(ids), "attention_kind": np.full_like(ids, PREFIX if architecture == "bert"
                                                                               else L2R)}
-    hidden = model({key: jnp.asarray(value, jnp.int32) for key, value in batch.items()})
-    ours = np.asarray(model.logits(hidden))
-    with torch.no_grad():
-        if architecture == "bert":
-            output = reference(torch.tensor(ids), token_type_ids=torch.tensor(types))
-            theirs = output.prediction_logits.numpy()
-            nsp = np.asarray(model.nsp_logits(hidden[:, :1]))[:, 0]
-            assert np.abs(output.seq_relationship_logits.numpy() - nsp).max() <= LOGIT_TOLERANCE
-        else:
-            theirs = reference(torch.tensor(ids)).logits.numpy()
-    worst = float(np.abs(theirs - ours).max())
+    worst = assert_same_logits(model, reference, batch)
     print(f"{architecture} {shape} imported: max |logit difference| {worst:.2e}")
-    assert worst <= LOGIT_TOLERANCE
     saved = load_file(tmp_path / "hf" / "model.safetensors")
     back = convert.to_hf(flat_params(model), architecture)
     assert back.keys() == saved.keys()
@@ -266,16 +275,5 @@ def test_a_project_model_of_another_size_converts_to_transformers_logits(tmp_pat
     types = np.repeat([[0] * 12 + [1] * 8], 2, axis=0) if bert else np.zeros_like(ids)
     batch = {"inputs": ids, "positions": np.tile(np.arange(20), (2, 1)), "token_types": types,
              "segment_ids": np.ones_like(ids), "attention_kind": np.full_like(ids, PREFIX if bert else L2R)}
-    hidden = model({key: jnp.asarray(value, jnp.int32) for key, value in batch.items()})
-    ours = np.asarray(model.logits(hidden))
-    with torch.no_grad():
-        if bert:
-            output = reference(torch.tensor(ids), token_type_ids=torch.tensor(types))
-            theirs = output.prediction_logits.numpy()
-            nsp = np.asarray(model.nsp_logits(hidden[:, :1]))[:, 0]
-            assert np.abs(output.seq_relationship_logits.numpy() - nsp).max() <= LOGIT_TOLERANCE
-        else:
-            theirs = reference(torch.tensor(ids)).logits.numpy()
-    worst = float(np.abs(theirs - ours).max())
+    worst = assert_same_logits(model, reference, batch)
     print(f"{architecture} 4x32 exported: max |logit difference| {worst:.2e}")
-    assert worst <= LOGIT_TOLERANCE
