@@ -23,7 +23,7 @@ from flax import nnx
 import data_throughput
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import take
-from pretrain.loss import weighted_token_statistics
+from pretrain.loss import step_token_statistics
 from pretrain.metrics import flops_per_token, measure_matmul_peak
 from pretrain.model import TransformerConfig, create_model, non_embedding_parameter_count
 from pretrain.optimizer import make_optimizer
@@ -71,7 +71,7 @@ class OurStep:
     does, with one wait at the end of a run."""
 
     def __init__(self, config: TransformerConfig, num_objectives: int, batches: Sequence[Batch],
-                 statistics: Callable = weighted_token_statistics, seed: int = 0):
+                 statistics: Callable = step_token_statistics, seed: int = 0):
         model = create_model(config, seed=seed)
         seq_len = batches[0]["inputs"].shape[1]
         self.flops_per_token = flops_per_token(non_embedding_parameter_count(model), config.num_layers,

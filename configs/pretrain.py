@@ -8,6 +8,10 @@ Variants (comma-separated `key=value` in the argument):
              and the other `config.model` fields change the shape after it.
   data       corpus: 'pydocs' (built in, the default), 'files' (set --config.data.path)
              or 'tfds' (set --config.data.tfds_name).
+  platform   'cpu' (the default: float32, the dense attention path) or
+             'accelerator' (GPU/TPU: bfloat16 compute with float32 parameters,
+             optimizer state, softmax statistics and loss; attention 'auto', the
+             fused kernel wherever the objectives' layout allows it).
 
 Every objective's settings live under `config.objectives.<name>` with the
 paper defaults, so any number can be overridden from the command line
@@ -23,8 +27,9 @@ import ml_collections
 import objectives
 from pretrain.model import PRESETS, TransformerConfig
 
-DEFAULT_VARIANTS = {"objective": "mlm", "size": "small", "data": "pydocs"}
+DEFAULT_VARIANTS = {"objective": "mlm", "size": "small", "data": "pydocs", "platform": "cpu"}
 DATA_KINDS = ("pydocs", "files", "tfds")
+PLATFORMS = {"cpu": {}, "accelerator": {"dtype": "bfloat16", "attention": "auto"}}  # config.model fields each sets
 
 
 def parse_variants(arg: str | None) -> dict[str, str]:
@@ -53,11 +58,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown size {variants['size']!r}; choose one of {', '.join(PRESETS)}")
     if variants["data"] not in DATA_KINDS:
         raise ValueError(f"unknown data {variants['data']!r}; choose one of {', '.join(DATA_KINDS)}")
+    if variants["platform"] not in PLATFORMS:
+        raise ValueError(f"unknown platform {variants['platform']!r}; choose one of {', '.join(PLATFORMS)}")
     config = ml_collections.ConfigDict()
     config.objective = variants["objective"]  # objective spec: name, or 'name:rate,...' mixture
     config.objectives = ml_collections.ConfigDict(  # settings of every registered objective
         {name: objectives.default_settings(name) for name in objectives.registered_names()})
-    model_defaults = dataclasses.asdict(TransformerConfig(**PRESETS[variants["size"]]))
+    model_defaults = dataclasses.asdict(TransformerConfig(**PRESETS[variants["size"]], **PLATFORMS[variants["platform"]]))
     del model_defaults["vocab_size"]  # always the tokenizer's (config.tokenizer.vocab_size)
     config.model = ml_collections.ConfigDict(model_defaults)  # TransformerConfig fields, from the `size` variant
     config.seq_len = 128  # tokens per packed row
@@ -101,7 +108,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.heldout_fraction = 0.02  # pydocs/files: documents held out, by text hash
     config.data.packing = "best_fit"  # 'best_fit' or 'first_fit'
     config.data.open_rows = 16  # rows the streaming packer keeps open
-    config.data.num_threads = 2  # threads making examples
+    config.data.num_threads = 2  # threads making examples (0: the thread reading batches makes them)
+    # virtual shards of the document stream, each packed on its own (batch_size must divide by it); a host reads,
+    # tokenizes and packs only the shards of its rows (shards/hosts of them), so make it a multiple of the most
+    # hosts the run will use (e.g. 256). It fixes the batches: a run resumes on any host count, not another value
+    config.data.shards = 1
 
     config.tokenizer = ml_collections.ConfigDict()
     config.tokenizer.vocab_size = 8000  # SentencePiece vocabulary (>= 264 with byte fallback)

@@ -45,6 +45,11 @@ class Mixture:
     def needs_other_document(self) -> bool:
         return any(objective.needs_other_document for objective in self.objectives)
 
+    @property
+    def attention_kinds(self) -> frozenset[int]:
+        """Every attention kind the leaves' examples use (which attention path can run them)."""
+        return frozenset().union(*(objective.attention_kinds for objective in self.objectives))
+
     def choose(self, rng: np.random.Generator) -> Objective:
         """One leaf drawn with the mixture's rates (one uniform draw from `rng`)."""
         index = int(np.searchsorted(self._cumulative, rng.random(), side="right"))

@@ -70,3 +70,61 @@ def attention_mask(segment_ids: jax.Array, attention_kind: jax.Array) -> jax.Arr
     slots = jnp.arange(segment_ids.shape[-1])
     mask = visibility(segment_ids, attention_kind, slots, segment_ids, attention_kind, slots)
     return mask[:, None, :, :]
+
+
+# -- the same rule as key ranges, for fused kernels ----------------------------------
+
+ATTENTION_CHOICES = ("dense", "flash", "auto")
+KEY_RANGE_KINDS = frozenset({PREFIX, L2R, R2L})  # layouts of these kinds give each query one key range
+
+
+def has_key_ranges(kinds: frozenset[int] | set[int]) -> bool:
+    """Whether a layout of these attention kinds gives every query one contiguous
+    range of visible keys (what a fused kernel with per-query `k_start`/`k_end`
+    runs exactly): true for PREFIX, L2R and R2L, whose examples put their PREFIX
+    part first. ENCODER_ONLY breaks it: a decoder query then sees the source minus
+    its hidden positions, which is not one range."""
+    return set(kinds) <= KEY_RANGE_KINDS
+
+
+def key_ranges(segment_ids: jax.Array, attention_kind: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int32 [B, L] `k_start` (inclusive) and `k_end` (exclusive) of every query.
+
+    The rule above for layouts with `has_key_ranges`: a PREFIX query sees its
+    example's PREFIX part `[start, start + n_prefix)`; an L2R query sees
+    `[start, i + 1)` (the prefix, then itself and the L2R tokens before it); an
+    R2L query sees `[i, end)`. Segments are contiguous in a packed row, so
+    `start` and `end` come from running maxima and minima of the boundaries:
+    O(L) work, no L x L array. A padding query gets its own slot, `[i, i + 1)`,
+    so it carries no NaN, and no real query's range ever reaches it.
+    """
+    length = segment_ids.shape[-1]
+    slots = jnp.arange(length, dtype=jnp.int32)
+    previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    following = jnp.pad(segment_ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1)
+    start = jax.lax.cummax(jnp.where(segment_ids != previous, slots, 0), axis=1)
+    end = jax.lax.cummin(jnp.where(segment_ids != following, slots + 1, length), axis=1, reverse=True)
+    prefix_count = jnp.cumsum((attention_kind == PREFIX).astype(jnp.int32), axis=1)
+    before_start = jnp.take_along_axis(jnp.pad(prefix_count, ((0, 0), (1, 0))), start, axis=1)
+    prefix_end = start + jnp.take_along_axis(prefix_count, end - 1, axis=1) - before_start
+    k_start = jnp.where(attention_kind == R2L, slots, start)
+    k_end = jnp.where(attention_kind == L2R, slots + 1, jnp.where(attention_kind == R2L, end, prefix_end))
+    padding = segment_ids == 0
+    return jnp.where(padding, slots, k_start), jnp.where(padding, slots + 1, k_end)
+
+
+def choose_attention(requested: str, kinds: frozenset[int] | set[int]) -> tuple[str, str | None]:
+    """The attention path (`config.model.attention`) a run of these kinds takes, and
+    why it differs from `requested` (None when it does not).
+
+    'flash' and 'auto' fall back to 'dense' for a layout without key ranges (the
+    one line the trainer logs). 'auto' itself is resolved by the model when it is
+    traced: the fused kernel on accelerators, the dense path on CPU."""
+    if requested not in ATTENTION_CHOICES:
+        raise ValueError(f"config.model.attention={requested!r} must be one of {ATTENTION_CHOICES}")
+    if requested != "dense" and not has_key_ranges(kinds):
+        names = {PREFIX: "PREFIX", L2R: "L2R", R2L: "R2L", ENCODER_ONLY: "ENCODER_ONLY"}
+        hidden = ", ".join(sorted(names.get(kind, str(kind)) for kind in set(kinds) - KEY_RANGE_KINDS))
+        return "dense", (f"config.model.attention={requested!r} falls back to 'dense': the objectives use "
+                         f"attention kind {hidden}, whose queries do not see one contiguous key range")
+    return requested, None

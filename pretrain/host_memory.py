@@ -14,6 +14,10 @@ heap and the next step reuses them: the step then page-faults not at all.
 The cost is that the process keeps its peak host memory until it exits, which
 is what a training process does anyway. Set PRETRAIN_KEEP_FREED_MEMORY=0 to
 leave glibc's defaults alone.
+
+Only where it was measured: a process whose JAX runs on the CPU. On a GPU or TPU
+host the step's buffers live on the device, so the settings are left out there
+(`runs_on_cpu`).
 """
 
 from __future__ import annotations
@@ -31,15 +35,30 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 2*
 DISABLE_VARIABLE = "PRETRAIN_KEEP_FREED_MEMORY"
 
 
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/accel0", "/dev/vfio/0")  # CUDA, TPU
+
+
+def runs_on_cpu(environ: dict[str, str] | None = None, device_files: tuple[str, ...] = ACCELERATOR_DEVICE_FILES
+                ) -> bool:
+    """Whether JAX will run this process on the CPU, told before JAX starts (asking
+    JAX would start it): `JAX_PLATFORMS` when set, else whether the host shows no
+    GPU or TPU device file."""
+    environ = os.environ if environ is None else environ
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(os.path.exists(path) for path in device_files)
+
+
 def keep_freed_memory() -> bool:
     """Tells glibc to keep freed memory for reuse (see the module docstring).
 
     Call it first thing in a command, before JAX starts its threads (the arena
     limit only applies to threads created afterwards). Returns whether the
-    settings took effect: False off Linux/glibc, or when
+    settings took effect: False off Linux/glibc, on an accelerator host, or when
     PRETRAIN_KEEP_FREED_MEMORY=0.
     """
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or not sys.platform.startswith("linux") or not runs_on_cpu():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -76,8 +76,12 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
-    """The Transformer shape of a run config (the vocabulary is the tokenizer's)."""
-    fields = {field.name for field in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
+    """The Transformer shape of a run config (the vocabulary is the tokenizer's).
+
+    Its attention is the dense path: a trained model may be scored, prompted or
+    fine-tuned under any objective's layout, and only the dense mask runs every
+    layout (`pretrain.attention.has_key_ranges`); the parameters are the same."""
+    fields = {field.name for field in dataclasses.fields(TransformerConfig)} - {"vocab_size", "attention"}
     return TransformerConfig(**{k: v for k, v in config.model.items() if k in fields}, vocab_size=vocab_size)
 
 

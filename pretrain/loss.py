@@ -51,6 +51,18 @@ def full_logits_statistics(model: Transformer, hidden: jax.Array, targets: jax.A
     return stats["loss_sum"].sum(), stats
 
 
+def step_token_statistics(model: Transformer, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
+                          objective_id: jax.Array, num_objectives: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The token loss a training step takes on this backend (decided when traced):
+    on CPU `weighted_token_statistics`, whose hand-derived head gradient was
+    measured to help there (README, Performance); on accelerators the plain
+    formulation, `full_logits_statistics`, until a benchmark on that backend
+    shows otherwise (`benchmarks/throughput.py --loss_head` times both)."""
+    if jax.default_backend() == "cpu":
+        return weighted_token_statistics(model, hidden, targets, weights, objective_id, num_objectives)
+    return full_logits_statistics(model, hidden, targets, weights, objective_id, num_objectives)
+
+
 def _chunk_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array, objective_id: jax.Array,
                       num_objectives: int) -> tuple[dict[str, jax.Array], jax.Array]:
     """Statistics sums of one chunk of logits [..., V], and d(sum of weighted

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pretrain.attention import attention_mask, visibility
+from pretrain.attention import ATTENTION_CHOICES, attention_mask, key_ranges, visibility
 from pretrain.errors import raise_problems
 
 INIT_STDDEV = 0.02  # BERT's and GPT-2's initializer range
@@ -48,6 +48,7 @@ class TransformerConfig:
     gelu: str = "tanh"  # 'tanh': the tanh approximation (GPT-2's gelu_new); 'exact': the erf form (BERT's gelu)
     output_bias: bool = True  # a bias on the vocabulary logits (BERT has one, GPT-2 none)
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    attention: str = "dense"  # 'dense' (the written-out mask), 'flash' (key ranges, fused kernel), 'auto'
 
     def __post_init__(self) -> None:
         raise_problems(config_problems(dataclasses.asdict(self)))
@@ -81,6 +82,10 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
                         "approximation GPT-2 uses; 'exact': the erf form BERT uses)")
     if "output_bias" in fields and not isinstance(fields["output_bias"], bool):
         problems.append(f"config.model.output_bias={fields['output_bias']!r} must be True or False")
+    if "attention" in fields and fields["attention"] not in ATTENTION_CHOICES:
+        problems.append(f"config.model.attention={fields['attention']!r} must be one of {ATTENTION_CHOICES} "
+                        "('dense': the written-out mask; 'flash': a fused kernel over per-query key ranges; "
+                        "'auto': flash on accelerators, dense on CPU)")
     if "dtype" in fields:
         try:
             jnp.dtype(fields["dtype"])
@@ -132,10 +137,22 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
 _LOGICAL_EMBED = {"out_sharding": ("embed",), "eager_sharding": False}
 
 
-@jax.custom_vjp
 def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., D] times kernel [D, *O] -> [..., *O], with the kernel gradient
-    written as one product of x and the output gradient over all token axes.
+    """x [..., D] times kernel [D, *O] -> [..., *O].
+
+    On CPU through `_cpu_dense` (a custom backward pass measured to help XLA CPU,
+    README, Performance); on accelerators the plain product, whose gradient XLA
+    derives itself: the trick is unmeasured there. Decided when the step is traced.
+    """
+    if jax.default_backend() == "cpu":
+        return _cpu_dense(x, kernel)
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _cpu_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`dense` with the kernel gradient written as one product of x and the output
+    gradient over all token axes.
 
     The same numbers as `jnp.einsum`. The custom backward pass only changes
     which operand XLA CPU transposes for the kernel gradient (a sum over
@@ -147,7 +164,7 @@ def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _dense_forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return dense(x, kernel), (x, kernel)
+    return _cpu_dense(x, kernel), (x, kernel)
 
 
 def _dense_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -159,7 +176,7 @@ def _dense_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> 
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
-dense.defvjp(_dense_forward, _dense_backward)
+_cpu_dense.defvjp(_dense_forward, _dense_backward)
 
 
 def _layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -192,6 +209,23 @@ class DecodeCache:
     length: jax.Array
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyRanges:
+    """int32 [B, L] first (inclusive) and last (exclusive) key of every query: the
+    attention rule in the form a fused kernel takes (`pretrain.attention.key_ranges`)."""
+
+    start: jax.Array
+    end: jax.Array
+
+
+def uses_flash(config: TransformerConfig) -> bool:
+    """Whether the stack runs the fused kernel: 'flash', or 'auto' off the CPU (on
+    CPU the dense path is the faster one; the fused path there is the reference
+    tokamax runs in plain XLA). Decided when the step is traced."""
+    return config.attention == "flash" or (config.attention == "auto" and jax.default_backend() != "cpu")
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
@@ -212,23 +246,35 @@ class Attention(nnx.Module):
         qkv = dense(x, self.qkv_kernel[...].astype(dtype)) + self.qkv_bias[...].astype(dtype)
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | KeyRanges) -> jax.Array:
         """Attention output [B, Lq, D] for queries q over keys k and values v.
 
-        softmax(q k^T / sqrt(K)) v with hidden keys set to a large negative score,
-        written out rather than through `jax.nn.dot_product_attention`: its XLA
-        implementation (the one a dense mask gets) vmaps over head groups, which on
-        CPU adds transposes and a slow reduction to the backward pass (README,
-        Performance). A query that sees nothing (padding) spreads its weight
-        uniformly, so it carries no NaN.
+        `visible` is a bool mask [B, 1, Lq, Lk] (the dense path) or the key ranges
+        of every query (the fused kernel, `pretrain.flash_attention`).
         """
+        if isinstance(visible, KeyRanges):
+            from pretrain.flash_attention import flash_attention
+
+            context = flash_attention(q, k, v, visible.start, visible.end)
+        else:
+            context = self._dense_context(q, k, v, visible)
         dtype = self.config.compute_dtype
+        out = jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype))
+        return out + self.out_bias[...].astype(dtype)
+
+    @staticmethod
+    def _dense_context(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """softmax(q k^T / sqrt(K)) v [B, Lq, H, K] with hidden keys set to a large
+        negative score, written out rather than through `jax.nn.dot_product_attention`:
+        its XLA implementation (the one a dense mask gets) vmaps over head groups,
+        which on CPU adds transposes and a slow reduction to the backward pass
+        (README, Performance). A query that sees nothing (padding) spreads its
+        weight uniformly, so it carries no NaN. Scores and softmax are float32.
+        """
         scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), _HIDDEN_SCORE)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        context = jnp.einsum("bhqt,bthk->bqhk", weights, v)
-        out = jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype))
-        return out + self.out_bias[...].astype(dtype)
+        return jnp.einsum("bhqt,bthk->bqhk", weights, v)
 
 
 class MLP(nnx.Module):
@@ -265,7 +311,7 @@ class Block(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | KeyRanges,
         *,
         deterministic: bool,
         cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
@@ -388,7 +434,10 @@ class Transformer(nnx.Module):
         return self._stack(batch, deterministic, keep_layers=True)
 
     def _stack(self, batch: Mapping[str, jax.Array], deterministic: bool, keep_layers: bool) -> list[jax.Array]:
-        mask = attention_mask(batch["segment_ids"], batch["attention_kind"])
+        if uses_flash(self.config):
+            mask = KeyRanges(*key_ranges(batch["segment_ids"], batch["attention_kind"]))
+        else:
+            mask = attention_mask(batch["segment_ids"], batch["attention_kind"])
         x = self.embed(batch["inputs"], batch["positions"], batch["token_types"],
                        deterministic=deterministic)
         layers = [x] if keep_layers else []

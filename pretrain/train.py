@@ -43,6 +43,7 @@ from absl import flags
 from flax import nnx
 
 from pretrain import cli, distributed, sharding
+from pretrain.attention import choose_attention
 from pretrain.baseline import unigram_baseline
 from pretrain.checkpoint import Checkpointer
 from pretrain.config_checks import needed_token_types, validate_config
@@ -212,7 +213,11 @@ class Trainer:
                                              process_count=jax.process_count())
         self.train_data = self.pipeline.train
         self.names = self.pipeline.mixture.names
-        self.model_config = TransformerConfig(**config.model, vocab_size=self.pipeline.tokenizer.vocab_size)
+        attention, fallback = choose_attention(config.model.attention, self.pipeline.mixture.attention_kinds)
+        if fallback and self.primary:
+            log.warning(fallback)
+        self.model_config = TransformerConfig(**{**config.model, "attention": attention},
+                                              vocab_size=self.pipeline.tokenizer.vocab_size)
         self.optimizer = make_optimizer(total_steps=config.total_steps, **config.optimizer)
         if self.primary:  # before the model exists: shapes only
             abstract = nnx.state(nnx.eval_shape(lambda: create_model(self.model_config, seed=config.seed)),
@@ -384,7 +389,7 @@ class Trainer:
                                                    if len(self.names) > 1 else "")),
             ("model", f"{preset_name(config.model)}: {model.num_layers} layers, width {model.model_dim}, "
                       f"{model.num_heads} heads, MLP {model.mlp_dim}, {'pre' if model.pre_layer_norm else 'post'}-LN, "
-                      f"{model.dtype}; {self.parameters:,} parameters"),
+                      f"{model.dtype}, {model.attention} attention; {self.parameters:,} parameters"),
             ("data", f"{config.data.kind}; vocabulary {self.pipeline.tokenizer.vocab_size:,}; batch "
                      f"{config.batch_size} rows x seq_len {config.seq_len} = {config.batch_size * config.seq_len:,} "
                      "token slots per step"),
@@ -565,8 +570,10 @@ class Trainer:
         return step
 
     def _save(self, step: int, data_state: dict) -> None:
+        """Saves `step` with the data state of every host merged (each host's holds only
+        the shards it reads; the checkpoint holds all, the same on every host)."""
         self._check_parameters_finite(step)
-        self.checkpointer.save(step, self.state, data_state)
+        self.checkpointer.save(step, self.state, distributed.merge_host_states(data_state))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

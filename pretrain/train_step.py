@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pretrain.loss import batch_loss, counts, denominators, weighted_token_statistics
+from pretrain.loss import batch_loss, counts, denominators, step_token_statistics
 
 Batch = Mapping[str, jax.Array]
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int,
-                 statistics: Callable = weighted_token_statistics) -> LossFn:
+                 statistics: Callable = step_token_statistics) -> LossFn:
     """loss(params, batch, totals, step) -> (this batch's share of the global loss,
     statistics sums): `pretrain.loss.batch_loss` over parameters; `totals` are the
     global (token weight, NSP pairs)."""
@@ -100,7 +100,7 @@ def make_step(loss_fn: LossFn, totals_fn: Callable[[Batch], Any], optimizer: opt
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.GradientTransformation,
                     num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None,
-                    statistics: Callable = weighted_token_statistics):
+                    statistics: Callable = step_token_statistics):
     """The pretraining step: `make_step` over the pretraining loss. With `axis_name`
     (pmap), each device holds a slice of the batch and the sums are added across the
     axis. `statistics`: see make_loss_fn."""

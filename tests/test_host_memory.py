@@ -58,3 +58,16 @@ def test_kept_memory_is_reused_instead_of_faulted_in_again():
     assert default_faults >= (16 if huge_pages_always() else 0.9 * TEMPORARY_PAGES)
     # Kept: the heap already holds it; a few pages at most (Python's own objects).
     assert kept_faults < 0.02 * TEMPORARY_PAGES
+
+
+@pytest.mark.parametrize("environ, device_files, expected", [
+    ({"JAX_PLATFORMS": "cpu"}, ("/dev/null",), True),  # told: the CPU, whatever the host shows
+    ({"JAX_PLATFORMS": "cuda,cpu"}, (), False),
+    ({"JAX_PLATFORMS": "tpu"}, (), False),
+    ({}, (), True),  # no accelerator device on the host
+    ({}, ("/dev/null",), False),  # a device file of an accelerator is there (stands in for /dev/nvidia0)
+])
+def test_the_allocator_settings_apply_only_to_a_cpu_process(environ, device_files, expected):
+    from pretrain.host_memory import runs_on_cpu
+
+    assert runs_on_cpu(environ, device_files) is expected

@@ -7,7 +7,10 @@ that change its layout):
 - its examples use only the attention kinds and token types it declares;
 - packed into rows, its examples come back out intact;
 - through the model, it leaks nothing: changing a token that a query may not see
-  leaves that query's hidden state bit-identical (and changing one it may see does not);
+  leaves that query's hidden state bit-identical (and changing one it may see does not),
+  under the dense mask and under the fused kernel's key ranges;
+- where its declared kinds give key ranges, the ranges are the rule exactly; where they
+  do not, a run asking for the fused kernel falls back to the dense path;
 - a tiny model overfits one batch of it;
 - generation works in every mode its layout offers.
 """
@@ -26,7 +29,7 @@ from flax import nnx
 import objectives
 from objectives.example import TextChunk
 from pretrain import generate as gen
-from pretrain.attention import attention_mask
+from pretrain.attention import attention_mask, choose_attention, has_key_ranges, key_ranges
 from pretrain.loss import batch_loss
 from pretrain.model import create_model, preset
 from pretrain.packing import PACKED_FIELDS, pack
@@ -129,12 +132,39 @@ def model():
 
 @pytest.fixture(scope="module")
 def hidden_of(model):
+    """Hidden states under each attention path, with the same parameters."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda batch: nnx.merge(graphdef, state)(batch))
+    flash = create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True, attention="flash"))
+    flash_graphdef = nnx.graphdef(flash)
+    return {"dense": jax.jit(lambda batch: nnx.merge(graphdef, state)(batch)),
+            "flash": jax.jit(lambda batch: nnx.merge(flash_graphdef, state)(batch))}
 
 
 @pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
-def test_nothing_leaks_through_the_model(name, leaf, hidden_of):
+def test_key_ranges_are_the_rule_or_the_run_falls_back(name, leaf):
+    """Where the declared kinds promise key ranges, every real query's range holds
+    exactly the keys the rule lets it see, on packed rows of the objective's examples;
+    where they do not, 'flash' and 'auto' fall back to 'dense' with a reason."""
+    if not has_key_ranges(leaf.attention_kinds):
+        for requested in ("flash", "auto"):
+            chosen, reason = choose_attention(requested, leaf.attention_kinds)
+            assert chosen == "dense" and "falls back to 'dense'" in reason, name
+        return
+    assert choose_attention("flash", leaf.attention_kinds) == ("flash", None)
+    for seed in range(4):
+        batch = pack(examples(leaf, 8, seed=seed), SEQ_LEN)
+        segments, kinds = jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["attention_kind"])
+        visible = np.asarray(attention_mask(segments, kinds))[:, 0]
+        start, end = (np.asarray(x) for x in key_ranges(segments, kinds))
+        slots = np.arange(SEQ_LEN)
+        in_range = (slots[None, None, :] >= start[:, :, None]) & (slots[None, None, :] < end[:, :, None])
+        real = batch["segment_ids"] > 0
+        np.testing.assert_array_equal(in_range[real], visible[real], err_msg=name)
+
+
+@pytest.mark.parametrize("attention", ["dense", "flash"])
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_nothing_leaks_through_the_model(name, leaf, attention, hidden_of):
     """A query's hidden state is bit-identical when any token it cannot reach changes, and
     differs when a token it sees changes. Through L layers a query reaches what it sees,
     what those see, and so on L times (an ENCODER_ONLY token hidden from the decoder
@@ -159,7 +189,9 @@ def test_nothing_leaks_through_the_model(name, leaf, hidden_of):
             checks.append((query, must_change))
     stacked = {k: np.repeat(v, len(variants) + 1, axis=0) for k, v in batch.items()}
     stacked["inputs"] = np.stack([batch["inputs"][0], *variants])
-    hidden = np.asarray(hidden_of(stacked))
+    if attention == "flash" and not has_key_ranges(leaf.attention_kinds):
+        pytest.skip(f"{name}: its layout has no key ranges, so its runs take the dense path (tested above)")
+    hidden = np.asarray(hidden_of[attention](stacked))
     for index, (query, must_change) in enumerate(checks, start=1):
         same = np.array_equal(hidden[index, query], hidden[0, query])
         assert same != must_change, (name, query, must_change)
