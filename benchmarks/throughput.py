@@ -16,20 +16,40 @@ same tokens, segments and loss weights, so only the mask differs).
 
 Input pipeline: packing efficiency per objective and pipeline tokens/s
 (`benchmarks/data_throughput.py`) over the `small` step's tokens/s.
+
+Attention paths and long sequences (issue 16), instead of the tables above:
+
+    python benchmarks/throughput.py --attention=dense,flash --dtype=float32 \
+        --sizes=small --seq_lens=128,512,2048,8192 [--objectives=mlm,clm] [--loss_head=auto]
+
+For every size, objective, sequence length and attention path: step time, tokens/s,
+MFU and the step's peak device memory, with `--tokens_per_batch` tokens per batch
+(rows = tokens / seq_len). Peak memory is the device's own peak where it reports one
+(GPU, TPU), else XLA's buffer assignment for the compiled step (arguments, outputs and
+temporaries). MFU divides by the device's bfloat16 dense peak where
+`pretrain.metrics.KNOWN_PEAKS` knows it (e.g. H200), else by the float32 matmul peak
+measured here. On CPU 'flash' runs tokamax's chunked XLA path: a correctness
+reference, not a kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
+
+import jax
 
 import numpy as np
 
 import data_throughput
 import harness
 from objectives.example import L2R
+from pretrain.attention import choose_attention
+from pretrain.loss import full_logits_statistics, step_token_statistics, weighted_token_statistics
+from pretrain.metrics import KNOWN_PEAKS
 from pretrain.model import preset
 
 OBJECTIVES = ("mlm", "clm", "mass", "unilm", harness.MIXTURE)
@@ -89,6 +109,69 @@ def pipeline_ratios(step_results: list[dict], args: argparse.Namespace, workdir:
     return rows
 
 
+LOSS_HEADS = {"auto": step_token_statistics, "weighted": weighted_token_statistics, "full": full_logits_statistics}
+
+
+def peak_memory_bytes(step: harness.OurStep) -> tuple[int, str]:
+    """(bytes, how measured) of one training step's peak device memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak"
+    analysis = step.step.lower(step.state, step.batches[0]).compile().memory_analysis()
+    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+             - analysis.alias_size_in_bytes)
+    return int(total), "XLA buffer assignment"
+
+
+def attention_comparison(args: argparse.Namespace, workdir: str) -> list[dict]:
+    """Step time, tokens/s, MFU and peak memory for every size x objective x
+    sequence length x attention path (one process: the device peak of a GPU grows
+    monotonically, so each path's memory is read right after its own runs, dense
+    first at each length)."""
+    kind = jax.devices()[0].device_kind
+    known_peak = KNOWN_PEAKS.get(kind)
+    rows = []
+    for size in args.sizes.split(","):
+        for objective in args.objectives.split(","):
+            for seq_len in (int(n) for n in args.seq_lens.split(",")):
+                shape = argparse.Namespace(**{**vars(args), "seq_len": seq_len,
+                                              "batch_size": max(1, args.tokens_per_batch // seq_len)})
+                batches, names, vocab_size = harness.pipeline_batches(objective, shape, workdir, args.batches)
+                kinds = frozenset(int(k) for batch in batches
+                                  for k in np.unique(batch["attention_kind"][batch["segment_ids"] > 0]))
+                for requested in args.attention.split(","):
+                    attention, fallback = choose_attention(requested, kinds)  # as the trainer decides
+                    config = dataclasses.replace(preset(size, vocab_size=vocab_size), max_positions=max(512, seq_len),
+                                                 attention=attention, dtype=args.dtype)
+                    step = harness.OurStep(config, len(names), batches, statistics=LOSS_HEADS[args.loss_head])
+                    peak = harness.MatmulPeak()
+                    contenders = {"step": step.run} if known_peak else {"step": step.run, "peak": peak.run}
+                    rounds = harness.alternate(contenders, args.rounds, args.steps)
+                    tokens_per_sec = statistics.median(harness.throughput(rounds["step"]))
+                    device_peak = known_peak or statistics.median(peak.flops_per_sec)
+                    memory, measured = peak_memory_bytes(step)
+                    rows.append({"size": size, "objective": objective, "seq_len": seq_len,
+                                 "attention": attention + ("*" if fallback else ""),
+                                 "dtype": args.dtype, "rows": shape.batch_size,
+                                 "step_ms": 1e3 * harness.step_seconds(rounds["step"], args.steps),
+                                 "tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * step.flops_per_token
+                                 / device_peak, "peak_flops": device_peak,
+                                 "peak_source": f"{kind} bfloat16 dense peak" if known_peak else "measured matmul peak",
+                                 "memory_bytes": memory, "memory_source": measured, "loss": step.last_loss})
+                    print(format_attention_row(rows[-1]), flush=True)
+    return rows
+
+
+ATTENTION_HEADER = (f"{'size':<6} {'objective':<28} {'seq':>5} {'rows':>4} {'attention':<9} {'dtype':<8} "
+                    f"{'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'memory MiB':>10}")
+
+
+def format_attention_row(r: dict) -> str:
+    return (f"{r['size']:<6} {r['objective']:<28} {r['seq_len']:>5} {r['rows']:>4} {r['attention']:<9} "
+            f"{r['dtype']:<8} {r['step_ms']:>9.1f} {r['tokens_per_sec']:>10,.0f} {r['mfu']:>6.1%} "
+            f"{r['memory_bytes'] / 2**20:>10,.0f}")
+
+
 def print_tables(steps: list[dict], mask: dict, pipeline: list[dict], args: argparse.Namespace,
                  load: tuple[float, float]) -> None:
     print(f"{harness.machine(args.host_memory_kept)}; batch {args.batch_size} x seq {args.seq_len}, "
@@ -115,10 +198,33 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled through")
     parser.add_argument("--pipeline_batches", type=int, default=50, help="batches timed per pipeline")
     parser.add_argument("--json", action="store_true", help="also print all results as one JSON line")
+    parser.add_argument("--attention", default="",
+                        help="comma-separated attention paths (dense, flash, auto): the long-sequence table instead")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of the attention table (bfloat16 on "
+                                                           "accelerators)")
+    parser.add_argument("--seq_lens", default="128,512,2048,8192", help="sequence lengths of the attention table")
+    parser.add_argument("--tokens_per_batch", type=int, default=8192, help="attention table: rows = this / seq_len")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="objectives of the attention table")
+    parser.add_argument("--loss_head", choices=tuple(LOSS_HEADS), default="auto",
+                        help="attention table: the token loss; auto = the training default of this backend "
+                             "(weighted on CPU, full logits elsewhere)")
     harness.add_shape_flags(parser)
     args = parser.parse_args()
     args.host_memory_kept = harness.apply_host_memory(args)
     load_before = harness.load_average()
+    if args.attention:
+        print(f"{harness.machine(args.host_memory_kept)}; {args.tokens_per_batch} tokens per batch, "
+              f"{args.rounds} rounds x {args.steps} steps (medians), loss head {args.loss_head}")
+        print(ATTENTION_HEADER, flush=True)
+        with tempfile.TemporaryDirectory() as temporary:
+            rows = attention_comparison(args, args.workdir or temporary)
+        if any(row["attention"].endswith("*") for row in rows):
+            print("*: the layout has no key ranges (ENCODER_ONLY), so 'flash' fell back to 'dense' as training does")
+        print(f"MFU over {rows[0]['peak_source']} ({rows[0]['peak_flops'] / 1e12:.1f} TFLOP/s); memory: "
+              f"{rows[0]['memory_source']}; 1-min load average {load_before:.1f} -> {harness.load_average():.1f}")
+        if args.json:
+            print(json.dumps({"attention": rows, "machine": harness.machine(args.host_memory_kept)}))
+        return
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or temporary
         steps = [step_throughput(size, objective, args, workdir)
