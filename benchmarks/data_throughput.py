@@ -15,6 +15,8 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from configs.pretrain import get_config
 from pretrain import input_pipeline
@@ -22,14 +24,27 @@ from pretrain import input_pipeline
 OBJECTIVES = ("mlm", "clm", "mass", "unilm", "mlm:1,clm:1,mass:1,unilm:1")
 
 
-def build_pipeline(objective: str, workdir: str, args: argparse.Namespace) -> input_pipeline.InputPipeline:
+def build_pipeline(objective: str, workdir: str, args: argparse.Namespace, *, process_count: int = 1,
+                   **data_fields: Any) -> input_pipeline.InputPipeline:
     """The default pipeline (pydocs, `small` config) for `objective` with the
-    shape in `args` (`seq_len`, `batch_size`, `vocab_size`); the tokenizer is
-    trained into `workdir` on first use and reused after."""
+    shape in `args` (`seq_len`, `batch_size`, `vocab_size`) and `config.data`
+    fields changed by `data_fields`, as process 0 of `process_count` builds it;
+    the tokenizer is trained into `workdir` on first use and reused after."""
     config = get_config(f"objective={objective},size=small")
     config.seq_len, config.batch_size = args.seq_len, args.batch_size
     config.tokenizer.vocab_size = args.vocab_size
-    return input_pipeline.build_input_pipeline(config, workdir)
+    for field, value in data_fields.items():
+        config.data[field] = value
+    return input_pipeline.build_input_pipeline(config, workdir, process_count=process_count)
+
+
+def timed_batches(iterator: Iterator[dict], batches: int) -> tuple[int, float]:
+    """(real tokens, seconds) of the next `batches` batches of `iterator`."""
+    start = time.perf_counter()
+    real = 0
+    for _ in range(batches):
+        real += int((next(iterator)["segment_ids"] > 0).sum())
+    return real, time.perf_counter() - start
 
 
 def measure(objective: str, workdir: str, args: argparse.Namespace) -> dict:
@@ -38,11 +53,7 @@ def measure(objective: str, workdir: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         next(iterator)
     start_stats = dict(iterator.get_state()["stats"])
-    start = time.perf_counter()
-    real = 0
-    for _ in range(args.batches):
-        real += int((next(iterator)["segment_ids"] > 0).sum())
-    seconds = time.perf_counter() - start
+    real, seconds = timed_batches(iterator, args.batches)
     stats = iterator.get_state()["stats"]
     rows = stats["rows"] - start_stats["rows"]
     return {

@@ -35,7 +35,7 @@ def validate_config(config: Any, device_count: int) -> None:
                     *model.config_problems(config.model),
                     *_position_problems(config), *parallel_problems(config, device_count),
                     *optimizer.settings_problems(config.optimizer, config.total_steps),
-                    *data_problems(config.data), *tokenizer_problems(config.tokenizer)]
+                    *data_problems(config.data, config.batch_size), *tokenizer_problems(config.tokenizer)]
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

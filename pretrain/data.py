@@ -5,10 +5,14 @@
       -> packed rows of seq_len                       PackedRows: a checkpointable iterator
       -> global batch -> this host's rows             grain batch + slice
 
-Every host runs the same stream and keeps its own rows of each global batch, so the
-global batches do not depend on the number of hosts. The iterator state is small
-(the next document index and the keys (p, c) of the examples waiting in open
-rows), because an example is regenerated exactly from its key on restore.
+The stream is split into `shards` virtual shards (shard s: positions p = s mod
+shards, in order), each packed on its own; a global batch is every shard's next
+batch_size/shards rows, shard after shard. A host runs only the shards whose rows
+it feeds, so with hosts dividing shards each host tokenizes and packs
+shards/hosts of them, and the global batches depend on the shard count, never on
+the number of hosts. The iterator state is small (per shard: the next document
+index and the keys (p, c) of the examples waiting in open rows), because an
+example is regenerated exactly from its key on restore.
 """
 
 from __future__ import annotations
@@ -264,13 +268,16 @@ class PackedRows(grain.IterDataset):
 
     `pack` turns the examples of one row into its arrays (`pretrain.packing.pack_row`
     for objective examples; fine-tuning packs its task examples with its own fields);
-    `max_per_row=1` gives one example per row (unpacked)."""
+    `max_per_row=1` gives one example per row (unpacked). `shard=(s, count)` packs
+    only the positions p = s mod count, in order; `examples` stays indexed by the
+    global position, from which a restore regenerates the waiting examples."""
 
     def __init__(self, examples: grain.MapDataset, seq_len: int, open_rows: int = 8,
                  strategy: str = "best_fit", read_options: grain.ReadOptions | None = None,
-                 barren_limit: int | None = None, pack: PackRow = pack_row, max_per_row: int | None = None):
+                 barren_limit: int | None = None, pack: PackRow = pack_row, max_per_row: int | None = None,
+                 shard: tuple[int, int] = (0, 1)):
         raise_problems(strategy_problems(strategy))
-        super().__init__(examples.to_iter_dataset(read_options))
+        super().__init__(examples[shard[0]::shard[1]].to_iter_dataset(read_options))
         self._examples = examples
         self._seq_len, self._open_rows, self._strategy = seq_len, open_rows, strategy
         self._barren_limit, self._pack, self._max_per_row = barren_limit, pack, max_per_row
@@ -290,6 +297,112 @@ def host_rows(global_batch_size: int, process_index: int, process_count: int) ->
     return slice(process_index * per_host, (process_index + 1) * per_host)
 
 
+def shard_problems(shards: Any, global_batch_size: int | None = None) -> list[str]:
+    """Why `shards` (`config.data.shards`) cannot split batches of `global_batch_size`
+    rows (`config.batch_size`; None: not checked), or nothing."""
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        return [(f"config.data.shards={shards!r} must be a positive integer (1: one stream; a multiple of the "
+                 "host count spreads the reading and packing over the hosts)")]
+    if isinstance(global_batch_size, int) and global_batch_size > 0 and global_batch_size % shards:
+        working = [d for d in range(1, global_batch_size + 1) if global_batch_size % d == 0]
+        return [(f"config.data.shards={shards} must divide config.batch_size={global_batch_size} (every shard "
+                 f"gives batch_size/shards rows of each batch); use one of {', '.join(map(str, working))}, or change "
+                 "config.batch_size")]
+    return []
+
+
+def host_shards(global_batch_size: int, shards: int, process_index: int, process_count: int) -> tuple[range, slice]:
+    """The shards whose rows process `process_index` feeds, and its rows within their
+    blocks laid end to end: exactly shards/process_count shards when the process
+    count divides the shard count, the one shard of a single-shard stream on every
+    host, and any shard shared by two hosts runs on both."""
+    rows = host_rows(global_batch_size, process_index, process_count)
+    per_shard = global_batch_size // shards
+    first, stop = rows.start // per_shard, -(-rows.stop // per_shard)
+    offset = first * per_shard
+    return range(first, stop), slice(rows.start - offset, rows.stop - offset)
+
+
+def _by_shard(state: dict[str, Any]) -> tuple[int, dict[int, Any]]:
+    """(shard count, {shard: packer state}) of an iterator state; a state without
+    shards (one shard, and every state written before there were shards) is shard 0's."""
+    if "shards" not in state:
+        return 1, {0: state}
+    return int(state["shard_count"]), {int(shard): value for shard, value in state["shards"].items()}
+
+
+def _state_of(shard_count: int, states: dict[int, Any]) -> dict[str, Any]:
+    """The iterator state holding `states`: with one shard the packer's own state (as
+    before there were shards, so old and new checkpoints read alike); else every
+    shard's by number, its shard count and the summed packing stats."""
+    if shard_count == 1:
+        return states[0]
+    stats = [PackingStats(**state["stats"]) for state in states.values()]
+    total = {field.name: sum(getattr(s, field.name) for s in stats) for field in dataclasses.fields(PackingStats)}
+    return {"shard_count": shard_count, "shards": {str(shard): states[shard] for shard in sorted(states)},
+            "stats": total}
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One iterator state holding every shard of the hosts' `states` (what a
+    checkpoint keeps, so any host count the shard count allows can resume from it).
+    A shard run by several hosts has the same state on each (it is deterministic);
+    the first is kept. The stats are summed again over the shards."""
+    counts = {count for count, _ in map(_by_shard, states)}
+    if len(counts) != 1:
+        raise ValueError(f"the hosts' data states disagree on the shard count ({sorted(counts)}); every host must "
+                         "run with the same config.data.shards")
+    merged: dict[int, Any] = {}
+    for state in states:
+        for shard, value in _by_shard(state)[1].items():
+            merged.setdefault(shard, value)
+    return _state_of(counts.pop(), merged)
+
+
+class ShardedBatchesIterator(grain.DatasetIterator):
+    """This host's rows of each global batch, from the blocks of the shards it runs."""
+
+    def __init__(self, shards: dict[int, grain.DatasetIterator], shard_count: int, keep: slice):
+        super().__init__(list(shards.values()))
+        self._shards, self._shard_count, self._keep = shards, shard_count, keep
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        blocks = [next(iterator) for iterator in self._shards.values()]
+        return {name: np.concatenate([block[name] for block in blocks])[self._keep] for name in blocks[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return _state_of(self._shard_count, {shard: it.get_state() for shard, it in self._shards.items()})
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores this host's shards from a state holding at least them (a checkpoint
+        holds all)."""
+        count, states = _by_shard(state)
+        if count != self._shard_count:
+            raise ValueError(
+                f"the data state to restore was written with config.data.shards={count}, but this run has "
+                f"config.data.shards={self._shard_count}; the shard count fixes the batch stream, so resume with "
+                f"--config.data.shards={count} (the number of hosts may change), or start a new run in a new workdir")
+        missing = sorted(set(self._shards) - set(states))
+        if missing:
+            raise ValueError(f"the data state lacks shards {missing} of this host (it holds shards "
+                             f"{sorted(states)}); restore from a state merged over all hosts (merge_states), as "
+                             "checkpoints hold")
+        for shard, iterator in self._shards.items():
+            iterator.set_state(states[shard])
+
+
+class ShardedBatches(grain.IterDataset):
+    """Grain dataset of this host's rows, laid end to end from per-shard batches."""
+
+    def __init__(self, shards: dict[int, grain.IterDataset], shard_count: int, keep: slice):
+        super().__init__(list(shards.values()))
+        self._shards, self._shard_count, self._keep = shards, shard_count, keep
+
+    def __iter__(self) -> ShardedBatchesIterator:
+        return ShardedBatchesIterator({shard: iter(dataset) for shard, dataset in self._shards.items()},
+                                      self._shard_count, self._keep)
+
+
 def training_batches(
     documents: Sequence[HasSentences],
     tokenize: Tokenize,
@@ -303,36 +416,45 @@ def training_batches(
     packing: str = "best_fit",
     open_rows: int = 8,
     num_threads: int = 2,
+    shards: int = 1,
 ) -> grain.IterDataset:
     """Endless, checkpointable batches: this host's rows of each global batch.
 
     Documents are shuffled with `seed` (a new order every epoch) and repeated; the
     examples of stream position p depend only on (seed, p). The returned dataset's
-    iterator has `get_state()` / `set_state()` for checkpoints.
+    iterator has `get_state()` / `set_state()` for checkpoints. `shards` splits
+    the stream into virtual shards (see the module docstring).
     """
     if len(documents) == 0:
         raise ValueError("the training split has no documents")
     make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
     return endless_batches(documents, make_examples, seq_len=seq_len, global_batch_size=global_batch_size,
                            seed=seed, process_index=process_index, process_count=process_count, packing=packing,
-                           open_rows=open_rows, num_threads=num_threads, barren_limit=len(documents))
+                           open_rows=open_rows, num_threads=num_threads, barren_limit=len(documents), shards=shards)
+
+
+PREFETCH_DOCUMENTS = 64  # documents a host's threads make ahead, shared out over the shards it runs
 
 
 def endless_batches(items: Sequence[Any], make_examples: Callable[[int, Any], tuple[int, list, int]], *,
                     seq_len: int, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
                     packing: str = "best_fit", open_rows: int = 8, num_threads: int = 2,
                     barren_limit: int | None = None, pack: PackRow = pack_row,
-                    max_per_row: int | None = None) -> grain.IterDataset:
+                    max_per_row: int | None = None, shards: int = 1) -> grain.IterDataset:
     """Endless, checkpointable batches of any items: shuffled with `seed` (a new order
     every epoch), repeated, `make_examples(position, item) -> (position, examples,
-    dropped tokens)`, packed by `pack`, this host's rows of each global batch."""
-    rows = host_rows(global_batch_size, process_index, process_count)
+    dropped tokens)`, split into `shards` shards each packed by `pack`, this host's
+    rows of each global batch (made from the shards it runs only)."""
+    raise_problems(shard_problems(shards, global_batch_size))
+    local, keep = host_shards(global_batch_size, shards, process_index, process_count)
     examples = grain.MapDataset.source(items).shuffle(seed=seed).repeat(None).map_with_index(make_examples)
-    packed = PackedRows(examples, seq_len, open_rows, packing,
-                        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64),
-                        barren_limit=barren_limit, pack=pack, max_per_row=max_per_row)
-    return packed.batch(global_batch_size, drop_remainder=True).map(
-        lambda batch: {name: values[rows] for name, values in batch.items()})
+    ahead = max(1, PREFETCH_DOCUMENTS // len(local))  # per shard; a thread beyond it would have nothing to do
+    options = grain.ReadOptions(num_threads=min(num_threads, ahead), prefetch_buffer_size=ahead)
+    blocks = {shard: PackedRows(examples, seq_len, open_rows, packing, options, barren_limit=barren_limit, pack=pack,
+                                max_per_row=max_per_row, shard=(shard, shards)
+                                ).batch(global_batch_size // shards, drop_remainder=True)
+              for shard in local}
+    return ShardedBatches(blocks, shards, keep)
 
 
 def evaluation_batches(

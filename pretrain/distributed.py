@@ -2,8 +2,10 @@
 
 One process runs per host (or per GPU group); together they see every device of
 the job, and `pretrain.sharding.make_mesh` lays the mesh over all of them. Each
-process feeds only its rows of the global batch (`pretrain.data`), and only
-process 0 writes the metrics, the config and the tokenizer.
+process feeds only its rows of the global batch (`pretrain.data`), reading only
+the data shards of those rows; their iterator states are merged into one before a
+checkpoint (`merge_host_states`), and only process 0 writes the metrics, the
+config and the tokenizer.
 
 The job is multi-process when coordinator flags are given, or when the
 environment says so: SLURM (`SLURM_NTASKS` > 1), Open MPI (`OMPI_COMM_WORLD_SIZE`
@@ -15,11 +17,14 @@ detection fills in the coordinator, the process count and the process id.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +97,29 @@ def _barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def merge_host_states(state: dict[str, Any]) -> dict[str, Any]:
+    """The data iterator state of every process merged into one, the same on all
+    (`pretrain.data.merge_states`): each process holds only the shards it reads,
+    a checkpoint holds them all, so a run can resume on another number of hosts.
+    A collective when there are several processes (every process must call it);
+    with one, `state` itself, at no cost."""
+    if jax.process_count() == 1:
+        return state
+    from pretrain.data import merge_states
+
+    return merge_states(all_process_values(state))
+
+
+def all_process_values(value: Any) -> list[Any]:
+    """Every process's JSON-serializable `value`, in process order (a collective):
+    the JSON bytes, padded to the longest, gathered with `process_allgather`."""
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(encoded)] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:length]).decode("utf-8")) for row, length in zip(gathered, lengths)]

@@ -28,9 +28,10 @@ from pretrain.tokenizer import settings_problems as tokenizer_settings_problems
 log = logging.getLogger(__name__)
 
 
-def data_problems(data_config: Any) -> list[str]:
+def data_problems(data_config: Any, batch_size: int | None = None) -> list[str]:
     """Every problem of `config.data` (the one home of these rules: the config checks
-    report them before training, `source_from_config` enforces them)."""
+    report them before training, `source_from_config` enforces them); with
+    `batch_size` (`config.batch_size`), also whether `config.data.shards` divides it."""
     problems = []
     if data_config.kind not in sources.SOURCE_KINDS:
         problems.append(f"config.data.kind={data_config.kind!r} must be one of {tuple(sources.SOURCE_KINDS)}")
@@ -43,9 +44,10 @@ def data_problems(data_config: Any) -> list[str]:
         problems.append(f"config.data.heldout_fraction={data_config.heldout_fraction!r} must lie in (0, 1) "
                         "(e.g. 0.02)")
     problems += strategy_problems(data_config.packing)
-    for field in ("open_rows", "num_threads"):
-        if not isinstance(data_config[field], int) or data_config[field] < 1:
-            problems.append(f"config.data.{field}={data_config[field]!r} must be a positive integer")
+    for field, least, meaning in (("open_rows", 1, "positive"), ("num_threads", 0, "non-negative")):
+        if not isinstance(data_config[field], int) or data_config[field] < least:
+            problems.append(f"config.data.{field}={data_config[field]!r} must be a {meaning} integer")
+    problems += data.shard_problems(data_config.get("shards", 1), batch_size)  # run configs from before shards: 1
     return problems
 
 
@@ -100,6 +102,7 @@ class InputPipeline:
 def build_input_pipeline(config: Any, workdir: str | os.PathLike, *, process_index: int = 0,
                          process_count: int = 1) -> InputPipeline:
     """Source, tokenizer (trained into `workdir` when missing), mixture and batches."""
+    raise_problems(data_problems(config.data, config.batch_size))
     source = source_from_config(config.data)
     log.info("data: %s", source.describe())
     train_documents, heldout_documents = source.split("train"), source.split("heldout")
@@ -127,7 +130,11 @@ def build_input_pipeline(config: Any, workdir: str | os.PathLike, *, process_ind
                   global_batch_size=config.batch_size, seed=config.seed,
                   process_index=process_index, process_count=process_count, packing=config.data.packing)
     train = data.training_batches(train_documents, open_rows=config.data.open_rows,
-                                  num_threads=config.data.num_threads, **common)
+                                  num_threads=config.data.num_threads, shards=config.data.shards, **common)
+    if config.data.shards > 1:
+        local, _ = data.host_shards(config.batch_size, config.data.shards, process_index, process_count)
+        log.info("data: this host reads and packs shards %d..%d of %d", local.start, local.stop - 1,
+                 config.data.shards)
     return InputPipeline(source, tokenizer, mixture, train, config.seq_len, config.batch_size,
                          dict(documents=heldout_documents, **common))
 

@@ -1,5 +1,8 @@
 """Multi-host: 2 processes x 4 CPU devices (gloo collectives on localhost) match one 8-device process.
 
+Both runs split the data into 2 shards, so each process reads only its own shard; the
+checkpoint's data state, merged over the processes, equals the single process's.
+
 Tolerance: the two runs execute the same partitioned program, but the cross-process
 all-reduce (gloo) may sum in another order than the in-process one, so losses and
 parameters are compared to rtol=atol=2e-5 in float32 (measured gaps are ~1e-7).
@@ -19,7 +22,7 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.train import Trainer
 from tests.test_train import read_metrics, tiny_config, tokenizer_file, workdir_with  # noqa: F401 (fixture)
 
-SETTINGS = dict(total_steps=12, log_every=1, checkpoint_every=6, eval_every=6)
+SETTINGS = {"total_steps": 12, "log_every": 1, "checkpoint_every": 6, "eval_every": 6, "data.shards": 2}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,6 +88,9 @@ def test_two_processes_match_one_process_with_eight_devices(tokenizer_file, tmp_
 
     restored = Checkpointer(str(multi)).restore(trainer.abstract_state)
     assert restored[0] == 12
+    single_data_state = Checkpointer(str(single)).restore(trainer.abstract_state)[2]
+    assert sorted(restored[2]["shards"]) == ["0", "1"], "the checkpoint holds both processes' shards"
+    assert restored[2] == single_data_state
     for a, b in zip(jax.tree.leaves(restored[1]["params"]), jax.tree.leaves(trainer.state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
 
