@@ -276,7 +276,7 @@ CLI_CASES = {
                              r"^--config=configs/pretrain.py:objective=mlm,size=huge: unknown size 'huge'; choose one "
                              r"of tiny, small, base, large$"),
     "unknown variant": (train, ["--config=configs/pretrain.py:sise=tiny"],
-                        r"unknown config variant 'sise' in 'sise=tiny'; variants: objective, size, data$"),
+                        r"unknown config variant 'sise' in 'sise=tiny'; variants: objective, size, data, platform$"),
     "no such config file": (train, ["--config=configs/pretrian.py"],
                             r"^--config=configs/pretrian.py: there is no config file 'configs/pretrian.py'"),
     "misspelt flag": (train, ["--workdirr=/tmp/x"], r"^Unknown command line flag 'workdirr'. Did you mean: workdir \?"),

@@ -9,8 +9,13 @@ from pretrain.model import TransformerConfig
 
 def test_variants_and_mixture_specs():
     assert parse_variants("objective=mlm:1,clm:1,size=tiny") == {"objective": "mlm:1,clm:1", "size": "tiny",
-                                                                 "data": "pydocs"}
-    assert parse_variants(None) == {"objective": "mlm", "size": "small", "data": "pydocs"}
+                                                                 "data": "pydocs", "platform": "cpu"}
+    assert parse_variants(None) == {"objective": "mlm", "size": "small", "data": "pydocs", "platform": "cpu"}
+    accelerator = get_config("platform=accelerator")
+    assert (accelerator.model.dtype, accelerator.model.attention) == ("bfloat16", "auto")
+    assert (get_config().model.dtype, get_config().model.attention) == ("float32", "dense")
+    with pytest.raises(ValueError, match="unknown platform 'gpu'; choose one of cpu, accelerator"):
+        get_config("platform=gpu")
     assert get_config("data=files,objective=clm").data.kind == "files"
     with pytest.raises(ValueError, match="unknown config variant 'sise'"):
         parse_variants("sise=tiny")

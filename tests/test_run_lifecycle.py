@@ -93,7 +93,7 @@ def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_the_console_shows_the_r
     block = "\n".join([
         rf"run:       {re.escape(str(workdir))} \(new run\)",
         r"objective: mlm",
-        r"model:     tiny: 2 layers, width 64, 4 heads, MLP 256, pre-LN, float32; [\d,]+ parameters",
+        r"model:     tiny: 2 layers, width 64, 4 heads, MLP 256, pre-LN, float32, dense attention; [\d,]+ parameters",
         r"data:      pydocs; vocabulary 400; batch 8 rows x seq_len 64 = 512 token slots per step",
         r"steps:     6; AdamW peak lr 0.003, 5 warmup, cosine decay; eval every 3, checkpoint every 20",
         r"devices:   8 x cpu in 1 process\(es\); pjit over mesh data=8 fsdp=1 tensor=1",
