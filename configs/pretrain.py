@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peak_flops_per_device = 0.0  # MFU denominator; 0: known table or measured
     config.nonfinite = "stop"  # NaN/inf loss or gradients: 'stop' the run, or 'skip' the step (update not applied)
     config.max_consecutive_skips = 10  # nonfinite='skip': stop once this many steps in a row were skipped
+    # multi-process: a process that shows no sign of life for this long is lost; the others name it and exit
+    # (code 75) instead of waiting in a collective forever; 0: leave it to JAX's own heartbeat (100 s, then an abort)
+    config.peer_timeout_seconds = 60.0
     config.sample_at_end = True  # at the end, print one line of what the model does (a continuation or a fill)
 
     config.data = ml_collections.ConfigDict()

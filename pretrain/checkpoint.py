@@ -24,6 +24,7 @@ damaged steps out of the way of the saves that will replace them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import json
@@ -50,6 +51,14 @@ class CheckpointMismatch(ValueError):
     """A readable checkpoint that another model, optimizer or tokenizer wrote."""
 
 
+TEMPORARY_MARK = ".orbax-checkpoint-tmp"  # in the name of a save Orbax has not finalised
+
+
+class CheckpointWriteFailed(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a lost mount): the run stops,
+    and the checkpoints already finished stay as they are."""
+
+
 class NoGoodCheckpoint(UserError, RuntimeError):
     """Checkpoints exist, but every one of them is damaged (none was deleted)."""
 
@@ -74,6 +83,7 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "meta"))
+        self._pending: int | None = None  # the step of the newest save started
 
     def steps(self) -> list[int]:
         """Steps with a finished checkpoint, oldest first."""
@@ -86,9 +96,29 @@ class Checkpointer:
                 "arrays": array_signature(state), "checksums": array_checksums(state),
                 "data_sha256": _sha256(data_state)}
         meta = {"body": body, "sha256": _sha256(body)}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)),
-            force=True)
+        with self._writing(step):  # also finishes the previous asynchronous save, whose failure surfaces here
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        self._pending = step
+
+    @contextlib.contextmanager
+    def _writing(self, step: int) -> Iterator[None]:
+        """Turns an OSError of a save (this one, or the asynchronous one before it)
+        into one message naming the step, the cause and the checkpoints still intact."""
+        try:
+            yield
+        except OSError as error:
+            failed = self._pending if self._pending is not None and self._pending not in self.steps() else step
+            self._pending = None
+            intact = [s for s in self.steps() if s != failed]
+            cause = os.strerror(error.errno) if error.errno else str(error)
+            fix = "free space on that disk, then " if error.errno == errno.ENOSPC else "fix the cause, then "
+            resume = (f"rerun the command to resume from step {intact[-1]}" if intact
+                      else "rerun the command to start again")
+            raise CheckpointWriteFailed(
+                f"writing the checkpoint of step {failed} to {self.directory} failed: {cause}. The checkpoints "
+                f"of steps {intact} are intact; {fix}{resume}") from None
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
         """(step, state, data_state) of the newest good checkpoint (or of `step` alone,
@@ -103,7 +133,19 @@ class Checkpointer:
         with _quiet_abandoned_reads():
             return self._restore(abstract_state, step)
 
+    def unfinished_saves(self) -> list[str]:
+        """Orbax's temporary directories of saves that never finished (a process that
+        stopped while writing): never restored from, whatever they hold."""
+        names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        return sorted(name for name in names if TEMPORARY_MARK in name)
+
     def _restore(self, abstract_state: Any, only: int | None) -> tuple[int, Any, dict] | None:
+        unfinished = self.unfinished_saves()
+        if unfinished:
+            log.warning("%s holds unfinished saves (%s) of a run stopped while writing them: they are ignored and "
+                        "left in place (delete them when no longer needed); %s", self.directory,
+                        ", ".join(unfinished), f"restoring from the finished checkpoints {self.steps()}"
+                        if self.steps() else "there is no finished checkpoint, so the run starts from step 0")
         failures = []
         candidates = list(reversed(self.steps()))
         if only is not None:
@@ -114,7 +156,12 @@ class Checkpointer:
         for step in candidates:
             try:
                 body = self._read_meta(step)
-                self._check_compatible(step, body, abstract_state)
+                if body is None:
+                    log.warning("checkpoint at step %d in %s has no checksum item (written by an older version of "
+                                "this project): restored without verifying its arrays and data state", step,
+                                self.directory)
+                else:
+                    self._check_compatible(step, body, abstract_state)
                 state, data_state = self._read_state(step, body, abstract_state)
             except _Damaged as error:
                 log.warning("checkpoint at step %d in %s is damaged (%s); trying the previous one",
@@ -135,11 +182,17 @@ class Checkpointer:
         """The run description (`run_info`) stored with the checkpoint of `step`, or None
         when its meta item cannot be read (restoring reports that damage)."""
         try:
-            return self._read_meta(step).get("run")
+            return (self._read_meta(step) or {}).get("run")
         except _Damaged:
             return None
 
-    def _read_meta(self, step: int) -> dict:
+    def _read_meta(self, step: int) -> dict | None:
+        """The checksums and run description saved with `step`; None for a checkpoint
+        written before they existed (an older version of this project: no meta item)."""
+        step_directory = os.path.join(self.directory, str(step))
+        if os.path.isdir(os.path.join(step_directory, "state")) and not os.path.exists(
+                os.path.join(step_directory, "meta")):
+            return None
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             body = meta["body"]
@@ -173,12 +226,14 @@ class Checkpointer:
             f"{'; '.join(details)}. Resume with the settings the run started with (its "
             "config.json and tokenizer.model in the workdir), or pass a new --workdir to start a new run.")
 
-    def _read_state(self, step: int, body: dict, abstract_state: Any) -> tuple[Any, dict]:
+    def _read_state(self, step: int, body: dict | None, abstract_state: Any) -> tuple[Any, dict]:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as error:  # noqa: BLE001 — any failure means "this one is damaged"
             raise _Damaged(f"{type(error).__name__}: {_first_line(error)}") from error
+        if body is None:  # nothing to verify against
+            return restored["state"], restored["data"]
         found = array_checksums(restored["state"])
         bad = [path for path, checksum in body["checksums"].items() if found.get(path) != checksum]
         if bad:
@@ -212,11 +267,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        with self._writing(self._pending or 0):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 class _UnretrievedTaskErrors(logging.Filter):

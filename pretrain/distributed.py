@@ -49,11 +49,13 @@ def cluster_environment(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None, peer_timeout: float = 0.0) -> bool:
     """Joins the multi-process job when flags or the environment call for it.
 
     Must run before anything touches a JAX device. Returns whether the job is
-    multi-process. CPU collectives go through gloo, the CPU implementation that
+    multi-process. With `peer_timeout` (`config.peer_timeout_seconds`) JAX's own
+    heartbeat waits longer than `pretrain.peers.PeerWatch`, which names a lost
+    process first. CPU collectives go through gloo, the CPU implementation that
     spans processes (GPU and TPU devices use their own).
     """
     flags_given = [value is not None for value in (coordinator_address, num_processes, process_id)]
@@ -67,10 +69,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"--process_id={process_id} must be in 0..{num_processes - 1} (--num_processes)")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # affects CPU devices only
     log.info("multi-process start-up (%s)", launcher)
+    from pretrain.peers import heartbeat_timeout
+
+    timeouts = {"heartbeat_timeout_seconds": heartbeat_timeout(peer_timeout)} if peer_timeout > 0 else {}
     if all(flags_given):
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True

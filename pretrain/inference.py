@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -27,7 +28,9 @@ from flax import nnx
 from objectives import parse_mixture_spec
 from pretrain.checkpoint import Checkpointer
 from pretrain.model import Transformer, TransformerConfig, create_model, parameter_count
-from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer
+from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_workdir_tokenizer
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.json"
 TRAIN_HINT = "train one first: python -m pretrain.train --config=configs/pretrain.py:objective=mlm --workdir=DIR"
@@ -71,8 +74,52 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing, so {workdir} is not a training run (pretrain.train writes it "
                                 f"when it starts); {TRAIN_HINT}")
-    with open(path, encoding="utf-8") as handle:
-        return ml_collections.ConfigDict(json.load(handle))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            fields = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged (not JSON: {error}); the training command rewrites it each time it "
+                         "starts, so rerun the run's training command (it writes the file, then resumes, or "
+                         "stops at once when the run is complete), or restore the file from a backup") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path} is damaged (a JSON {type(fields).__name__}, not the run's config); rerun the "
+                         "run's training command to rewrite it, or restore it from a backup")
+    return ml_collections.ConfigDict(_with_current_fields(fields, path))
+
+
+def _with_current_fields(fields: dict, path: str) -> dict:
+    """A run config written by another version of this project, read by this one:
+    fields it lacks take today's defaults, objective settings this version no longer
+    has are dropped (they could not be applied), other unknown fields are kept and
+    ignored; one warning lists both."""
+    from configs.pretrain import get_config  # the schema; imported late, as configs import pretrain
+
+    missing, unknown = [], []
+
+    def merge(default: dict, given: dict, prefix: str, drop_unknown: bool) -> dict:
+        merged = {}
+        for key, value in given.items():
+            if key not in default:
+                unknown.append(prefix + key)
+                if drop_unknown:
+                    continue
+            elif isinstance(default[key], dict) and isinstance(value, dict):
+                value = merge(default[key], value, f"{prefix}{key}.", drop_unknown or prefix == "objectives.")
+            merged[key] = value
+        for key, value in default.items():
+            if key not in given:
+                merged[key] = value
+                if prefix != "objectives.":  # an objective registered since: nothing to report
+                    missing.append(prefix + key)
+        return merged
+
+    merged = merge(get_config().to_dict(), fields, "", False)
+    if missing or unknown:
+        log.warning("%s was written by another version of this project: %s", path, "; ".join(
+            part for part in (f"fields it lacks take today's defaults ({', '.join(missing)})" if missing else "",
+                              f"fields this version does not know are ignored ({', '.join(unknown)})" if unknown
+                              else "") if part))
+    return merged
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
@@ -203,7 +250,7 @@ def run_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read its "
                                 "checkpoints; restore it, or " + TRAIN_HINT)
-    return load_tokenizer(path)
+    return load_workdir_tokenizer(path)
 
 
 def load_trained(workdir: str | os.PathLike) -> TrainedModel:

@@ -258,6 +258,18 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     return _from_proto(_read(path), path)
 
 
+def load_workdir_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """A run's own `tokenizer.model`, with one message when it is damaged: it is
+    never retrained over, because the run's checkpoints were trained with it."""
+    try:
+        return load_tokenizer(path)
+    except ValueError as error:
+        raise ValueError(
+            f"the run's tokenizer {os.fspath(path)} is damaged or not this project's ({str(error).splitlines()[0]}); "
+            "its checkpoints were trained with it, so it is not retrained over: restore it from a backup, or start "
+            "a new run with another --workdir") from None
+
+
 def ensure_tokenizer(workdir: str | os.PathLike[str], sentences_fn: Callable[[], Iterable[str]],
                      vocab_size: int, model_type: ModelType = "unigram",
                      user_model_path: str | os.PathLike[str] | None = None,
@@ -287,7 +299,7 @@ def ensure_tokenizer(workdir: str | os.PathLike[str], sentences_fn: Callable[[],
         log.info("using tokenizer %s, copied to %s", user_model_path, target)
         return tokenizer
     if os.path.exists(target):
-        tokenizer = load_tokenizer(target)
+        tokenizer = load_workdir_tokenizer(target)
         if tokenizer.vocab_size != vocab_size:
             raise ValueError(
                 f"{target} has {tokenizer.vocab_size} tokens but tokenizer.vocab_size is "

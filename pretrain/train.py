@@ -54,6 +54,7 @@ from pretrain.input_pipeline import build_input_pipeline
 from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from pretrain.model import TransformerConfig, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
+from pretrain.peers import PeerWatch, any_process
 from pretrain.stopping import StopRequest
 from pretrain.train_step import make_eval_step, make_train_step
 from pretrain.workdir import (
@@ -88,6 +89,9 @@ def loop_problems(config: Any) -> list[str]:
                         "the run at a NaN/inf loss, 'skip' drops that step's update)")
     if not config.peak_flops_per_device >= 0:
         problems.append(f"config.peak_flops_per_device={config.peak_flops_per_device!r} must be >= 0 (0: detect)")
+    if not config.peer_timeout_seconds >= 0:
+        problems.append(f"config.peer_timeout_seconds={config.peer_timeout_seconds!r} must be >= 0 (seconds without "
+                        "a sign of life before a process counts as lost; 0: JAX's own heartbeat decides)")
     return problems
 
 
@@ -496,6 +500,12 @@ class Trainer:
     def _run(self, iterator: Any, stop: StopRequest) -> int:
         config = self.config
         start = self._restore(iterator)
+        if self.primary:  # atomically: evaluation reads it while the run goes on; a damaged one is
+            # rewritten by rerunning the command, even when the run is complete
+            path = os.path.join(self.workdir, "config.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                handle.write(config.to_json_best_effort(indent=2))
+            os.replace(path + ".tmp", path)
         if start >= config.total_steps:
             if self.primary:
                 print(f"the run in {self.workdir} is already complete: its checkpoint is at step {start} and "
@@ -508,11 +518,6 @@ class Trainer:
             log.warning("%s holds metrics of an earlier run but no checkpoint, so this run starts from step 0; "
                         "the earlier metrics were kept as %s", self.workdir,
                         " and ".join(os.path.basename(path) for path in self.metrics.set_aside))
-        if self.primary:  # atomically: evaluation reads it while the run goes on
-            path = os.path.join(self.workdir, "config.json")
-            with open(path + ".tmp", "w", encoding="utf-8") as handle:
-                handle.write(config.to_json_best_effort(indent=2))
-            os.replace(path + ".tmp", path)
         self.peak, self.peak_source = peak_flops_per_device(config.peak_flops_per_device, self.workdir,
                                                             self.primary)
         if self.primary:
@@ -543,7 +548,9 @@ class Trainer:
         data_state = iterator.get_state()  # the iterator's position after the last trained step
         ahead = read() if step < config.total_steps else None
         metrics, saved = None, None  # the newest step's metrics; the newest step saved in this call
-        while step < config.total_steps and not stop.requested:
+        # A stop is acted on only once every process knows of it, at the same step (peers.any_process).
+        stopping = any_process(stop.requested is not None)
+        while step < config.total_steps and not stopping:
             batch, tokens = ahead
             self.state, metrics = self.train_step(self.state, batch)
             step += 1
@@ -554,7 +561,7 @@ class Trainer:
             if config.nonfinite == "skip":
                 self.skips.add(metrics["skipped"])
             self._window = (self._window[0], self._window[1] + tokens, self._window[2] + 1)
-            stopping = bool(stop.requested)
+            stopping = any_process(stop.requested is not None)
             last = step == config.total_steps
             save = last or stopping or step % config.checkpoint_every == 0
             evaluate = last or (config.eval_every and step % config.eval_every == 0)
@@ -564,8 +571,8 @@ class Trainer:
             if save:
                 self._save(step, data_state)
                 saved = step
-        if stop.requested and metrics is not None and saved != step:  # the signal came after the last check
-            self._log(step, metrics)
+        if any_process(stop.requested is not None) and metrics is not None and saved != step:
+            self._log(step, metrics)  # the signal came after the last check
             self._save(step, data_state)
         return step
 
@@ -597,8 +604,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ValueError("--workdir is required: the run's directory, e.g. --workdir=runs/mlm (rerun the same "
                              "command to resume)")
         run_config = cli.config_value(config, argv)
-        distributed.initialize(coordinator.value, num_processes.value, process_id.value)
-        return Trainer(run_config, workdir.value).run()
+        distributed.initialize(coordinator.value, num_processes.value, process_id.value,
+                               peer_timeout=run_config.peer_timeout_seconds)
+        with PeerWatch(run_config.peer_timeout_seconds):  # multi-process only; still watching if the run fails
+            return Trainer(run_config, workdir.value).run()
 
     try:
         step = cli.run_reporting_bad_input(command)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -325,3 +326,50 @@ def test_pretraining_beats_the_random_init_control_on_the_topic_task(tmp_path_fa
                           checkpoint_every=150, batch_size=32, task_max_examples=0, seeds=(0, 1))
         scores[name] = transfer.run_seeds(tune, tmp_path / name)["test"]
     assert scores["pretrained"]["loss"]["mean"] < scores["control"]["loss"]["mean"] - 0.05, scores
+
+
+@pytest.mark.slow
+def test_finetuning_under_fire_loses_nothing(tmp_path_factory, tmp_path):
+    """The fine-tuning command killed (SIGKILL) at fourteen seeded points: three each at
+    start-up, at a step, mid-save and just after a save, and twice while it restores its
+    pretrained body; rerun each time, it ends with the uninterrupted run's test scores,
+    metrics and final state, bit for bit, and the pretrained run it reads is untouched."""
+    from test_reliability import KILL_SEED, kill_kinds, kill_repeatedly, snapshot
+    from train_helpers import Watched
+
+    run = pretrained(tmp_path_factory)
+    untouched = snapshot(Path(run))
+    total, every = 40, 5
+    fields = dict(init=run, seq_len=64, batch_size=8, total_steps=total, log_every=1, eval_every=20,
+                  checkpoint_every=every, task_max_examples=48, peak_flops_per_device=1e12, seeds="(0,)")
+    base = ["--config=configs/finetune.py:task=pydocs_topic,method=discriminative+stlr", *flags_of(fields)]
+    cache = compile_cache_env(tmp_path / "jax-cache")
+    reference = run_command([*base, f"--workdir={tmp_path / 'reference'}"], cache)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = tmp_path / "killed"
+
+    def launch() -> Watched:
+        return Watched(subprocess.Popen([sys.executable, "-m", "pretrain.finetune", *base, f"--workdir={killed}"],
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=dict(os.environ, XLA_FLAGS="", **cache)))
+
+    report = kill_repeatedly(launch, killed / "seed_0" / "checkpoints", kill_kinds(KILL_SEED, ("body", "body")),
+                             total, every, KILL_SEED)
+    assert sum(point.kind == "body" for point in report) == 2
+    rerun = run_command([*base, f"--workdir={killed}"], cache)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert snapshot(Path(run)) == untouched, "the pretrained run is only read"
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "reference", killed))
+    assert a["test"] == b["test"]
+    records = [read_metrics(tmp_path / d / "seed_0") for d in ("reference", "killed")]
+    assert [r["step"] for r in records[1]] == list(range(1, total + 1)), "every step logged once"
+    assert [(r["step"], r["loss"]) for r in records[0]] == [(r["step"], r["loss"]) for r in records[1]]
+    config = config_for(run, method="discriminative+stlr", total_steps=total, checkpoint_every=every, eval_every=20)
+    with transfer.FinetuneTrainer(config, str(tmp_path / "probe-restore")) as trainer:
+        from pretrain.checkpoint import Checkpointer
+
+        states = [Checkpointer(tmp_path / d / "seed_0").restore(trainer.abstract_state)
+                  for d in ("reference", "killed")]
+    assert states[0][0] == states[1][0] == total
+    for x, y in zip(jax.tree.leaves(states[0][1]), jax.tree.leaves(states[1][1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -13,11 +13,11 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,7 +36,7 @@ from pretrain.train_step import make_train_step
 from pretrain.workdir import WorkdirError, WorkdirLock, WorkdirLocked, check_free_space, prepare_workdir
 from train_helpers import (FINISHED_RUN, ROOT, checkpoint_steps, compile_cache_env, damage,  # noqa: F401
                            largest_file, read_metrics, restore_newest, shared_corpus, shared_finished_run, start,
-                           tiny_config, tokenizer_file, workdir_with)
+                           tiny_config, tokenizer_file, Watched, workdir_with)
 
 
 def snapshot(directory: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -107,6 +107,142 @@ def test_no_good_checkpoint_is_a_clear_error_and_deletes_nothing(finished_run, t
                                            r"nothing was deleted. Move the directory aside to start afresh"):
         Trainer(tiny_config(**RUN), str(workdir)).run()
     assert snapshot(workdir, skip=("train.lock", "tensorboard")) == before
+
+
+# -- a workdir damaged, left by an older version, or by a stopped save; a full disk ------------
+
+@pytest.mark.parametrize("kind", ["truncate", "overwrite"])
+def test_a_damaged_tokenizer_in_the_workdir_is_one_message_and_changes_nothing(finished_run, tmp_path, kind):
+    """tokenizer.model truncated, or 16 bytes of it inverted: resuming refuses in one
+    message (unreadable: it names the file; readable but different: the checkpoint's
+    tokenizer checksum names the change), never retraining over it; evaluation's
+    loader says the same."""
+    from pretrain.inference import run_tokenizer
+
+    reference, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    damage(workdir / "tokenizer.model", kind)
+    before = snapshot(workdir, skip=("train.lock",))
+    unreadable = rf"the run's tokenizer {workdir}/tokenizer.model is damaged or not this project's \(.*\); its " \
+                 r"checkpoints were trained with it, so it is not retrained over: restore it from a backup"
+    different = r"checkpoint at step 40 in .* was written by a different tokenizer"
+    with pytest.raises(ValueError, match=f"{unreadable}|{different}") as raised:
+        Trainer(tiny_config(**RUN), str(workdir)).run()
+    assert "\n" not in str(raised.value)
+    if re.search(unreadable, str(raised.value)):
+        with pytest.raises(ValueError, match=unreadable):
+            run_tokenizer(workdir)
+    assert snapshot(workdir, skip=("train.lock",)) == before
+
+
+def test_a_damaged_config_json_is_one_message_and_the_training_command_rewrites_it(finished_run, tmp_path):
+    from pretrain.inference import read_run_config
+
+    reference, _ = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    damage(workdir / "config.json", "truncate")
+    with pytest.raises(ValueError, match=rf"{workdir}/config.json is damaged \(not JSON: .*\); the training command "
+                                         r"rewrites it each time it starts, so rerun the run's training command"):
+        read_run_config(workdir)
+    assert Trainer(tiny_config(**RUN), str(workdir)).run() == 40  # complete: it trains nothing, rewrites the file
+    assert read_run_config(workdir) == read_run_config(reference)
+
+
+def test_a_workdir_of_an_older_version_still_loads_with_one_warning(finished_run, tmp_path, caplog):
+    """config.json with a field this version does not know, an objective setting it no
+    longer has and fields it added since; a checkpoint without the checksum item (as
+    written before checksums existed): the run resumes (restored unverified, said once)
+    and the trained model loads for evaluation."""
+    from pretrain.inference import load_trained, read_run_config
+
+    reference, final_state = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    config["retired_option"] = 3
+    config["objectives"]["mlm"]["retired_setting"] = 0.5
+    del config["model"]["attention"], config["data"]["shards"]
+    (workdir / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(workdir / "checkpoints" / "40" / "meta")
+    with caplog.at_level(logging.WARNING):
+        trained = load_trained(workdir)
+    assert trained.step == 40 and trained.config.data.shards == 1 and "retired_setting" not in trained.config.objectives.mlm
+    assert_same_state(nnx.state(trained.model, nnx.Param), final_state["params"])
+    assert (f"{workdir}/config.json was written by another version of this project: fields it lacks take today's "
+            "defaults (model.attention, data.shards); fields this version does not know are ignored "
+            "(objectives.mlm.retired_setting, retired_option)") in caplog.text
+    assert "checkpoint at step 40 in" in caplog.text and "has no checksum item (written by an older version" in \
+        caplog.text
+    assert read_run_config(workdir).retired_option == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert Trainer(tiny_config(**RUN), str(workdir)).run() == 40  # resumes: complete
+    assert "has no checksum item" in caplog.text
+
+
+def test_only_an_unfinished_save_starts_afresh_and_keeps_it(finished_run, tmp_path, caplog):
+    """A run stopped while writing its first checkpoint leaves only Orbax's temporary
+    directory: the rerun says so, leaves it in place, trains from step 0, and ends
+    bit-identical to the uninterrupted run."""
+    reference, final_state = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "40")
+    unfinished = workdir / "checkpoints" / "20.orbax-checkpoint-tmp-1764500000000000"
+    os.rename(workdir / "checkpoints" / "20", unfinished)
+    kept = snapshot(unfinished)
+    trainer = Trainer(tiny_config(**RUN), str(workdir))
+    with caplog.at_level(logging.WARNING):
+        assert trainer.run() == 40
+    assert ("holds unfinished saves (20.orbax-checkpoint-tmp-1764500000000000) of a run stopped while writing them: "
+            "they are ignored and left in place (delete them when no longer needed); there is no finished "
+            "checkpoint, so the run starts from step 0") in caplog.text
+    assert snapshot(unfinished) == kept and checkpoint_steps(workdir) == [20, 40]
+    assert_same_state(trainer.state, final_state)
+
+
+def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(finished_run, tmp_path,
+                                                                                   tokenizer_file):
+    """The save of step 40 fails with ENOSPC (a stubbed Orbax save, the way a full disk
+    fails it): the run stops with one message naming the step, the cause and the intact
+    checkpoint; the rerun resumes from step 20 and ends bit-identical to the reference.
+    A failure that surfaces later, when the asynchronous write is awaited, is reported
+    the same way."""
+    import errno
+
+    from pretrain.checkpoint import CheckpointWriteFailed
+
+    _, final_state = finished_run
+    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    trainer = Trainer(tiny_config(**RUN), str(workdir))
+    save = trainer.checkpointer.manager.save
+
+    def full_disk(step, *args, **kwargs):
+        if step == 40:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(step, *args, **kwargs)
+
+    trainer.checkpointer.manager.save = full_disk
+    with pytest.raises(CheckpointWriteFailed, match=rf"^writing the checkpoint of step 40 to {workdir}/checkpoints "
+                                                    r"failed: No space left on device. The checkpoints of steps \[20\] "
+                                                    r"are intact; free space on that disk, then rerun the command to "
+                                                    r"resume from step 20$"):
+        trainer.run()
+    resumed = Trainer(tiny_config(**RUN), str(workdir))
+    assert resumed.run() == 40
+    assert_same_state(resumed.state, final_state)
+
+    from pretrain.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(tmp_path / "async")
+    checkpointer._pending = 60  # a save of step 60 was started; awaiting it reports the full disk
+    checkpointer.manager.wait_until_finished = lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space"))
+    with pytest.raises(CheckpointWriteFailed, match=r"writing the checkpoint of step 60 .* failed: No space left on "
+                                                    r"device. The checkpoints of steps \[\] are intact; free space on "
+                                                    r"that disk, then rerun the command to start again"):
+        checkpointer.wait()
 
 
 # -- divergence: stop, or skip ---------------------------------------------------------------
@@ -269,66 +405,110 @@ def test_a_killed_holder_does_not_leave_a_stale_lock(tmp_path):
 
 KILL_SEED = int(os.environ.get("KILL_SEED", "7"))  # other kill points: KILL_SEED=3 python -m pytest -m slow
 KILL_TOTAL, KILL_EVERY, KILL_DEVICES = 80, 5, 2
+EXTRA_SAVING_KILLS = 10  # tries for a kill that lands mid-save, when the planned ones all came too late
 
 
-@dataclasses.dataclass(frozen=True)
-class KillPoint:
-    """When to SIGKILL the training process: `seconds` after it starts ('startup'), when
-    it has logged step `step` ('step'), while its checkpoint of `step` is being written
-    ('saving': the Orbax temporary directory exists), or as soon as that checkpoint is
-    final ('saved')."""
+@dataclasses.dataclass
+class Kill:
+    """One SIGKILL: planned from the step the run resumes from, and where it landed.
+
+    kind 'startup': `target` seconds after the start (imports, data, restore,
+    compilation); 'step': once the run has logged step `target`; 'saving': while the
+    checkpoint of step `target` is being written (its Orbax temporary directory
+    exists; a save too quick to catch is reported as landing after it); 'saved': as
+    soon as that checkpoint is final; 'body': once a fine-tuning run says it is
+    restoring its pretrained body. Step points lie after `resumed` and before the
+    run's end, so every point is reached; one that would not be (its checkpoint at
+    or past the end) is redrawn as a start-up kill."""
 
     kind: str
-    step: int = 0
-    seconds: float = 0.0
+    target: float
+    resumed: int
+    redrawn: bool = False
+    landed_step: int = -1  # the newest step the run had logged when the signal landed
+    mid_save: bool = False
+    checkpoints: tuple[int, ...] = ()
 
-    def reached(self, lines: list[str], started: float, checkpoints: Path) -> bool:
+    def reached(self, run: Watched, checkpoints: Path) -> bool:
         if self.kind == "startup":
-            return time.monotonic() - started >= self.seconds
+            return time.monotonic() - run.started >= self.target
         if self.kind == "step":
-            return any(line.startswith(f"step {self.step}/") for line in lines)
+            return run.logged_step() >= self.target
+        if self.kind == "body":
+            return any("restoring the pretrained body" in line for line in list(run.lines))
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []
-        final = str(self.step) in names
-        if self.kind == "saving":  # also fires when the save was too quick to catch: reported below
-            return final or any(name.startswith(f"{self.step}.orbax-checkpoint-tmp") for name in names)
+        final = str(int(self.target)) in names
+        if self.kind == "saving":
+            return final or any(name.startswith(f"{int(self.target)}.orbax-checkpoint-tmp") for name in names)
         return final
 
+    def __str__(self) -> str:
+        planned = f"{self.target:g} s" if self.kind == "startup" else f"step {self.target:g}"
+        if self.kind == "body":
+            planned = "the body restore"
+        note = " (redrawn: its step lay past the run's end)" if self.redrawn else ""
+        landed = f"logged step {self.landed_step}" + (", mid-save" if self.mid_save else "")
+        return (f"{self.kind:<7} planned at {planned} after resuming from step {self.resumed}{note}; landed at "
+                f"{landed}; checkpoints then {list(self.checkpoints)}")
 
-def kill_points(seed: int, total: int, every: int) -> list[KillPoint]:
-    """Twelve points in run order, three of each kind, drawn with `seed`: step and
-    checkpoint points move forward, so each one is reached by the rerun that follows
-    the previous kill."""
-    rng = random.Random(seed)
-    kinds = ["startup", "step", "saving", "saved"] * 3
-    rng.shuffle(kinds)
-    points, progress = [], 0
+
+def plan_kill(kind: str, rng: random.Random, resumed: int, total: int, every: int) -> Kill:
+    """A kill point the run that resumes from step `resumed` always reaches."""
+    startup = lambda redrawn=False: Kill("startup", round(rng.uniform(0.5, 4.0), 2), resumed, redrawn)  # noqa: E731
+    if kind == "startup":
+        return startup()
+    if kind == "body":
+        return Kill("body", 0, resumed)
+    target = resumed + rng.randint(1, every - 1) if kind == "step" else (resumed // every + 1) * every
+    return Kill(kind, target, resumed) if target < total else startup(redrawn=True)
+
+
+def newest_checkpoint(checkpoints: Path) -> int:
+    """The step the next run resumes from: the newest final checkpoint (0: none)."""
+    steps = [int(name) for name in os.listdir(checkpoints) if name.isdigit()] if checkpoints.is_dir() else []
+    return max(steps, default=0)
+
+
+def kill_repeatedly(launch: Callable[[], Watched], checkpoints: Path, kinds: list[str], total: int, every: int,
+                    seed: int) -> list[Kill]:
+    """Runs the command and SIGKILLs it at a point of each kind in `kinds`, in order,
+    each planned from where the run resumes; then, until one lands mid-save, more
+    'saving' kills (at most EXTRA_SAVING_KILLS). Returns the kills as they landed."""
+    rng, report = random.Random(seed), []
+
+    def kill(kind: str) -> Kill:
+        point = plan_kill(kind, rng, newest_checkpoint(checkpoints), total, every)
+        run = launch()
+        while not point.reached(run, checkpoints):
+            assert run.process.poll() is None, f"{point}: the run ended first (a harness bug):\n{run.output()}"
+            assert time.monotonic() - run.started < 600, f"{point}: the run hangs"  # a guard, not a timing check
+            time.sleep(0.001)
+        run.process.send_signal(signal.SIGKILL)
+        assert run.process.wait() == -signal.SIGKILL, run.output()
+        point.landed_step = run.logged_step()
+        names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+        point.mid_save = point.kind == "saving" and any(
+            name.startswith(f"{int(point.target)}.orbax-checkpoint-tmp") for name in names)
+        point.checkpoints = tuple(sorted(int(name) for name in names if name.isdigit()))
+        report.append(point)
+        return point
+
     for kind in kinds:
-        if kind == "startup":  # anywhere in start-up: imports, data, restore, compilation
-            points.append(KillPoint(kind, seconds=round(rng.uniform(0.5, 4.0), 2)))
-            continue
-        step = rng.randint(progress + 1, progress + every - 1) if kind == "step" else (progress // every + 1) * every
-        points.append(KillPoint(kind, step=step))
-        progress = step
-    assert progress < total
-    return points
+        kill(kind)
+    for _ in range(EXTRA_SAVING_KILLS):
+        if any(point.mid_save for point in report):
+            break
+        kill("saving")
+    print("\n" + "\n".join(f"kill {i + 1:>2}: {point}" for i, point in enumerate(report)))
+    assert any(point.mid_save for point in report), "no kill landed mid-save"
+    return report
 
 
-class Watched:
-    """A training subprocess whose merged output a thread collects line by line."""
-
-    def __init__(self, process: subprocess.Popen) -> None:
-        self.process, self.lines, self.started = process, [], time.monotonic()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line)
-
-    def output(self) -> str:
-        self.process.wait()
-        self._reader.join()
-        return "".join(self.lines)
+def kill_kinds(seed: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """Three kills of each kind (plus `extra`), in a seeded order."""
+    kinds = ["startup", "step", "saving", "saved"] * 3 + list(extra)
+    random.Random(seed).shuffle(kinds)
+    return kinds
 
 
 @pytest.mark.slow
@@ -352,24 +532,13 @@ def test_sigkill_anywhere_then_rerunning_the_command_loses_nothing(tmp_path_fact
     reference = launch(tmp_path / "reference")  # trains its own tokenizer, as the killed run does
     assert reference.process.wait() == 0, reference.output()
 
-    workdir, report = tmp_path / "killed", []
-    for point in kill_points(KILL_SEED, KILL_TOTAL, KILL_EVERY):
-        run = launch(workdir)
-        while not point.reached(run.lines, run.started, workdir / "checkpoints") and run.process.poll() is None:
-            assert time.monotonic() - run.started < 600, f"{point}: the run hangs"  # a guard, not a timing check
-            time.sleep(0.001)
-        assert run.process.poll() is None, f"{point} was never reached:\n{run.output()}"
-        run.process.send_signal(signal.SIGKILL)
-        assert run.process.wait() == -signal.SIGKILL
-        names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
-        mid_save = any(name.startswith(f"{point.step}.orbax-checkpoint-tmp") for name in names)
-        report.append((point, mid_save, checkpoint_steps(workdir) if names else []))
+    workdir = tmp_path / "killed"
+    report = kill_repeatedly(lambda: launch(workdir), workdir / "checkpoints", kill_kinds(KILL_SEED), KILL_TOTAL,
+                             KILL_EVERY, KILL_SEED)
     final = launch(workdir)
     assert final.process.wait() == 0, final.output()
-    print("\n".join(f"{point}: mid-save {mid_save}, checkpoints {steps}" for point, mid_save, steps in report))
 
-    assert len(report) >= 10
-    assert any(mid_save for point, mid_save, _ in report if point.kind == "saving"), "no kill landed mid-save"
+    assert len(report) >= 12
     assert (workdir / "tokenizer.model").read_bytes() == (tmp_path / "reference" / "tokenizer.model").read_bytes()
     config = tiny_config(total_steps=KILL_TOTAL, **flags)
     got, want = (restore_newest(path, config) for path in (workdir, tmp_path / "reference"))
@@ -379,3 +548,17 @@ def test_sigkill_anywhere_then_rerunning_the_command_loses_nothing(tmp_path_fact
     losses = [(r["step"], r["loss"]) for r in read_metrics(workdir)]
     assert losses == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "reference")]
     assert [step for step, _ in losses] == list(range(1, KILL_TOTAL + 1))
+
+
+def test_kill_points_are_always_ahead_of_the_resumed_run():
+    """Wherever the previous kill landed, the next point lies after the step the run
+    resumes from and before its end, or is redrawn as a start-up kill."""
+    rng = random.Random(0)
+    for resumed in range(0, KILL_TOTAL + 1, 1):
+        for kind in ("startup", "step", "saving", "saved"):
+            point = plan_kill(kind, rng, resumed, KILL_TOTAL, KILL_EVERY)
+            if point.kind == "startup":
+                assert 0.5 <= point.target <= 4.0 and (kind == "startup" or point.redrawn)
+            else:
+                assert resumed < point.target < KILL_TOTAL and point.kind == kind
+                assert kind == "step" or point.target % KILL_EVERY == 0

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -149,6 +151,49 @@ def start(workdir: Path, total_steps: int, devices: int = 8, env: dict[str, str]
     environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
     return subprocess.Popen(command(workdir, total_steps, **overrides), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=environment)
+
+
+class Watched:
+    """A training subprocess whose merged output a thread collects line by line."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process, self.lines, self.started = process, [], time.monotonic()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def logged_step(self) -> int:
+        """The newest step this process printed (0: none yet)."""
+        steps = [int(line.split()[1].split("/")[0]) for line in list(self.lines) if line.startswith("step ")]
+        return max(steps, default=0)
+
+    def output(self) -> str:
+        self.process.wait()
+        self._reader.join()
+        return "".join(self.lines)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def start_processes(workdir: Path, total_steps: int, processes: int = 2, devices: int = 2,
+                    env: dict[str, str] | None = None, **overrides: Any) -> list[Watched]:
+    """The training command once per process of a `processes`-process job on
+    localhost (gloo), `devices` simulated CPU devices each, as a user starts it on
+    several hosts."""
+    port = free_port()
+    environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+    return [Watched(subprocess.Popen(
+        [*command(workdir, total_steps, **overrides), f"--coordinator_address=localhost:{port}",
+         f"--num_processes={processes}", f"--process_id={index}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment))
+        for index in range(processes)]
 
 
 def compile_cache_env(directory: Path) -> dict[str, str]:

@@ -152,8 +152,11 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
         if pretrained and is_hf_directory(run):
             set_flat_params(model, hf_params(run, model.config.num_heads)[1])
             step = 0
+        elif pretrained:
+            log.info("restoring the pretrained body from %s", run)
+            step = restore_params(run, model)[0]
         else:
-            step = restore_params(run, model)[0] if pretrained else 0
+            step = 0
         layout = config.layout if config.layout != "auto" else encoding.layout_of(run_config.objective,
                                                                                    run_config.objectives)
         pooling = config.pooling if config.pooling != "auto" else ("last" if layout == "causal" else "first")
