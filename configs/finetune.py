@@ -82,5 +82,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.nonfinite = "stop"
     config.max_consecutive_skips = 10
     config.peak_flops_per_device = 0.0
+    config.peer_timeout_seconds = 60.0  # multi-process: a process silent this long is lost (pretrain/peers.py)
     config.sample_at_end = False  # not used by fine-tuning (the trainer's field)
     return config

@@ -24,6 +24,7 @@ from absl import flags
 
 from pretrain import cli, distributed
 from pretrain.host_memory import keep_freed_memory
+from pretrain.peers import PeerWatch
 from pretrain.transfer.trainer import format_summary, run_seeds
 
 
@@ -39,8 +40,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     def command() -> str:
         if not workdir.value:
             raise ValueError("--workdir is required: where the fine-tuning runs go, e.g. --workdir=runs/mlm-topic")
-        distributed.initialize()
-        summary = run_seeds(cli.config_value(config, argv), workdir.value)
+        run_config = cli.config_value(config, argv)
+        distributed.initialize(peer_timeout=run_config.peer_timeout_seconds)
+        with PeerWatch(run_config.peer_timeout_seconds):  # multi-process only; still watching if the run fails
+            summary = run_seeds(run_config, workdir.value)
         return f"{format_summary(summary)}\nsummary: {os.path.join(os.path.abspath(workdir.value), 'summary.json')}"
 
     try:

@@ -8,10 +8,8 @@ all-reduce (gloo) may sum in another order than the in-process one, so losses an
 parameters are compared to rtol=atol=2e-5 in float32 (measured gaps are ~1e-7).
 """
 
-import os
-import socket
-import subprocess
-import sys
+import signal
+import time
 
 import jax
 import numpy as np
@@ -20,50 +18,16 @@ import pytest
 from pretrain import distributed
 from pretrain.checkpoint import Checkpointer
 from pretrain.train import Trainer
-from tests.test_train import read_metrics, tiny_config, tokenizer_file, workdir_with  # noqa: F401 (fixture)
+from train_helpers import (checkpoint_steps, read_metrics, start_processes, tiny_config, tokenizer_file,  # noqa: F401
+                           workdir_with)
 
 SETTINGS = {"total_steps": 12, "log_every": 1, "checkpoint_every": 6, "eval_every": 6, "data.shards": 2}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def launch_two_processes(workdir):
-    """The training command, once per process, as a user would start it on two hosts."""
-    config_flags = [f"--config.{k}={v}" for k, v in {**tiny_overrides(), **SETTINGS}.items()]
-    port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pretrain.train", "--config=configs/pretrain.py:objective=mlm,size=tiny",
-             f"--workdir={workdir}", *config_flags, f"--coordinator_address=localhost:{port}",
-             "--num_processes=2", f"--process_id={index}"],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for index in range(2)
-    ]
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=420)[0])
-        finally:
-            process.kill()
-    return [(p.returncode, out) for p, out in zip(processes, outputs)]
-
-
-def tiny_overrides():
-    """The fields tests/test_train.py's tiny_config changes, as command-line overrides."""
-    reference = tiny_config()
-    return {"seq_len": reference.seq_len, "batch_size": reference.batch_size,
-            "tokenizer.vocab_size": reference.tokenizer.vocab_size,
-            "optimizer.learning_rate": reference.optimizer.learning_rate,
-            "optimizer.warmup_steps": reference.optimizer.warmup_steps}
+FLAGS = {k: v for k, v in SETTINGS.items() if k != "total_steps"}
 
 
 def test_two_processes_match_one_process_with_eight_devices(tokenizer_file, tmp_path):  # noqa: F811
+    """The 2-process run also meets a SIGTERM sent to process 1 alone: both processes save
+    one agreed step and exit 0, and the rerun of both continues to the same result."""
     assert jax.device_count() == 8
     single = workdir_with(tokenizer_file, tmp_path / "single")
     config = tiny_config(**SETTINGS)
@@ -71,7 +35,21 @@ def test_two_processes_match_one_process_with_eight_devices(tokenizer_file, tmp_
     trainer.run()
 
     multi = workdir_with(tokenizer_file, tmp_path / "multi")
-    results = launch_two_processes(multi)
+    first = start_processes(multi, SETTINGS["total_steps"], devices=4, **FLAGS)
+    deadline = time.monotonic() + 300
+    while first[0].logged_step() < 4:
+        assert all(p.process.poll() is None for p in first) and time.monotonic() < deadline, first[0].output()
+        time.sleep(0.01)
+    first[1].process.send_signal(signal.SIGTERM)  # to one process only
+    outputs = [p.output() for p in first]
+    assert [p.process.returncode for p in first] == [0, 0], outputs
+    stopped = {line for out in outputs for line in out.splitlines() if line.startswith("stopped at step")}
+    assert len(stopped) == 1 and "SIGTERM received" in outputs[1], outputs  # one agreed step on both
+    agreed = int(stopped.pop().split()[3].rstrip(";"))
+    assert 4 <= agreed < 12 and checkpoint_steps(multi)[-1] == agreed
+
+    results = [(p.process.wait(), p.output()) for p in start_processes(multi, SETTINGS["total_steps"], devices=4,
+                                                                          **FLAGS)]
     for index, (returncode, output) in enumerate(results):
         assert returncode == 0, f"process {index} failed:\n{output}"
     assert "process 1 of 2: 4 local devices, 8 in all" in results[1][1]

@@ -428,6 +428,13 @@ class Kill:
     landed_step: int = -1  # the newest step the run had logged when the signal landed
     mid_save: bool = False
     checkpoints: tuple[int, ...] = ()
+    earlier: frozenset[str] = frozenset()  # what the checkpoint directory held at launch (old unfinished saves)
+
+    def saving_now(self, names: list[str]) -> bool:
+        """Whether a save of the target step is in flight: a temporary directory of it
+        that was not there when this run started (one an earlier kill left is not)."""
+        prefix = f"{int(self.target)}.orbax-checkpoint-tmp"
+        return any(name.startswith(prefix) and name not in self.earlier for name in names)
 
     def reached(self, run: Watched, checkpoints: Path) -> bool:
         if self.kind == "startup":
@@ -439,7 +446,7 @@ class Kill:
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []
         final = str(int(self.target)) in names
         if self.kind == "saving":
-            return final or any(name.startswith(f"{int(self.target)}.orbax-checkpoint-tmp") for name in names)
+            return final or self.saving_now(names)
         return final
 
     def __str__(self) -> str:
@@ -478,6 +485,7 @@ def kill_repeatedly(launch: Callable[[], Watched], checkpoints: Path, kinds: lis
 
     def kill(kind: str) -> Kill:
         point = plan_kill(kind, rng, newest_checkpoint(checkpoints), total, every)
+        point.earlier = frozenset(os.listdir(checkpoints) if checkpoints.is_dir() else [])
         run = launch()
         while not point.reached(run, checkpoints):
             assert run.process.poll() is None, f"{point}: the run ended first (a harness bug):\n{run.output()}"
@@ -487,8 +495,7 @@ def kill_repeatedly(launch: Callable[[], Watched], checkpoints: Path, kinds: lis
         assert run.process.wait() == -signal.SIGKILL, run.output()
         point.landed_step = run.logged_step()
         names = os.listdir(checkpoints) if checkpoints.is_dir() else []
-        point.mid_save = point.kind == "saving" and any(
-            name.startswith(f"{int(point.target)}.orbax-checkpoint-tmp") for name in names)
+        point.mid_save = point.kind == "saving" and point.saving_now(names)
         point.checkpoints = tuple(sorted(int(name) for name in names if name.isdigit()))
         report.append(point)
         return point
