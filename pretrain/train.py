@@ -95,6 +95,15 @@ def loop_problems(config: Any) -> list[str]:
     return problems
 
 
+def _read_text(path: str) -> str | None:
+    """The text of a file, or None when it is missing or not text."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 class NonFiniteLoss(UserError, RuntimeError):
     """The loss or gradients became NaN or inf."""
 
@@ -501,11 +510,12 @@ class Trainer:
         config = self.config
         start = self._restore(iterator)
         if self.primary:  # atomically: evaluation reads it while the run goes on; a damaged one is
-            # rewritten by rerunning the command, even when the run is complete
-            path = os.path.join(self.workdir, "config.json")
-            with open(path + ".tmp", "w", encoding="utf-8") as handle:
-                handle.write(config.to_json_best_effort(indent=2))
-            os.replace(path + ".tmp", path)
+            # rewritten by rerunning the command, even when the run is complete (an intact one is left as it is)
+            path, text = os.path.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2)
+            if _read_text(path) != text:
+                with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                    handle.write(text)
+                os.replace(path + ".tmp", path)
         if start >= config.total_steps:
             if self.primary:
                 print(f"the run in {self.workdir} is already complete: its checkpoint is at step {start} and "

@@ -111,15 +111,15 @@ def test_bfloat16_trains_with_float32_master_weights_under_flash(tokenizer_file,
     """The accelerator preset (bfloat16 compute) with the fused path forced on, through
     the trainer: the loss falls, and parameters and optimizer state stay float32."""
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
-    config = tiny_config("mlm:1,clm:1", total_steps=40, log_every=5)
+    config = tiny_config("mlm:1,clm:1", total_steps=24, log_every=4, checkpoint_every=24)
     config.model.dtype, config.model.attention = "bfloat16", "flash"
     trainer = Trainer(config, str(workdir))
     assert trainer.model_config.attention == "flash" and trainer.model_config.compute_dtype == jnp.bfloat16
-    assert trainer.run() == 40
+    assert trainer.run() == 24
     losses = [r["loss"] for r in read_metrics(workdir)]
     assert np.isfinite(losses).all() and losses[-1] < 0.9 * losses[0], losses
     step, state, _ = restore_newest(workdir, config)
-    assert step == 40
+    assert step == 24
     dtypes = {leaf.dtype for leaf in jax.tree.leaves(state) if jnp.issubdtype(leaf.dtype, jnp.floating)}
     assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
 

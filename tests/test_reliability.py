@@ -203,8 +203,7 @@ def test_only_an_unfinished_save_starts_afresh_and_keeps_it(finished_run, tmp_pa
     assert_same_state(trainer.state, final_state)
 
 
-def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(finished_run, tmp_path,
-                                                                                   tokenizer_file):
+def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoint(finished_run, tmp_path):
     """The save of step 40 fails with ENOSPC (a stubbed Orbax save, the way a full disk
     fails it): the run stops with one message naming the step, the cause and the intact
     checkpoint; the rerun resumes from step 20 and ends bit-identical to the reference.
@@ -214,8 +213,10 @@ def test_a_full_disk_during_a_save_stops_the_run_and_keeps_the_previous_checkpoi
 
     from pretrain.checkpoint import CheckpointWriteFailed
 
-    _, final_state = finished_run
-    workdir = workdir_with(tokenizer_file, tmp_path / "run")
+    reference, final_state = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "40")  # the run resumes from 20 and saves 40 onto a full disk
     trainer = Trainer(tiny_config(**RUN), str(workdir))
     save = trainer.checkpointer.manager.save
 
