@@ -260,7 +260,7 @@ def _stdlib_docstrings(root: Path, skips: _Skips) -> Iterator[tuple[str, list[tu
     for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
         module = ".".join(path.relative_to(root).with_suffix("").parts)
         try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
+            tree = _parse(path)
         except (SyntaxError, ValueError) as error:
             skips.add("unparsable", str(path), str(error))
             continue
@@ -268,6 +268,19 @@ def _stdlib_docstrings(root: Path, skips: _Skips) -> Iterator[tuple[str, list[tu
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
                 yield f"class:{module}.{node.name}", _docstring_units(node, f"{module}.{node.name}")
+
+
+def _parse(path: Path) -> ast.Module:
+    """`ast.parse` of a file, once more on CPython's spurious SystemError ("AST
+    constructor recursion depth mismatch", gh-106905, fixed in 3.11.8 and 3.12.1): its
+    recursion bookkeeping is per interpreter, so another thread's AST work can upset
+    it; seen once in the slow suite on 3.11.7. Parsing is deterministic, so the second
+    try gives the same tree."""
+    source = path.read_bytes()
+    try:
+        return ast.parse(source, filename=str(path))
+    except SystemError:
+        return ast.parse(source, filename=str(path))
 
 
 @functools.lru_cache(maxsize=None)
