@@ -13,7 +13,9 @@ Variants (comma-separated `key=value`):
           clm), 'mass_span' (MASS at span fractions 0.3 / 0.5 / 0.7) or 'mlm_rate'
           (MLM at masking rates 0.1 / 0.15 / 0.3).
   size    model preset of the budget: tiny, small, base, large.
-  steps   optimizer steps of every run.
+  steps   optimizer steps of every run; by default derived from
+          `config.budget_tokens_per_parameter` (Chinchilla's 20 tokens per
+          parameter), so every size gets a compute-optimal budget.
 
 Any field is a flag: `--config.budget.batch_size=32`, `--config.runs.mlm.objective=...`,
 `--config.sweep.grid='(0.2,0.4)'`.
@@ -26,7 +28,7 @@ import ml_collections
 from configs import finetune, pretrain
 from configs import variants as variants_lib
 
-DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": "400"}
+DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": ""}
 # preset -> the downstream tasks it fine-tunes on by default
 DOWNSTREAM_TASKS = {"objectives": "pydocs_topic,pydocs_code_spans", "mixtures": "pydocs_topic",
                     "t5": "pydocs_topic,pydocs_code_spans", "ul2": "pydocs_topic,pydocs_code_spans",
@@ -54,18 +56,18 @@ def parse_variants(arg: str | None) -> dict[str, str]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     variants = parse_variants(arg)
-    steps = int(variants["steps"])
+    steps = int(variants["steps"] or 0)  # 0: derived from budget_tokens_per_parameter (pretrain.compare)
     runs, sweep = PRESETS[variants["preset"]]
 
     budget = pretrain.get_config(f"objective=mlm,size={variants['size']}")  # `objective` is set per run
     budget.seq_len = 128  # tokens per packed row
     budget.batch_size = 16  # packed rows per step
-    budget.total_steps = steps  # optimizer steps of every run
-    budget.optimizer.warmup_steps = max(1, steps // 10)
+    budget.total_steps = steps  # optimizer steps of every run (0: from the token budget)
+    budget.optimizer.warmup_steps = max(1, steps // 10) if steps else 0  # 0: a tenth of the steps
     budget.optimizer.learning_rate = 3e-3 if variants["size"] == "tiny" else 1e-3  # tiny models take a higher peak
     budget.log_every = 10  # points of the training-loss curves
     budget.eval_every = 0  # held-out evaluation only at the end (the matrix is the comparison)
-    budget.checkpoint_every = max(1, steps // 3)  # an interrupted comparison resumes from here
+    budget.checkpoint_every = max(1, steps // 3) if steps else 0  # 0: a third of the steps; resumes from here
     budget.keep_checkpoints = 1
     budget.tokenizer.vocab_size = 4000  # shared by every run (trained once into the workdir)
     budget.data.heldout_fraction = 0.1  # the pydocs held-out split is also the built-in tasks' test split
@@ -73,6 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.budget = budget  # everything the runs share: model, data, tokenizer, optimizer, steps, batch
     config.budget_tokens = 0  # > 0: total_steps = ceil(budget_tokens / (batch_size * seq_len)) instead
+    # budget.total_steps = 0 and budget_tokens = 0: the steps that give each run this many
+    # training tokens per model parameter (Hoffmann et al. 2022: about 20 is compute-optimal;
+    # far below it an MLM body is still on its plateau, a worse start than random weights).
+    config.budget_tokens_per_parameter = 20.0
     config.runs = ml_collections.ConfigDict({  # run name -> objective spec and budget overrides
         name: ml_collections.ConfigDict({"objective": spec, "overrides": ml_collections.ConfigDict()})
         for name, spec in runs.items()})
@@ -95,10 +101,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.downstream.seeds = (0, 1, 2)  # fine-tuning seeds per cell: mean ± std
     config.downstream.control = True  # add the random-init control row (same shape and tokenizer)
     config.downstream.fusion = "mlm,clm" if variants["preset"] == "objectives" else ""  # runs fused into one row
+    # (probe: a gate and head over frozen bodies; full: the bodies fine-tuned jointly with them)
+    # BERT's protocol (appendix A.3): seed 0 at every rate, the dev-best rate for the other
+    # seeds, per cell (the control included); pretrain/transfer/comparison.py
+    config.downstream.learning_rates = (3e-4, 1e-3, 3e-3) if variants["size"] == "tiny" else (3e-5, 1e-4, 3e-4)
+    # nested, stratified subsets of each task's training split: pretraining's value is in few labels
+    config.downstream.label_fractions = (0.05, 1.0)
+    config.downstream.subset_seed = 0  # orders the examples each fraction keeps
     tune = finetune.get_config()  # the fine-tuning budget every cell shares (task, method, init are set per cell)
-    tune.total_steps = 150
-    tune.eval_every = 50
-    tune.checkpoint_every = 150
-    tune.optimizer.learning_rate = 1e-3 if variants["size"] == "tiny" else 1e-4
+    tune.epochs = 10.0  # passes over the cell's training split ...
+    tune.min_steps = 150  # ... but at least this many steps (a few labels still get a converged run)
+    tune.evaluations = 10  # dev (selects the step) and test scored 10 times over the run
+    tune.optimizer.learning_rate = config.downstream.learning_rates[1]  # pretrain.finetune's; the grid overrides it
     config.downstream.finetune = tune
     return config

@@ -34,7 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init = ""  # pretraining run directories, comma-separated (several: fusion); '' = random initialisation
     config.shape_from = ""  # init='': the run whose model shape and tokenizer a randomly initialised body takes
     config.layout = "auto"  # 'bidirectional', 'causal', or 'auto': a body's own (causal if pretrained all L2R)
-    config.pooling = "auto"  # 'first' (BERT), 'last' (GPT), 'concat' (ULMFiT), or 'auto': first / last by layout
+    config.pooling = "auto"  # 'first' (BERT), 'last' (GPT), 'mean', 'concat' (ULMFiT), or 'auto' (mean: see README)
     config.fusion = "gate"  # several bodies: 'concat' their pooled features, or mix them by a learned 'gate'
     config.packed = True  # several task examples per row (the mask keeps them apart); False: one per row
 
@@ -69,7 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0  # the seed of one run (set per run from `seeds`)
 
     # The loop (the pretraining trainer's fields).
-    config.total_steps = 300
+    config.total_steps = 300  # used when epochs = 0
+    config.epochs = 0.0  # > 0: total_steps = epochs passes over the training split (packed batches), at least min_steps
+    config.min_steps = 0  # with epochs: the fewest steps of a run (few labels still train long enough to converge)
+    config.evaluations = 0  # > 0: dev and test scored this many times, evenly, instead of every eval_every steps
     config.batch_size = 32  # packed rows per step
     config.seq_len = 128
     config.accumulation_steps = 1

@@ -47,7 +47,7 @@ from pretrain.inference import checkpoint_steps
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.tokenizer import MODEL_FILENAME
 from pretrain.train import Trainer
-from pretrain.transfer import comparison
+from pretrain.transfer import comparison, downstream_report
 from pretrain.transfer.trainer import finetune_problems
 
 RUN_RECORD = "compare_run.json"
@@ -111,14 +111,55 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str =
     return changed
 
 
+def budget_parameters(budget: ml_collections.ConfigDict) -> int:
+    """Parameters of the budget's model with its tokenizer's vocabulary (shapes only)."""
+    from flax import nnx
+
+    from pretrain.inference import model_config
+    from pretrain.model import create_model, parameter_count
+
+    shape = model_config(budget, budget.tokenizer.vocab_size)
+    return parameter_count(nnx.eval_shape(lambda: create_model(shape)))
+
+
+def resolved_budget(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The budget with its steps set: `budget.total_steps` when given, else from
+    `budget_tokens`, else `budget_tokens_per_parameter` x the model's parameters
+    (rounded up to whole batches); warmup (a tenth) and checkpoints (a third) follow
+    when left at 0. A new config: the one given is not edited."""
+    budget = copy.deepcopy(config.budget)
+    tokens_per_step = budget.batch_size * budget.seq_len
+    if config.budget_tokens > 0:
+        budget.total_steps = math.ceil(config.budget_tokens / tokens_per_step)
+    elif budget.total_steps <= 0:
+        if config.budget_tokens_per_parameter <= 0:
+            raise ValueError("config.budget.total_steps, config.budget_tokens and config.budget_tokens_per_parameter "
+                             "are all 0; set one (e.g. --config.budget_tokens_per_parameter=20)")
+        budget.total_steps = math.ceil(config.budget_tokens_per_parameter * budget_parameters(budget) / tokens_per_step)
+    if budget.optimizer.warmup_steps <= 0:
+        budget.optimizer.warmup_steps = max(1, budget.total_steps // 10)
+    if budget.checkpoint_every <= 0:
+        budget.checkpoint_every = max(1, budget.total_steps // 3)
+    return budget
+
+
+def budget_line(config: ml_collections.ConfigDict, budget: ml_collections.ConfigDict) -> str:
+    """How the steps of every run were chosen, in words."""
+    tokens = budget.total_steps * budget.batch_size * budget.seq_len
+    parameters = budget_parameters(budget)
+    how = ("config.budget_tokens" if config.budget_tokens > 0 else "config.budget.total_steps"
+           if config.budget.total_steps > 0 else f"{config.budget_tokens_per_parameter:g} tokens per parameter")
+    return (f"budget: {budget.total_steps:,} steps x {budget.batch_size} rows x {budget.seq_len} tokens = "
+            f"{tokens / 1e6:.2f} M tokens per run, {tokens / parameters:.1f} per parameter of the {parameters:,}-"
+            f"parameter model (from {how})")
+
+
 def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """Run name -> full training config (budget + objective + overrides, the sweep expanded),
     each validated before anything trains."""
     if not len(config.runs):
         raise ValueError("config.runs is empty; list at least one run (name -> objective), see configs/compare.py")
-    budget = copy.deepcopy(config.budget)
-    if config.budget_tokens > 0:
-        budget.total_steps = math.ceil(config.budget_tokens / (budget.batch_size * budget.seq_len))
+    budget = resolved_budget(config)
     runs: dict[str, ml_collections.ConfigDict] = {}
     for name, spec in config.runs.items():
         run = copy.deepcopy(budget)
@@ -258,6 +299,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
             for name, run_config in configs.items()]
     first_seeds = [run for run in runs if run.config.seed == config.pretrain_seeds[0]]  # fine-tuned downstream
     check_downstream(config, first_seeds)
+    print(budget_line(config, runs[0].config), flush=True)
     os.makedirs(workdir, exist_ok=True)
     tokenizer_path = shared_tokenizer(config.budget, workdir)
     for run in runs:
@@ -272,6 +314,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     if comparison.cells(config.downstream):
         named = [dataclasses.replace(run, name=run.group) for run in first_seeds]
         downstream = comparison.run_downstream(named, config.downstream, workdir)
+        print(f"== verdict: {downstream_report.verdict(downstream)}", flush=True)
+    for flag in compare_report.baseline_flags(runs):
+        print(f"== warning: {flag}", flush=True)
     compare_report.write(workdir, runs, config, command, time.perf_counter() - started, downstream)
     return runs
 

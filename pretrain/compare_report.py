@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 
 from pretrain.evaluate import write_json
 from pretrain.model import preset_name
-from pretrain.transfer import comparison
+from pretrain.transfer import downstream_report
+from pretrain.transfer.comparison import EFFICIENCY_PLOT, PLOT
 
 if TYPE_CHECKING:
     from pretrain.compare import Run
@@ -47,6 +48,26 @@ def loss_curve(directory: str) -> tuple[list[int], list[float]]:
                     steps.append(int(record["step"]))
                     losses.append(float(record["loss"]))
     return steps, losses
+
+
+BASELINE_MARGIN = 0.05  # nats: a held-out loss closer than this to its unigram baseline has learnt little
+
+
+def baseline_flags(runs: Sequence[Run]) -> list[str]:
+    """A line for every run whose final held-out loss is not clearly below its unigram
+    baseline (both from its training log's last evaluation)."""
+    flags = []
+    for run in runs:
+        path = os.path.join(run.directory, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if '"eval/baseline"' in line]
+        if records and records[-1]["eval/loss"] > records[-1]["eval/baseline"] - BASELINE_MARGIN:
+            flags.append(f"{run.name} did not get past its unigram baseline: held-out loss "
+                         f"{records[-1]['eval/loss']:.3f} against {records[-1]['eval/baseline']:.3f} (step "
+                         f"{records[-1]['step']}); its body is a weak start, so its downstream row says little")
+    return flags
 
 
 def groups(runs: Sequence[Run]) -> list[list[Run]]:
@@ -170,21 +191,44 @@ def _budget_line(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
             f"({config.budget.optimizer.warmup_steps} warmup steps, {config.budget.optimizer.schedule} decay).")
 
 
+def _task_baselines(downstream: Mapping[str, Any]) -> str:
+    """'column: majority 0.05, chance 0.02; ...' from the summaries' task baselines."""
+    seen = {}
+    for row in downstream.values():
+        for column, summary in row.items():
+            if summary.get("baselines") and column not in seen:
+                seen[column] = ", ".join(f"{k} {v:.3f}" for k, v in summary["baselines"].items())
+    return "; ".join(f"{column}: {text}" for column, text in seen.items())
+
+
 def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: str, wall_time_s: float,
              downstream: Mapping[str, Any] | None = None) -> str:
     """The whole report.md."""
     heldout = runs[0].evaluation["heldout"]
     training = sum(run.wall_time_s for run in runs)
     seeds = tuple(config.pretrain_seeds)
+    flags = baseline_flags(runs)
     downstream_part = [] if not downstream else [
-        "## Downstream (higher is better)", comparison.table(downstream), comparison.caption(downstream),
-        *(["\n".join(f"- {line}" for line in comparison.fusion_lines(downstream))]
-          if comparison.fusion_lines(downstream) else []),
-        f"![downstream scores]({comparison.PLOT})"]
+        "## Downstream (higher is better)", downstream_report.verdict(downstream),
+        downstream_report.table(downstream), downstream_report.caption(downstream),
+        *(["\n".join(f"- {line}" for line in downstream_report.fusion_lines(downstream))]
+          if downstream_report.fusion_lines(downstream) else []),
+        f"![sample efficiency]({EFFICIENCY_PLOT})", f"![downstream scores]({PLOT})",
+        "### Learning rates chosen on dev", downstream_report.rates_table(downstream),
+        "### Steps to reach the control's final dev score (of the cell's steps)",
+        downstream_report.steps_table(downstream),
+        "### Significance", downstream_report.significance_table(downstream),
+        "Difference: the row's mean test score minus the other's. Bootstrap: paired over test examples, each row "
+        "the mean of its seeds' dev-selected models on each of 1,000 resamples (two-sided p). Welch: over seeds "
+        "(n/a below 2 seeds). Seeds needed: per row, for a two-sided Welch test at alpha 0.05 with power 0.8 to find "
+        "a difference of this size at the observed spread.",
+        *([f"Majority-class and chance test scores: {baselines}"] if (baselines := _task_baselines(downstream))
+          else [])]
     return "\n\n".join([
         "# Objective comparison",
         f"```bash\n{command}\n```",
         _budget_line(config, runs),
+        *(["**Warning:** " + "; ".join(flags) + "."] if flags else []),
         *downstream_part,
         "## Held-out loss (lower is better)" + (f", mean ± std over pretraining seeds {seeds}" if len(seeds) > 1
                                                  else ""),
@@ -215,14 +259,17 @@ def write(workdir: str, runs: Sequence[Run], config: ml_collections.ConfigDict, 
     plot_loss_curves(runs, paths[LOSS_CURVES])
     plot_matrix(runs, paths[MATRIX])
     if downstream:
-        paths[comparison.PLOT] = os.path.join(workdir, comparison.PLOT)
-        comparison.plot(downstream, paths[comparison.PLOT])
+        paths[PLOT] = os.path.join(workdir, PLOT)
+        downstream_report.plot(downstream, paths[PLOT])
+        paths[EFFICIENCY_PLOT] = os.path.join(workdir, EFFICIENCY_PLOT)
+        downstream_report.efficiency_plot(downstream, paths[EFFICIENCY_PLOT])
     with open(paths[REPORT], "w", encoding="utf-8") as handle:
         handle.write(markdown(runs, config, command, wall_time_s, downstream))
     summary: dict[str, Any] = {
         "command": command, "wall_time_s": wall_time_s, "config": json.loads(config.to_json_best_effort()),
         "runs": {run.name: {"objective": run.objective, "directory": run.directory, "wall_time_s": run.wall_time_s,
                             "trained_now": run.trained_now, "evaluation": run.evaluation} for run in runs},
-        "downstream": downstream or {}}
+        "downstream": {name: {column: {k: v for k, v in summary.items() if k != "test_predictions"}
+                              for column, summary in row.items()} for name, row in (downstream or {}).items()}}
     write_json(summary, paths[SUMMARY])
     return paths

@@ -87,10 +87,11 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
     config = small_budget()
     config.sweep.grid = (0.15, 0.3)
     config.budget.data.heldout_fraction = 0.05  # the built-in task's test split is this held-out split
-    config.downstream.tasks, config.downstream.seeds, config.downstream.control = "pydocs_topic", (0, 1), False
-    config.downstream.methods = "full"
+    config.downstream.tasks, config.downstream.seeds, config.downstream.control = "pydocs_topic", (0, 1), True
+    config.downstream.methods, config.downstream.fusion = "full", ""
+    config.downstream.learning_rates, config.downstream.label_fractions = (1e-3, 3e-3), (0.5, 1.0)
     tune = config.downstream.finetune
-    tune.total_steps, tune.eval_every, tune.checkpoint_every, tune.log_every = 4, 2, 4, 2
+    tune.epochs, tune.total_steps, tune.evaluations, tune.log_every = 0, 4, 2, 2
     tune.seq_len, tune.batch_size, tune.task_max_examples, tune.peak_flops_per_device = 64, 8, 24, 1e12
     workdir = tmp_path / "comparison"
     workdir.mkdir()
@@ -111,23 +112,38 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
         loss = run.evaluation["objectives"]["mlm"]["loss"]
         assert f"{loss:.3f}" in report
     assert "| run | objective | steps | tokens seen | parameters | final training loss | training wall time |" in report
-    for name in ("loss_curves.png", "matrix.png"):
+    for name in ("loss_curves.png", "matrix.png", "downstream.png", "sample_efficiency.png"):
         pixels = image.imread(workdir / name)
         assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 300, name
         assert f"]({name})" in report
     summary = json.loads((workdir / "comparison.json").read_text())
     assert list(summary["runs"]) == [run.name for run in runs]
-    assert "| run | pydocs_topic/full (accuracy) |" in report and "pooled std" in report
-    for run in runs:
-        cell = summary["downstream"][run.name]["pydocs_topic/full"]["test"]["accuracy"]
-        assert len(cell["per_seed"]) == 2
-        assert f"| {run.name} | " + ("**" if f"**{cell['mean']:.3f} ±" in report else "") + f"{cell['mean']:.3f} ± " \
-               f"{cell['std']:.3f}" in report
-    pixels = image.imread(workdir / "downstream.png")
-    assert pixels.ndim == 3 and pixels.shape[0] > 200 and "](downstream.png)" in report
+    assert "| run | pydocs_topic/full@0.5 (accuracy) | pydocs_topic/full (accuracy) |" in report
+    assert "pooled std" in report and "On pydocs_topic/full (accuracy)" in report
+    rows = [run.name for run in runs] + ["random-init"]
+    assert list(summary["downstream"]) == rows
+    for name in rows:
+        for column in ("pydocs_topic/full@0.5", "pydocs_topic/full"):
+            cell = summary["downstream"][name][column]
+            accuracy = cell["test"]["accuracy"]
+            assert len(accuracy["per_seed"]) == 2 and cell["learning_rate"] in (1e-3, 3e-3)
+            assert set(cell["grid"]) == {"0.001", "0.003"}
+            assert cell["learning_rate"] == max((1e-3, 3e-3), key=lambda r: (cell["grid"][f"{r:g}"], -r))
+            assert "test_predictions" not in cell  # kept in each cell.json, not in the summary
+            if name != "random-init":
+                test = cell["vs_control"]
+                assert test["row"] == "random-init" and 0 <= test["bootstrap"]["p"] <= 1
+                assert test["welch_p"] is None or 0 <= test["welch_p"] <= 1
+                assert f"| {name} vs random-init | {column} | {test['difference']:+.3f} |" in report
+            text = f"{accuracy['mean']:.3f} ± {accuracy['std']:.3f}"
+            assert f"**{text}**" in report or f"| {text}" in report or f" {text} |" in report
+    assert "| run | pydocs_topic/full@0.5 | pydocs_topic/full |" in report  # the chosen rates
+    sizes = [summary["downstream"]["random-init"][c]["train_examples"] for c in ("pydocs_topic/full@0.5",
+                                                                                 "pydocs_topic/full")]
+    assert sizes[0] < sizes[1] <= 2 * sizes[0] + 54  # stratified: round(n_c / 2) of each class
     tuned = workdir / "downstream" / runs[0].name / "pydocs_topic" / "full"
-    stamps_tuned = {path: os.stat(path).st_mtime_ns for path in (tuned / "seed_0" / "metrics.jsonl",
-                                                                tuned / "seed_1" / "metrics.jsonl")}
+    stamps_tuned = {path: os.stat(path).st_mtime_ns for path in (tuned / "fraction_1" / "cell.json",
+                                                                tuned / "fraction_0.5" / "cell.json")}
 
     stamps = {path: os.stat(path).st_mtime_ns for run in runs for path in (
         os.path.join(run.directory, "metrics.jsonl"), os.path.join(run.directory, "evaluation.json"))}

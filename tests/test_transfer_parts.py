@@ -64,7 +64,7 @@ def task_params():
 
 def updates_over(spec: str, params, depths, steps: int, settings=SETTINGS) -> list[dict[tuple, float]]:
     """The largest |update| of each parameter at each of `steps` updates of a constant gradient."""
-    optimizer = methods.make_optimizer(methods.plan(spec, settings, depths, 100, 1), params, OPTIMIZER, settings, 100)
+    optimizer = methods.make_optimizer(methods.plan(spec, settings, depths, 100), params, OPTIMIZER, settings, 100)
     state, grads, out = optimizer.init(params), jax.tree.map(jnp.ones_like, params), []
     for _ in range(steps):
         updates, state = optimizer.update(grads, state, params)
@@ -265,7 +265,7 @@ def summary_of(mean: float, std: float) -> dict:
 
 
 def test_the_downstream_table_bolds_only_a_lead_beyond_the_pooled_spread():
-    from pretrain.transfer import comparison
+    from pretrain.transfer import downstream_report as comparison
 
     results = {"mlm": {"t/full": summary_of(0.50, 0.02), "u/full": summary_of(0.40, 0.10)},
                "clm": {"t/full": summary_of(0.45, 0.02), "u/full": summary_of(0.45, 0.10)},
@@ -280,3 +280,13 @@ def test_the_downstream_table_bolds_only_a_lead_beyond_the_pooled_spread():
         "difference -0.020)",
         "fusion(mlm+clm) on u/full: 0.300, does not beat every body it fuses (best single: clm 0.450, "
         "difference -0.150)"]
+    one_seed = {name: {column: {**summary, "seeds": 1} for column, summary in row.items()}
+                for name, row in results.items()}
+    assert comparison.table(one_seed).splitlines()[2:] == [  # one seed: no spread, so nothing is bold
+        "| mlm | 0.500 ± n/a | 0.400 ± n/a |", "| clm | 0.450 ± n/a | 0.450 ± n/a |",
+        "| fusion(mlm+clm) | 0.480 ± n/a | 0.300 ± n/a |"]
+    results["mlm"]["t/full"]["vs_control"] = {"bootstrap": {"p": 0.004}}
+    results["clm"]["t/full"]["vs_control"] = {"bootstrap": {"p": 0.03}}
+    results["clm"]["u/full"]["vs_control"] = {"bootstrap": {"p": 0.2}}
+    assert comparison.table(results).splitlines()[2:4] == [
+        "| mlm | **0.500 ± 0.020**‡ | 0.400 ± 0.100 |", "| clm | 0.450 ± 0.020† | 0.450 ± 0.100 |"]

@@ -3,33 +3,52 @@
 After pretraining, every run (and a random-init control of the same shape and
 tokenizer, and optionally a fusion of several runs) is fine-tuned on every task
 of `config.downstream.tasks` with every method of `config.downstream.methods`,
-once per seed of `config.downstream.seeds` (`pretrain.transfer.trainer.run_seeds`,
-so finished fine-tunings are not trained again). A fusion freezes its bodies, so
-its row is filled only in the columns of methods that freeze them too (`probe`),
-where it is compared with each body it fuses; elsewhere its cells are n/a. Each cell of the table is the
-test score at the dev-selected step, mean ± std over seeds, as in T5's objective
+on every label fraction of `config.downstream.label_fractions` (nested, stratified
+subsets of the training split: `tasks.label_subset`). The protocol of each such
+cell is BERT's (appendix A.3):
+
+  1. seed 0 is fine-tuned at every rate of `downstream.learning_rates`; the rate
+     whose dev-selected score is best is the cell's rate (every row, the control
+     included, gets its own best rate);
+  2. the other seeds are fine-tuned at that rate;
+  3. each seed's test score is read at its dev-selected step.
+
+The runs of each step are one vmapped program (`pretrain.transfer.sweep`); a
+finished cell is saved as `workdir/downstream/<row>/<task>/<method>/<fraction>/cell.json`
+and not trained again. A fusion fine-tunes like any row (`probe` freezes its bodies
+and trains the gate and head; `full` trains the bodies jointly with them).
+
+Each cell of the table is the test score mean ± std over seeds, as in T5's objective
 study. A mean is bold only where it beats the runner-up of its column by more than
 their pooled standard deviation, sqrt((s1² + s2²) / 2); a table of overlapping
-spreads has no bold cell, which is the honest reading of it.
+spreads has no bold cell, which is the honest reading of it. Beside it,
+`pretrain.transfer.significance` tests every row against the control and against
+the best row (Welch over seeds, paired bootstrap over test examples).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pretrain.transfer.trainer import run_seeds
+from pretrain.inference import checkpoint_steps
+from pretrain.transfer import scores, significance, sweep, tasks
+from pretrain.transfer.trainer import load_bodies, seed_config, summarize_seeds
 
 CONTROL = "random-init"
 PLOT = "downstream.png"
+EFFICIENCY_PLOT = "sample_efficiency.png"
+CELL_FILENAME = "cell.json"
 
 
 @dataclasses.dataclass
@@ -58,10 +77,25 @@ def rows(runs: Sequence[Any], downstream: Any) -> list[Row]:
 
 
 def cells(downstream: Any) -> list[tuple[str, str]]:
-    """(task, method) of every column."""
-    tasks = [t.strip() for t in downstream.tasks.split(",") if t.strip()]
+    """(task, method) of every column group."""
+    tasks_ = [t.strip() for t in downstream.tasks.split(",") if t.strip()]
     methods = [m.strip() for m in downstream.methods.split(",") if m.strip()]
-    return [(task, method) for task in tasks for method in methods]
+    return [(task, method) for task in tasks_ for method in methods]
+
+
+def fractions(downstream: Any) -> list[float]:
+    """The label fractions, smallest first (1.0: the whole training split)."""
+    values = sorted({float(f) for f in downstream.label_fractions}) or [1.0]
+    bad = [f for f in values if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"config.downstream.label_fractions={tuple(downstream.label_fractions)!r}: {bad[0]!r} "
+                         "must lie in (0, 1], e.g. '(0.1,1.0)'")
+    return values
+
+
+def column(task: str, method: str, fraction: float) -> str:
+    """A table column: 'task/method', with '@fraction' below the whole training split."""
+    return f"{task}/{method}" + ("" if fraction == 1 else f"@{fraction:g}")
 
 
 def is_fusion(row_name: str) -> bool:
@@ -69,7 +103,7 @@ def is_fusion(row_name: str) -> bool:
 
 
 def freezes(method: str) -> bool:
-    """Whether a method spec trains only the task parameters, as a fusion does."""
+    """Whether a method spec trains only the task parameters (a probe of frozen bodies)."""
     return "probe" in method.split("+")
 
 
@@ -82,112 +116,183 @@ def finetune_config(downstream: Any, row: Row, task: str, method: str) -> Any:
     return config
 
 
+def rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+Train = Callable[[Sequence[sweep.Member], int, int], list[dict[str, Any]]]
+
+
+def tune_cell(train: Train, *, seeds: Sequence[int], learning_rates: Sequence[float], total_steps: int,
+              eval_every: int) -> dict[str, Any]:
+    """BERT's protocol for one cell: seed `seeds[0]` at every rate, the rate with the best
+    dev score (the smaller on a tie) for the other seeds; `train(members, steps,
+    eval_every)` fine-tunes members together. Returns the grid's dev scores, the chosen
+    rate and one result per seed (in `seeds` order)."""
+    first = train([sweep.Member(seeds[0], rate) for rate in learning_rates], total_steps, eval_every)
+    grid = {rate_key(r["learning_rate"]): r["dev"][r["metric"]] for r in first}
+    chosen = max(first, key=lambda r: (r["dev"][r["metric"]], -r["learning_rate"]))
+    rest = train([sweep.Member(seed, chosen["learning_rate"]) for seed in seeds[1:]], total_steps, eval_every)
+    return {"grid": grid, "learning_rate": chosen["learning_rate"], "results": [chosen, *rest]}
+
+
+class BodyCache:
+    """The bodies of every row, restored once per run directory (a pretrained body is the
+    same for every seed; the control's random body is made per seed)."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[tuple[str, str, int], Any] = {}
+        self.tokenizer = None
+
+    def bodies_of(self, config: Any) -> Callable[[int], Any]:
+        def of(seed: int):
+            key = (config.init, config.shape_from, seed if not config.init.strip() else 0)
+            if key not in self._bodies:
+                self._bodies[key], tokenizer = load_bodies(seed_config(config, key[2]))
+                self.tokenizer = self.tokenizer or tokenizer
+            return self._bodies[key]
+
+        return of
+
+
+def _fingerprint(config: Any, row: Row, task: tasks.Task, fraction: float, downstream: Any,
+                 steps: int, eval_every: int) -> dict[str, Any]:
+    """What a saved cell must match to be reused: the fine-tuning config, the task's
+    examples, the bodies' checkpoints, the protocol."""
+    steps_of = {}
+    for run in [r for r in row.init.split(",") if r.strip()]:
+        try:
+            steps_of[run] = checkpoint_steps(run)[-1]
+        except (FileNotFoundError, IndexError):
+            steps_of[run] = 0
+    return {"finetune": json.loads(config.to_json_best_effort()), "task": task.fingerprint, "fraction": fraction,
+            "learning_rates": list(downstream.learning_rates), "seeds": list(downstream.seeds),
+            "bodies": steps_of, "total_steps": steps, "eval_every": eval_every}
+
+
+def _summary(cell: Mapping[str, Any], task: tasks.Task, method: str, fraction: float) -> dict[str, Any]:
+    results = cell["results"]
+    summary = summarize_seeds(results)
+    summary.update(method=method, fraction=fraction, train_examples=len(task.splits["train"]),
+                   learning_rate=cell["learning_rate"], grid=cell["grid"], steps=results[0]["last_step"],
+                   dev={task.metric: float(np.mean([r["dev"][task.metric] for r in results]))},
+                   dev_curves=[[(e["step"], e["dev"][task.metric]) for e in r["evaluations"]] for r in results],
+                   test_predictions=[r["test_predictions"] for r in results],
+                   nonfinite=[r["seed"] for r in results if r.get("nonfinite_step")], baselines=task_baselines(task),
+                   train_seconds=cell.get("train_seconds", 0.0), compile_seconds=cell.get("compile_seconds", 0.0))
+    return summary
+
+
+def task_baselines(task: tasks.Task) -> dict[str, float]:
+    """The test score of always predicting the training split's majority class (all O
+    for tags) and, for accuracy, of guessing uniformly: what a row must beat to have
+    learnt anything."""
+    if task.kind == "regression":
+        return {}
+    test = task.splits["test"]
+    if task.kind == "tagging":
+        outside = task.labels.index("O") if "O" in task.labels else 0
+        gold = [list(e.tags) for e in test]
+        return {"majority": scores.score((task.metric,), task.labels, gold, [[outside] * len(g) for g in gold])[
+            task.metric]}
+    counts = np.bincount([int(e.label) for e in task.splits["train"]], minlength=len(task.labels))
+    gold = [e.label for e in test]
+    out = {"majority": scores.score((task.metric,), task.labels, gold, [int(counts.argmax())] * len(gold))[task.metric]}
+    if task.metric == "accuracy":
+        out["chance"] = 1.0 / len(task.labels)
+    return out
+
+
 def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[str, Any]:
-    """Fine-tunes every row on every (task, method), each in
-    `workdir/downstream/<row>/<task>/<method>/`; returns {row: {task/method: summary}}."""
-    results: dict[str, Any] = {}
-    for row in rows(runs, downstream):
-        results[row.name] = {}
-        for task, method in cells(downstream):
-            if is_fusion(row.name) and not freezes(method):
-                continue  # n/a: fusion is a probe of several bodies
-            directory = os.path.join(workdir, "downstream", row.name, task, method)
-            print(f"== fine-tuning {row.name} on {task} ({method}) in {directory}", flush=True)
-            results[row.name][f"{task}/{method}"] = run_seeds(finetune_config(downstream, row, task, method),
-                                                              directory)
+    """Fine-tunes every row on every (task, method, label fraction) by the protocol of
+    the module docstring; returns {row: {column: summary}}, each summary with its
+    significance against the control and the best row."""
+    table_rows, groups, fraction_list = rows(runs, downstream), cells(downstream), fractions(downstream)
+    rates = tuple(float(r) for r in downstream.learning_rates) or (float(downstream.finetune.optimizer.learning_rate),)
+    seeds = tuple(int(s) for s in downstream.seeds)
+    bodies, cache = BodyCache(), sweep.ProgramCache()
+    data: dict[tuple[str, str, float], sweep.TaskData] = {}
+    results: dict[str, dict[str, Any]] = {row.name: {} for row in table_rows}
+    plan = [(row, task, method, fraction) for row in table_rows for task, method in groups for fraction in fraction_list]
+    started, trained = time.perf_counter(), 0
+    for number, (row, task_name, method, fraction) in enumerate(plan, start=1):
+        config = finetune_config(downstream, row, task_name, method)
+        of = bodies.bodies_of(config)
+        key = (task_name, config.task_max_examples, fraction)
+        if key not in data:
+            whole = tasks.load_task(config, of(seeds[0])[0].run_config.data)
+            subset = tasks.label_subset(whole, fraction, seed=downstream.subset_seed)
+            data[key] = sweep.TaskData(subset, bodies.tokenizer, seq_len=config.seq_len,
+                                       batch_size=config.batch_size, packed=config.packed)
+        task_data = data[key]
+        steps = training_steps(config, task_data)
+        eval_every = sweep.evaluation_interval(steps, config.evaluations) if config.evaluations else config.eval_every
+        fingerprint = _fingerprint(config, row, task_data.task, fraction, downstream, steps, eval_every)
+        directory = os.path.join(workdir, "downstream", row.name, task_name, method, f"fraction_{fraction:g}")
+        path = os.path.join(directory, CELL_FILENAME)
+        cell = None
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            cell = saved if saved.get("fingerprint") == fingerprint else None
+        elapsed = time.perf_counter() - started
+        left = "" if not trained else f", about {elapsed / trained * (len(plan) - number + 1) / 60:.1f} min left"
+        print(f"== cell {number}/{len(plan)}: {row.name} on {column(task_name, method, fraction)} "
+              f"({len(task_data.task.splits['train']):,} training examples, {steps} steps, rates "
+              f"{', '.join(map(rate_key, rates))}, seeds {seeds}){' (saved)' if cell else ''}; "
+              f"{elapsed / 60:.1f} min elapsed{left}", flush=True)
+        if cell is None:
+            compiled_before, cell_started = cache.compile_seconds, time.perf_counter()
+
+            def train(members, total_steps, every):
+                return sweep.train_members(config, task_data, of, members, total_steps=total_steps,
+                                           eval_every=every, cache=cache)
+
+            cell = tune_cell(train, seeds=seeds, learning_rates=rates, total_steps=steps, eval_every=eval_every)
+            cell.update(fingerprint=fingerprint, train_seconds=time.perf_counter() - cell_started,
+                        compile_seconds=cache.compile_seconds - compiled_before)
+            os.makedirs(directory, exist_ok=True)
+            with open(path + ".tmp", "w", encoding="utf-8") as handle:
+                json.dump(cell, handle)
+            os.replace(path + ".tmp", path)
+            trained += 1
+        results[row.name][column(task_name, method, fraction)] = _summary(cell, task_data.task, method, fraction)
+    add_significance(results, {column(t, m, f): data[(t, downstream.finetune.task_max_examples, f)].task
+                               for t, m in groups for f in fraction_list})
+    print(f"== downstream: {len(plan)} cells ({trained} trained now) in {(time.perf_counter() - started) / 60:.1f} "
+          f"min, {cache.compilations} compilations ({cache.compile_seconds:.0f} s)", flush=True)
     return results
 
 
-def _best(means: Sequence[float | None], stds: Sequence[float | None]) -> int | None:
-    """The index of the best mean when it beats the runner-up by more than their pooled
-    std (missing cells left out)."""
-    present = [i for i, mean in enumerate(means) if mean is not None]
-    if len(present) < 2:
-        return None
-    order = sorted(present, key=lambda i: means[i], reverse=True)
-    first, second = order[0], order[1]
-    pooled = math.sqrt((stds[first] ** 2 + stds[second] ** 2) / 2)
-    return first if means[first] - means[second] > pooled else None
+def training_steps(config: Any, task_data: sweep.TaskData) -> int:
+    """A cell's optimizer steps: `epochs` passes over its training split, at least
+    `min_steps` (few labels still get a run that converges), or `total_steps` when
+    epochs is 0."""
+    if config.epochs > 0:
+        return max(int(config.min_steps), sweep.epoch_steps(task_data, config.epochs))
+    return int(config.total_steps)
 
 
-def _columns(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Every task/method column, in the order first seen."""
-    return list(dict.fromkeys(column for row in results.values() for column in row))
-
-
-def _cell(results: Mapping[str, Mapping[str, Any]], name: str, column: str) -> tuple[float | None, float | None]:
-    summary = results[name].get(column)
-    if summary is None:
-        return None, None
-    value = summary["test"][summary["metric"]]
-    return value["mean"], value["std"]
-
-
-def _metric(results: Mapping[str, Mapping[str, Any]], column: str) -> str:
-    return next(row[column]["metric"] for row in results.values() if column in row)
-
-
-def table(results: Mapping[str, Mapping[str, Any]], digits: int = 3) -> str:
-    """Markdown: rows are runs, columns task/method, cells test mean ± std (see module docstring)."""
-    names, columns = list(results), _columns(results)
-    header = ["run", *[f"{column} ({_metric(results, column)})" for column in columns]]
-    body = [[name] for name in names]
-    for column in columns:
-        cells_ = [_cell(results, name, column) for name in names]
-        best = _best([m for m, _ in cells_], [s for _, s in cells_])
-        for index, (mean, std) in enumerate(cells_):
-            text = "n/a" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-            body[index].append(f"**{text}**" if index == best else text)
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in columns) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in body)])
-
-
-def caption(results: Mapping[str, Mapping[str, Any]]) -> str:
-    first = next(iter(next(iter(results.values())).values()))
-    return (f"Test scores at each fine-tuning run's dev-selected step, mean ± std (sample) over {first['seeds']} "
-            "seeds per cell. A cell is bold only where its mean beats the runner-up of its column by more than their "
-            f"pooled std; `{CONTROL}` is the same model shape and tokenizer trained from scratch on the task; a "
-            "fusion freezes its bodies, so it is run (and compared) in the frozen-body (probe) columns only.")
-
-
-def fusion_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Per column, whether the fusion row beats each single pretrained run it fuses."""
-    lines = []
-    for name, row in results.items():
-        if not is_fusion(name):
+def add_significance(results: dict[str, dict[str, Any]], tasks_by_column: Mapping[str, tasks.Task]) -> None:
+    """Adds to each summary its tests against the control (`vs_control`) and against the
+    column's best row (`vs_best`): Welch's p over seeds, the paired bootstrap over test
+    examples, and the seeds a difference of that size would need."""
+    for column_name, task in tasks_by_column.items():
+        present = {name: row[column_name] for name, row in results.items() if column_name in row}
+        if not present:
             continue
-        parts = name[len("fusion(") : -1].split("+")
-        for column, summary in row.items():
-            metric = summary["metric"]
-            mean = summary["test"][metric]["mean"]
-            others = {part: results[part][column]["test"][metric]["mean"] for part in parts
-                      if column in results.get(part, {})}
-            if not others:
-                continue
-            best = max(others, key=others.get)
-            verdict = "beats" if all(mean > v for v in others.values()) else "does not beat"
-            lines.append(f"{name} on {column}: {mean:.3f}, {verdict} every body it fuses (best single: {best} "
-                         f"{others[best]:.3f}, difference {mean - others[best]:+.3f})")
-    return lines
-
-
-def plot(results: Mapping[str, Mapping[str, Any]], path: str) -> None:
-    """Grouped bars of the test means with error bars of one std, one group per task/method."""
-    names, columns = list(results), _columns(results)
-    figure = Figure(figsize=(max(5.0, 1.6 * len(columns) * max(1, len(names)) / 3 + 3), 4.2), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    width = 0.8 / len(names)
-    for index, name in enumerate(names):
-        cells_ = [_cell(results, name, c) for c in columns]
-        means = [np.nan if m is None else m for m, _ in cells_]
-        stds = [0.0 if s is None else s for _, s in cells_]
-        axes.bar(np.arange(len(columns)) + (index - (len(names) - 1) / 2) * width, means, width, yerr=stds,
-                 capsize=3, label=name)
-    axes.set_xticks(range(len(columns)), [f"{c}\n({_metric(results, c)})" for c in columns], fontsize=8)
-    axes.set_ylabel("test score at the dev-selected step")
-    axes.set_title("Downstream: mean ± std over fine-tuning seeds")
-    axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path)
+        metric = task.metric
+        gold = [list(e.tags) if task.kind == "tagging" else e.label for e in task.splits["test"]]
+        best = max(present, key=lambda name: present[name]["test"][metric]["mean"])
+        for name, summary in present.items():
+            for key, other in (("vs_control", CONTROL), ("vs_best", best)):
+                if other == name or other not in present:
+                    continue
+                mine, theirs = summary["test"][metric]["per_seed"], present[other]["test"][metric]["per_seed"]
+                summary[key] = {
+                    "row": other, "difference": float(np.mean(mine) - np.mean(theirs)),
+                    "welch_p": significance.welch(mine, theirs),
+                    "bootstrap": significance.paired_bootstrap(metric, task.labels, gold,
+                                                               summary["test_predictions"],
+                                                               present[other]["test_predictions"]),
+                    "seeds_needed": significance.seeds_needed(mine, theirs)}

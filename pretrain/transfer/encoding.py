@@ -205,6 +205,19 @@ class TaskSegments:
         return position, segments, 0
 
 
+class CachedSegments:
+    """The task segments of a split's examples, encoded once (no auxiliary LM: a task
+    example's segment depends on nothing but the example), for every run that packs
+    them: `make_examples` of `data.endless_batches` and `data.fixed_batches`."""
+
+    def __init__(self, task: Task, tokenizer: Tokenizer, seq_len: int, split: str = "train"):
+        self.encoded = [encode(example, index, task, tokenizer, seq_len)
+                        for index, example in enumerate(task.splits[split])]
+
+    def __call__(self, position: int, item: tuple[int, TaskExample]) -> tuple[int, list[Encoded], int]:
+        return position, [self.encoded[item[0]]], 0
+
+
 def _text(example: TaskExample) -> str:
     """The running text of an example (its words, or its texts joined)."""
     return " ".join(example.words) if example.words else " ".join(t for t in (example.text, example.text_b) if t)
@@ -212,14 +225,28 @@ def _text(example: TaskExample) -> str:
 
 def training_stream(task: Task, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                     packed: bool, aux: objectives.Mixture | None = None, process_index: int = 0,
-                    process_count: int = 1, num_threads: int = 2) -> grain.IterDataset:
+                    process_count: int = 1, num_threads: int = 2,
+                    segments: CachedSegments | None = None) -> grain.IterDataset:
     """Endless, checkpointable batches of the training split (shuffled each epoch with
-    `seed`), packed (several examples per row) or one example per row."""
+    `seed`), packed (several examples per row) or one example per row. `segments`:
+    the split already encoded (the same rows, without tokenizing again)."""
     items = list(enumerate(task.splits["train"]))
-    return data.endless_batches(items, TaskSegments(task, tokenizer, seq_len, seed, aux), seq_len=seq_len,
+    if segments is not None and aux is not None:
+        raise ValueError("an auxiliary LM's segments depend on the stream position; they are not cached")
+    make_examples = segments if segments is not None else TaskSegments(task, tokenizer, seq_len, seed, aux)
+    return data.endless_batches(items, make_examples, seq_len=seq_len,
                                 global_batch_size=batch_size, seed=seed, process_index=process_index,
                                 process_count=process_count, num_threads=num_threads, pack=pack,
                                 max_per_row=None if packed else (2 if aux is not None else 1))
+
+
+def batches_per_epoch(task: Task, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, packed: bool,
+                      segments: CachedSegments | None = None) -> int:
+    """Packed batches that one pass over the training split fills (an epoch)."""
+    items = list(enumerate(task.splits["train"]))
+    one_pass = data.fixed_batches(items, segments or CachedSegments(task, tokenizer, seq_len), seq_len=seq_len,
+                                  global_batch_size=batch_size, pack=pack, max_per_row=None if packed else 1)
+    return max(1, len(one_pass))
 
 
 def evaluation_batches(task: Task, split: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,

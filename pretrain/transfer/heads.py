@@ -2,7 +2,8 @@
 
     features of body i = its last layer, or (ELMo) gamma * sum_j softmax(w)_j layer_j
     pooled             = per example: its first token (BERT), its last token (GPT),
-                         or concat pooling [last, max, mean] over its tokens (ULMFiT)
+                         the mean of its tokens (Sentence-BERT), or concat pooling
+                         [last, max, mean] over its tokens (ULMFiT)
     fused              = the bodies' pooled features concatenated, or mixed by a
                          learned per-example gate (fusion of several pretrained bodies)
     head               = one dense layer: classes, tags (per token) or one value
@@ -30,7 +31,7 @@ from flax import nnx
 
 from pretrain.model import Transformer
 
-POOLINGS = ("first", "last", "concat")
+POOLINGS = ("first", "last", "mean", "concat")
 FUSIONS = ("concat", "gate")
 INIT_STDDEV = 0.02
 
@@ -47,8 +48,8 @@ def segment_bounds(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def pool(hidden: jax.Array, segment_ids: jax.Array, how: str) -> jax.Array:
-    """Per position, the pooled features of its segment: [B, L, D] ('first', 'last')
-    or [B, L, 3D] ('concat': last, max, mean)."""
+    """Per position, the pooled features of its segment: [B, L, D] ('first', 'last',
+    'mean' over the segment's tokens) or [B, L, 3D] ('concat': last, max, mean)."""
     starts, ends = segment_bounds(segment_ids)
     take = lambda index: jnp.take_along_axis(hidden, index[..., None], axis=1)  # noqa: E731
     if how == "first":
@@ -61,9 +62,11 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, how: str) -> jax.Array:
     count = rows * (length + 1)
     sums = jax.ops.segment_sum(flat, groups, count)
     sizes = jax.ops.segment_sum(jnp.ones_like(groups, jnp.float32), groups, count)
-    maxima = jax.ops.segment_max(flat, groups, count)
     back = lambda per_group: per_group[groups].reshape(rows, length, -1)  # noqa: E731
     mean = back(sums / jnp.maximum(sizes, 1.0)[:, None])
+    if how == "mean":
+        return mean.astype(hidden.dtype)
+    maxima = jax.ops.segment_max(flat, groups, count)
     return jnp.concatenate([take(ends).astype(jnp.float32), back(maxima), mean], axis=-1).astype(hidden.dtype)
 
 

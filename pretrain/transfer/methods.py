@@ -25,7 +25,10 @@ each changes one thing (ULMFiT is 'discriminative+stlr+gradual_unfreezing'):
                       decaying log-linearly from `start` to `end` over the run
                       (SiATL: 0.2 to 0.1).
 
-Fusion (several bodies) freezes every body, as probing does.
+Fusion (several bodies) trains like one body: `probe` freezes every body and trains
+the gate and head; `full` fine-tunes the bodies, the gate and the head jointly (the
+second stage of model stitching: each body pretrained alone, then the fused model
+fine-tuned as one).
 """
 
 from __future__ import annotations
@@ -76,12 +79,12 @@ def parse_methods(spec: str) -> tuple[str, ...]:
     return methods
 
 
-def plan(spec: str, settings: Mapping[str, Mapping[str, Any]], depths: Mapping[tuple, int], total_steps: int,
-         bodies: int) -> Plan:
+def plan(spec: str, settings: Mapping[str, Mapping[str, Any]], depths: Mapping[tuple, int], total_steps: int
+         ) -> Plan:
     """The plan of method spec `spec` with `settings` (config.methods) for parameters at
     `depths` (heads.parameter_depths)."""
     methods = parse_methods(spec)
-    frozen = "probe" in methods or bodies > 1
+    frozen = "probe" in methods
     factors = None
     if "discriminative" in methods:
         s = settings["discriminative"]

@@ -25,10 +25,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 KINDS = ("classification", "pair", "tagging", "regression")
 SPLITS = ("train", "dev", "test")
@@ -111,6 +114,35 @@ def fingerprint(labels: Sequence[str], splits: Mapping[str, Sequence[TaskExample
 def hash_position(text: str) -> float:
     """Where a text falls in [0, 1): the first 8 bytes of its sha256 (fixed splits)."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
+
+
+def label_subset(task: Task, fraction: float, seed: int = 0) -> Task:
+    """The task with `fraction` of its training examples (dev and test unchanged):
+    stratified (each class keeps round(fraction x its count) of its examples; tagging
+    and regression are one stratum), nested (a smaller fraction's examples are among a
+    larger one's, for the same seed) and deterministic (`seed` orders each stratum).
+    A fraction that leaves a class without an example is refused, naming the class."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction!r} must lie in (0, 1]")
+    if fraction == 1:
+        return task
+    train = task.splits["train"]
+    by_class: dict[Any, list[int]] = {}
+    for index, example in enumerate(train):
+        by_class.setdefault(example.label if task.kind in ("classification", "pair") else None, []).append(index)
+    kept = []
+    for label, indices in sorted(by_class.items(), key=lambda item: str(item[0])):
+        rng = np.random.default_rng([seed, len(indices), *hashlib.sha256(str(label).encode()).digest()[:4]])
+        take = math.floor(fraction * len(indices) + 0.5)
+        if take == 0:
+            name = task.labels[int(label)] if label is not None and task.labels else "every example"
+            raise ValueError(f"label fraction {fraction:g} of task {task.name!r} leaves class {name!r} ({len(indices)} "
+                             f"training examples) without an example; use a fraction of at least "
+                             f"{0.5 / len(indices):.3g}")
+        kept.extend(np.asarray(indices)[rng.permutation(len(indices))[:take]].tolist())
+    splits = {**task.splits, "train": tuple(train[i] for i in sorted(kept))}
+    return dataclasses.replace(task, splits=splits, fingerprint="",
+                               origin=f"{task.origin}; {fraction:g} of its training examples, stratified")
 
 
 def load_task(config: Any, pretraining_data: Any = None) -> Task:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -44,6 +45,10 @@ from pretrain.workdir import check_free_space, checkpoint_bytes
 
 log = logging.getLogger("pretrain.train")
 RESULT_FILENAME = "result.json"
+# pooling='auto': the mean of the example's tokens for every layout. An MLM body without
+# NSP never trains its [CLS] and a causal body never reads its [EOS] as input, so
+# 'first' and 'last' read a position the body never trained (README, Fine-tune).
+AUTO_POOLING = "mean"
 EVAL_SPLITS = ("dev", "test")
 
 
@@ -83,8 +88,8 @@ def finetune_problems(config: Any, device_count: int) -> list[str]:
                             f"{', '.join(sorted(config.methods))}")
         bodies = [r for r in config.init.split(",") if r.strip()]
         if "aux_lm" in chosen and ("probe" in chosen or len(bodies) > 1):
-            problems.append(f"config.method={config.method!r}: aux_lm trains the body with a language-model loss, "
-                            "so it cannot be combined with probe or with fusion (several bodies), which freeze it")
+            problems.append(f"config.method={config.method!r}: aux_lm trains one body with its language-model "
+                            "loss, so it cannot be combined with probe (a frozen body) or with fusion (several bodies)")
     except ValueError as error:
         problems.append(str(error))
     if not config.init.strip() and not config.shape_from:
@@ -123,6 +128,37 @@ def hf_run_config(directory: str) -> Any:
     return run_config
 
 
+def body_source(run: str) -> tuple[Any, Tokenizer]:
+    """(the pretraining config, the tokenizer) of a body's run directory or Hugging Face
+    directory, without building its model."""
+    if is_hf_directory(run):  # a Hugging Face model: its own shape, weights and tokenizer
+        problems = hf_directory_problems(run)
+        if problems:
+            raise ValueError(problems[0].replace("config.init.hf", "config.init"))
+        return hf_run_config(run), ImportedTokenizer(os.path.join(run, IMPORTED_TOKENIZER))
+    return read_run_config(run), run_tokenizer(run)  # no tokenizer is one message; an import has tokenizer.json
+
+
+def resolved_config(config: Any) -> Any:
+    """The config with its steps set: `epochs` passes over the task's training split (at
+    least `min_steps`) when epochs > 0, and `evaluations` evenly spaced evaluations when
+    evaluations > 0 (else `eval_every`). A new config; the one given is not edited."""
+    if config.epochs <= 0 and config.evaluations <= 0:
+        return config
+    resolved = config.copy_and_resolve_references()
+    if config.epochs > 0:
+        runs = [r.strip() for r in config.init.split(",") if r.strip()] or [config.shape_from]
+        run_config, tokenizer = body_source(runs[0])
+        task = tasks.load_task(config, run_config.data)
+        per_epoch = encoding.batches_per_epoch(task, tokenizer, seq_len=config.seq_len,
+                                               batch_size=config.batch_size, packed=config.packed)
+        resolved.total_steps = max(int(config.min_steps), math.ceil(config.epochs * per_epoch))
+    if config.evaluations > 0:
+        resolved.eval_every = max(1, math.ceil(resolved.total_steps / config.evaluations))
+        resolved.checkpoint_every = resolved.eval_every
+    return resolved
+
+
 def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     """The bodies of `config.init` (restored from each run's newest good checkpoint) or,
     with init='', one body shaped like `config.shape_from`, randomly initialised with
@@ -132,15 +168,7 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     runs = runs or [config.shape_from]
     bodies, tokenizer, digest = [], None, None
     for run in runs:
-        if is_hf_directory(run):  # a Hugging Face model: its own shape, weights and tokenizer
-            problems = hf_directory_problems(run)
-            if problems:
-                raise ValueError(problems[0].replace("config.init.hf", "config.init"))
-            run_config = hf_run_config(run)
-            found = ImportedTokenizer(os.path.join(run, IMPORTED_TOKENIZER))
-        else:
-            run_config = read_run_config(run)
-            found = run_tokenizer(run)  # its absence is one message; a run that imported a model has tokenizer.json
+        run_config, found = body_source(run)
         with open(found.path, "rb") as handle:
             this = hashlib.sha256(handle.read()).hexdigest()
         if digest is not None and this != digest:
@@ -159,7 +187,7 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
             step = 0
         layout = config.layout if config.layout != "auto" else encoding.layout_of(run_config.objective,
                                                                                    run_config.objectives)
-        pooling = config.pooling if config.pooling != "auto" else ("last" if layout == "causal" else "first")
+        pooling = config.pooling if config.pooling != "auto" else AUTO_POOLING
         bodies.append(Body(os.path.abspath(run), model, run_config, layout, pooling, pretrained, step))
     return bodies, tokenizer
 
@@ -180,6 +208,66 @@ def task_loss(outputs: jax.Array, batch: Mapping[str, jax.Array], kind: str) -> 
         predictions = jnp.argmax(outputs, axis=-1).astype(jnp.int32)
         correct = (predictions == labels).astype(jnp.float32)
     return (losses * labelled).sum(), (correct * labelled).sum(), labelled.sum(), predictions
+
+
+def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objectives: int, plan: methods.Plan,
+                   total_steps: int) -> tuple[Callable, Callable, Callable]:
+    """(loss_fn, totals_fn, eval_fn) of a task model: the task loss over the labelled
+    positions (plus the auxiliary LM loss of `aux_lm`, with its decaying weight), the
+    global denominators (labels, LM token weight), and the forward pass that gives
+    the loss sum, label count and predictions. The fine-tuning trainer and the
+    comparison's vmapped sweeps (`pretrain.transfer.sweep`) train with these."""
+    aux = plan.aux
+
+    def loss_fn(params, batch, totals, step):
+        model = nnx.merge(graphdef, params, rest)
+        outputs, hidden = model(batch)
+        loss_sum, correct, count, _ = task_loss(outputs, batch, kind)
+        loss = loss_sum / totals[0]
+        zeros = jnp.zeros((num_objectives,), jnp.float32)
+        stats = {"loss_sum": zeros.at[0].set(loss_sum), "correct_sum": zeros.at[0].set(correct),
+                 "weight_sum": zeros.at[0].set(count)}
+        if aux is not None:
+            body = model.bodies[0]
+            aux_sum, aux_stats = weighted_token_statistics(body, hidden[0], batch["targets"], batch["weights"],
+                                                           batch["objective_id"], num_objectives)
+            loss = loss + methods.aux_coefficient(aux, step, total_steps) * aux_sum / totals[1]
+            stats = {name: value.at[0].set(stats[name][0]) for name, value in aux_stats.items()}
+        return loss, stats
+
+    def totals_fn(batch):
+        return (batch["task_labels"] >= 0).sum().astype(jnp.float32), batch["weights"].sum()
+
+    def eval_fn(params, batch):
+        outputs, _ = nnx.merge(graphdef, params, rest)(batch)
+        loss_sum, correct, count, predictions = task_loss(outputs, batch, kind)
+        return {"loss_sum": loss_sum, "count": count, "predictions": predictions}
+
+    return loss_fn, totals_fn, eval_fn
+
+
+def collect_predictions(task: tasks.Task, split: str, batches: Sequence[Mapping[str, np.ndarray]],
+                        results: Sequence[Mapping[str, Any]]) -> tuple[list, list, float, float]:
+    """(gold, predicted, loss sum, labelled count) of a split in example order, from
+    its evaluation batches and `eval_fn`'s result for each: a prediction is read where
+    a batch's `task_example` names an example (each word's first piece for tags; a
+    word cut from its row keeps the default tag, O)."""
+    examples = task.splits[split]
+    tagging = task.kind == "tagging"
+    default = task.labels.index("O") if tagging and "O" in task.labels else 0
+    predicted: list = [[default] * len(e.words) for e in examples] if tagging else [0.0] * len(examples)
+    loss = count = 0.0
+    for batch, result in zip(batches, results, strict=True):
+        loss, count = loss + float(result["loss_sum"]), count + float(result["count"])
+        where = batch["task_example"] >= 0
+        for example, word, value in zip(batch["task_example"][where], batch["task_word"][where],
+                                        np.asarray(result["predictions"])[where]):
+            if tagging:
+                predicted[example][word] = int(value)
+            else:
+                predicted[example] = float(value) if task.kind == "regression" else int(value)
+    gold = [list(e.tags) if tagging else e.label for e in examples]
+    return gold, predicted, loss, count
 
 
 class FinetuneTrainer(Trainer):
@@ -207,7 +295,7 @@ class FinetuneTrainer(Trainer):
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         params = jax.device_get(params)  # restored bodies sit on one device; the state is placed by the mesh
         depths = heads.parameter_depths(params, [b.model.config.num_layers for b in self.bodies])
-        self.plan = methods.plan(config.method, config.methods, depths, config.total_steps, len(self.bodies))
+        self.plan = methods.plan(config.method, config.methods, depths, config.total_steps)
         self.aux = None
         if self.plan.aux is not None:
             body = self.bodies[0].run_config
@@ -255,34 +343,9 @@ class FinetuneTrainer(Trainer):
     # -- the compiled steps ----------------------------------------------------------
 
     def _step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
-        graphdef, rest, kind, config = self.graphdef, self.rest, self.task.kind, self.config
-        num_objectives, aux = len(self.names), self.plan.aux
-
-        def loss_fn(params, batch, totals, step):
-            model = nnx.merge(graphdef, params, rest)
-            outputs, hidden = model(batch)
-            loss_sum, correct, count, _ = task_loss(outputs, batch, kind)
-            loss = loss_sum / totals[0]
-            zeros = jnp.zeros((num_objectives,), jnp.float32)
-            stats = {"loss_sum": zeros.at[0].set(loss_sum), "correct_sum": zeros.at[0].set(correct),
-                     "weight_sum": zeros.at[0].set(count)}
-            if aux is not None:
-                body = model.bodies[0]
-                aux_sum, aux_stats = weighted_token_statistics(body, hidden[0], batch["targets"], batch["weights"],
-                                                               batch["objective_id"], num_objectives)
-                loss = loss + methods.aux_coefficient(aux, step, config.total_steps) * aux_sum / totals[1]
-                stats = {name: value.at[0].set(stats[name][0]) for name, value in aux_stats.items()}
-            return loss, stats
-
-        def totals_fn(batch):
-            return (batch["task_labels"] >= 0).sum().astype(jnp.float32), batch["weights"].sum()
-
-        def eval_fn(params, batch):
-            outputs, _ = nnx.merge(graphdef, params, rest)(batch)
-            loss_sum, correct, count, predictions = task_loss(outputs, batch, kind)
-            return {"loss_sum": loss_sum, "count": count, "predictions": predictions}
-
-        return make_step(loss_fn, totals_fn, self.optimizer, config.accumulation_steps, axis_name), eval_fn
+        loss_fn, totals_fn, eval_fn = task_functions(self.graphdef, self.rest, self.task.kind, len(self.names),
+                                                     self.plan, self.config.total_steps)
+        return make_step(loss_fn, totals_fn, self.optimizer, self.config.accumulation_steps, axis_name), eval_fn
 
     # -- evaluation ------------------------------------------------------------------
 
@@ -300,23 +363,9 @@ class FinetuneTrainer(Trainer):
 
     def _predict(self, params: Any, split: str) -> tuple[list, list, float, float]:
         """(gold, predicted, loss sum, labelled count) over a split, in example order."""
-        examples = self.task.splits[split]
-        tagging = self.task.kind == "tagging"
-        default = self.task.labels.index("O") if tagging and "O" in self.task.labels else 0
-        predicted: list = [[default] * len(e.words) for e in examples] if tagging else [0.0] * len(examples)
-        loss = count = 0.0
-        for batch in self.eval_data[split]:
-            result = jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
-            loss, count = loss + float(result["loss_sum"]), count + float(result["count"])
-            where = batch["task_example"] >= 0
-            for example, word, value in zip(batch["task_example"][where], batch["task_word"][where],
-                                            result["predictions"][where]):
-                if tagging:
-                    predicted[example][word] = int(value)
-                else:
-                    predicted[example] = float(value) if self.task.kind == "regression" else int(value)
-        gold = [list(e.tags) if tagging else e.label for e in examples]
-        return gold, predicted, loss, count
+        results = [jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
+                   for batch in self.eval_data[split]]
+        return collect_predictions(self.task, split, self.eval_data[split], results)
 
     def _print_evaluation(self, step: int, values: dict[str, float]) -> None:
         def split_line(split: str) -> str:
@@ -402,6 +451,7 @@ def run_seeds(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
     """Fine-tunes once per seed of `config.seeds` in `workdir/seed_<s>` (a finished
     seed, whose result.json covers its last checkpoint, is not trained again), then
     writes `workdir/summary.json`: test mean ± std over seeds and each seed's scores."""
+    config = resolved_config(config)
     results = []
     for seed in config.seeds:
         directory = os.path.join(os.fspath(workdir), f"seed_{seed}")

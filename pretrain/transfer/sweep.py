@@ -1,0 +1,263 @@
+"""Many small fine-tuning runs as one compiled program: seeds and learning rates of one cell.
+
+A comparison fine-tunes every row on every task with every method, at several
+learning rates and seeds and label fractions: hundreds of runs of a small model,
+each of which would otherwise compile its own step. Here the runs of one cell
+(one body, task, method and training split) that differ only in their seed and
+peak learning rate are *members* of one sweep:
+
+    parameters, optimizer state   stacked over members on a leading axis
+    the step                      `jax.vmap` of the fine-tuning trainer's step
+                                  (`trainer.task_functions` + `train_step.make_step`)
+    the learning rate             a per-member hyperparameter in the optimizer state
+                                  (`optax.inject_hyperparams` around `methods.make_optimizer`)
+    the batches                   each member reads its own seed's stream; members of
+                                  one seed read the same batches
+    evaluation                    one vmapped forward pass over the dev and test batches
+
+so a cell costs its FLOPs plus one compilation, and the compiled programs are
+reused by every cell of the same shape (`Compiled`, keyed by everything that
+changes the program). A member is exactly the run `pretrain.finetune` would make
+with that seed and learning rate (same head initialisation, batches, optimizer and
+schedule), without checkpoints: the comparison saves each finished cell instead.
+
+The tokenized task is prepared once (`TaskData`) and shared by every row, method,
+seed and learning rate that trains on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pretrain.tokenizer import Tokenizer
+from pretrain.train_step import make_step
+from pretrain.transfer import encoding, heads, methods, scores, tasks
+from pretrain.transfer.trainer import EVAL_SPLITS, Body, collect_predictions, task_functions
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One run of a sweep: its seed (head initialisation, data order, and a random
+    body's initialisation) and its peak learning rate."""
+
+    seed: int
+    learning_rate: float
+
+
+class TaskData:
+    """A task tokenized once for every run that trains on it: the training split's
+    segments (both layouts' views), the fixed dev and test batches, and how many
+    packed batches one pass over the training split takes (an epoch)."""
+
+    def __init__(self, task: tasks.Task, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, packed: bool):
+        self.task, self.tokenizer = task, tokenizer
+        self.seq_len, self.batch_size, self.packed = seq_len, batch_size, packed
+        self.segments = encoding.CachedSegments(task, tokenizer, seq_len)
+        self.eval_batches = {split: encoding.evaluation_batches(task, split, tokenizer, seq_len=seq_len,
+                                                                batch_size=batch_size, packed=packed)
+                             for split in EVAL_SPLITS}
+        self.steps_per_epoch = encoding.batches_per_epoch(task, tokenizer, seq_len=seq_len, batch_size=batch_size,
+                                                          packed=packed, segments=self.segments)
+
+    def stream(self, seed: int):
+        """The endless training batches of `seed` (the order `pretrain.finetune` reads)."""
+        return iter(encoding.training_stream(self.task, self.tokenizer, seq_len=self.seq_len,
+                                             batch_size=self.batch_size, seed=seed, packed=self.packed,
+                                             segments=self.segments))
+
+
+@dataclasses.dataclass
+class Compiled:
+    """The compiled step and evaluation of one program shape, and what compiling cost."""
+
+    step: Any
+    evaluate: Any
+    compile_seconds: float
+
+
+class ProgramCache:
+    """Compiled sweep programs by everything that changes them, so cells of one shape
+    (rows with the same body shape and layout, the same task, method and steps)
+    compile once."""
+
+    def __init__(self) -> None:
+        self.programs: dict[str, Compiled] = {}
+        self.compile_seconds = 0.0
+        self.compilations = 0
+
+    def get(self, key: str, build: Callable[[], Compiled]) -> Compiled:
+        if key not in self.programs:
+            self.programs[key] = build()
+            self.compile_seconds += self.programs[key].compile_seconds
+            self.compilations += 1
+        return self.programs[key]
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _member_optimizer(plan: methods.Plan, params: nnx.State, config: Any, total_steps: int
+                      ) -> optax.GradientTransformation:
+    """The method's optimizer with the peak learning rate held in its state, so members
+    of one sweep can differ in it (every other setting is the config's)."""
+    settings = config.optimizer.to_dict()
+
+    def build(learning_rate):
+        return methods.make_optimizer(plan, params, {**settings, "learning_rate": learning_rate}, config.methods,
+                                      total_steps)
+
+    return optax.inject_hyperparams(build)(learning_rate=settings["learning_rate"])
+
+
+def _program_key(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], Sequence[Body]],
+                  members: Sequence[Member], *, total_steps: int, eval_every: int,
+                  cache: ProgramCache | None = None) -> list[dict[str, Any]]:
+    """Fine-tunes every member in one vmapped program and returns, per member, its
+    evaluations (dev and test scores every `eval_every` steps and at the end), the
+    dev-selected one (the best dev metric, the earliest on a tie, as `pretrain.finetune`
+    selects), and the test predictions there (for paired tests over examples).
+
+    `bodies_of(seed)` gives the bodies of a member's seed (restored once for a
+    pretrained row; initialised with the seed for the random-init control)."""
+    if not members:
+        return []
+    cache = cache or ProgramCache()
+    task = task_data.task
+    models, graphdef, rest = [], None, None
+    for member in members:
+        bodies = bodies_of(member.seed)
+        model = heads.TaskModel([b.model for b in bodies], [b.layout for b in bodies], [b.pooling for b in bodies],
+                                task.num_outputs, tagging=task.kind == "tagging",
+                                scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
+                                fusion=config.fusion, seed=member.seed)
+        this_graphdef, params, this_rest = nnx.split(model, nnx.Param, ...)
+        if graphdef is not None and this_graphdef != graphdef:
+            raise ValueError("the members of one sweep must share their model's structure")
+        graphdef, rest = this_graphdef, this_rest
+        models.append(jax.device_get(params))
+    num_layers = [b.model.config.num_layers for b in bodies_of(members[0].seed)]
+    depths = heads.parameter_depths(models[0], num_layers)
+    plan = methods.plan(config.method, config.methods, depths, total_steps)
+    if plan.aux is not None:
+        raise ValueError(f"config.method={config.method!r}: aux_lm is not swept (it mixes language-model rows into "
+                         "the task's batches); fine-tune it with pretrain.finetune")
+    optimizer = _member_optimizer(plan, models[0], config, total_steps)
+    loss_fn, totals_fn, eval_fn = task_functions(graphdef, rest, task.kind, 1, plan, total_steps)
+    step = make_step(loss_fn, totals_fn, optimizer, config.accumulation_steps)
+
+    def initial(params, learning_rate):
+        opt_state = optimizer.init(params)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+
+    state = jax.jit(jax.vmap(initial))(_stack(models), jnp.asarray([m.learning_rate for m in members], jnp.float32))
+    streams = {seed: task_data.stream(seed) for seed in dict.fromkeys(m.seed for m in members)}
+
+    def next_batch() -> dict[str, np.ndarray]:
+        by_seed = {seed: next(stream) for seed, stream in streams.items()}
+        return {name: np.stack([by_seed[m.seed][name] for m in members]) for name in by_seed[members[0].seed]}
+
+    first = next_batch()
+    eval_shapes = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), b)
+                   for b in task_data.eval_batches["dev"][:1]]
+
+    def build() -> Compiled:
+        started = time.perf_counter()
+        abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+        compiled_step = jax.jit(jax.vmap(step), donate_argnums=0).lower(abstract(state), abstract(first)).compile()
+        compiled_eval = jax.jit(jax.vmap(eval_fn, in_axes=(0, None))).lower(abstract(state["params"]),
+                                                                            eval_shapes[0]).compile()
+        return Compiled(compiled_step, compiled_eval, time.perf_counter() - started)
+
+    settings = {k: v for k, v in config.optimizer.to_dict().items() if k != "learning_rate"}
+    key = _program_key(graphdef, jax.tree.map(lambda x: (x.shape, str(x.dtype)), (state, first)), task.kind,
+                       config.method, json.dumps(config.methods.to_dict(), sort_keys=True), settings, total_steps,
+                       config.accumulation_steps, jax.tree.map(lambda x: (x.shape, str(x.dtype)), rest))
+    program = cache.get(key, build)
+
+    records: list[list[dict[str, Any]]] = [[] for _ in members]
+    best_predictions: list[Any] = [None] * len(members)
+    losses: list[list[float]] = [[] for _ in members]
+    nonfinite: list[int | None] = [None] * len(members)
+    batch, running = first, []
+    started = time.perf_counter()
+    for number in range(1, total_steps + 1):
+        state, metrics = program.step(state, batch)
+        running.append(metrics["loss"])
+        if number < total_steps:
+            batch = next_batch()
+        if number % eval_every and number != total_steps:
+            continue
+        mean_loss = np.mean(np.stack(jax.device_get(running)), axis=0)
+        running = []
+        evaluations = _evaluate(program, state["params"], task_data)
+        for index, (scored, predictions) in enumerate(evaluations):
+            losses[index].append(float(mean_loss[index]))
+            if nonfinite[index] is None and not np.isfinite(mean_loss[index]):
+                nonfinite[index] = number
+            record = {"step": number, "train_loss": float(mean_loss[index]), **scored}
+            previous = [r["dev"][task.metric] for r in records[index]]
+            if not previous or record["dev"][task.metric] > max(previous):
+                best_predictions[index] = predictions
+            records[index].append(record)
+    train_seconds = time.perf_counter() - started
+    out = []
+    for index, member in enumerate(members):
+        best = max(records[index], key=lambda r: (r["dev"][task.metric], -r["step"]))
+        out.append({"task": task.name, "seed": member.seed, "learning_rate": member.learning_rate,
+                    "metric": task.metric, "selected_step": best["step"], "last_step": total_steps, "dev": best["dev"], "test": best["test"],
+                    "evaluations": records[index], "test_predictions": best_predictions[index],
+                    "nonfinite_step": nonfinite[index], "members": len(members),
+                    "train_seconds": train_seconds, "compile_seconds": program.compile_seconds})
+    return out
+
+
+def _evaluate(program: Compiled, params: Any, task_data: TaskData) -> list[tuple[dict[str, Any], Any]]:
+    """Per member: ({'dev': scores, 'test': scores}, the test predictions)."""
+    task = task_data.task
+    per_split = {}
+    for split in EVAL_SPLITS:
+        batches = task_data.eval_batches[split]
+        results = jax.device_get([program.evaluate(params, batch) for batch in batches])
+        per_split[split] = results
+    members = jax.tree.leaves(params)[0].shape[0]
+    out = []
+    for index in range(members):
+        scored, test_predictions = {}, None
+        for split in EVAL_SPLITS:
+            batches = task_data.eval_batches[split]
+            mine = [jax.tree.map(lambda x: x[index], result) for result in per_split[split]]
+            gold, predicted, loss, count = collect_predictions(task, split, batches, mine)
+            scored[split] = {**scores.score(task.metrics, task.labels, gold, predicted),
+                             "loss": loss / max(count, 1.0)}
+            if split == "test":
+                test_predictions = predicted
+        out.append((scored, test_predictions))
+    return out
+
+
+def epoch_steps(task_data: TaskData, epochs: float) -> int:
+    """Optimizer steps of `epochs` passes over the training split."""
+    return max(1, math.ceil(epochs * task_data.steps_per_epoch))
+
+
+def evaluation_interval(total_steps: int, evaluations: int) -> int:
+    """Steps between evaluations so a run is scored `evaluations` times, the last at its end."""
+    return max(1, math.ceil(total_steps / max(1, evaluations)))
