@@ -9,6 +9,8 @@ Variants (comma-separated `key=value`):
   preset  which runs: 'objectives' (mlm, clm, mass, unilm), 'mixtures' (mlm, clm
           and their 1:1 mixture), 't5' (T5's objective study, Raffel et al. 2020
           tables 4-5, in one stack: mlm, mass, span_corruption, prefix_lm, clm),
+          'literature' (mlm, span_corruption, prefix_lm, clm: the directions the
+          literature agrees on, checked by benchmarks/literature.py),
           'ul2' (UL2's comparison, Tay et al. 2022: ul2 against span_corruption and
           clm), 'mass_span' (MASS at span fractions 0.3 / 0.5 / 0.7) or 'mlm_rate'
           (MLM at masking rates 0.1 / 0.15 / 0.3).
@@ -30,13 +32,16 @@ from configs import variants as variants_lib
 
 DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": ""}
 # preset -> the downstream tasks it fine-tunes on by default
-DOWNSTREAM_TASKS = {"objectives": "pydocs_topic,pydocs_code_spans", "mixtures": "pydocs_topic",
+DOWNSTREAM_TASKS = {"objectives": "pydocs_topic,pydocs_code_spans", "literature": "pydocs_topic,pydocs_code_spans",
+                    "mixtures": "pydocs_topic",
                     "t5": "pydocs_topic,pydocs_code_spans", "ul2": "pydocs_topic,pydocs_code_spans",
                     "mass_span": "", "mlm_rate": ""}
 
 # preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
 PRESETS = {
     "objectives": ({"mlm": "mlm", "clm": "clm", "mass": "mass", "unilm": "unilm"}, None),
+    "literature": ({"mlm": "mlm", "span_corruption": "span_corruption", "prefix_lm": "prefix_lm", "clm": "clm"},
+                   None),
     "mixtures": ({"mlm": "mlm", "clm": "clm", "mlm+clm": "mlm:1,clm:1"}, None),
     "t5": ({"mlm": "mlm", "mass": "mass", "span_corruption": "span_corruption", "prefix_lm": "prefix_lm",
             "clm": "clm"}, None),
@@ -87,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sweep.field = sweep[1] if sweep else ""  # dotted budget field, e.g. 'objectives.mass.span_fraction'
     config.sweep.grid = sweep[2] if sweep else ()  # the values
     config.evaluation = ml_collections.ConfigDict()  # the held-out matrix (pretrain.evaluate)
-    config.evaluation.objectives = ""  # comma-separated registered objectives; '' = all
+    config.evaluation.objectives = ""  # comma-separated registered objectives; '' = the trained ones; 'all'
     config.evaluation.seed = 0  # fixed: every run is scored on the same held-out batches
     config.evaluation.batch_size = 16  # rows per evaluation batch
     config.evaluation.max_documents = 0  # 0: every held-out document
@@ -100,18 +105,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.downstream.methods = "full,probe"  # comma-separated methods (each may join several with '+'); fusion: probe
     config.downstream.seeds = (0, 1, 2)  # fine-tuning seeds per cell: mean ± std
     config.downstream.control = True  # add the random-init control row (same shape and tokenizer)
+    # the control's layout: a Transformer encoder trained from scratch reads its examples
+    # bidirectionally (the strongest from-scratch baseline); 'auto': the first run's layout
+    config.downstream.control_layout = "bidirectional"
     config.downstream.fusion = "mlm,clm" if variants["preset"] == "objectives" else ""  # runs fused into one row
     # (probe: a gate and head over frozen bodies; full: the bodies fine-tuned jointly with them)
     # BERT's protocol (appendix A.3): seed 0 at every rate, the dev-best rate for the other
     # seeds, per cell (the control included); pretrain/transfer/comparison.py
-    config.downstream.learning_rates = (3e-4, 1e-3, 3e-3) if variants["size"] == "tiny" else (3e-5, 1e-4, 3e-4)
+    config.downstream.learning_rates = (1e-3, 3e-3, 1e-2) if variants["size"] == "tiny" else (3e-5, 1e-4, 3e-4)
+    # methods that freeze the bodies (probe) train a linear head alone: a grid ten times higher
+    config.downstream.frozen_learning_rates = tuple(10 * rate for rate in config.downstream.learning_rates)
     # nested, stratified subsets of each task's training split: pretraining's value is in few labels
     config.downstream.label_fractions = (0.05, 1.0)
     config.downstream.subset_seed = 0  # orders the examples each fraction keeps
     tune = finetune.get_config()  # the fine-tuning budget every cell shares (task, method, init are set per cell)
-    tune.epochs = 10.0  # passes over the cell's training split ...
-    tune.min_steps = 150  # ... but at least this many steps (a few labels still get a converged run)
-    tune.evaluations = 10  # dev (selects the step) and test scored 10 times over the run
+    tune.batch_size = 16  # packed rows of 128 tokens: about 64 examples per step
+    tune.epochs = 2.0  # passes over the cell's training split (BERT fine-tunes 2-4) ...
+    tune.min_steps = 50  # ... but at least this many steps (a few labels still get a converged run)
+    tune.evaluations = 8  # dev scored 8 times over the run; it selects the step whose test score is reported
     tune.optimizer.learning_rate = config.downstream.learning_rates[1]  # pretrain.finetune's; the grid overrides it
     config.downstream.finetune = tune
     return config

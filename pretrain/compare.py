@@ -37,6 +37,8 @@ from typing import Any
 
 import jax
 import ml_collections
+
+import objectives
 from absl import flags
 
 from pretrain import cli, compare_report
@@ -47,7 +49,7 @@ from pretrain.inference import checkpoint_steps
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.tokenizer import MODEL_FILENAME
 from pretrain.train import Trainer
-from pretrain.transfer import comparison, downstream_report
+from pretrain.transfer import comparison, downstream_report, tasks
 from pretrain.transfer.trainer import finetune_problems
 
 RUN_RECORD = "compare_run.json"
@@ -212,12 +214,24 @@ def check_downstream(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> 
     if not comparison.cells(config.downstream):
         return
     comparison.rows(runs, config.downstream)  # names the fusion's runs
+    fractions = comparison.fractions(config.downstream)  # each in (0, 1]
+    layouts = ("auto", "bidirectional", "causal")
+    if config.downstream.control_layout not in layouts:
+        raise ValueError(f"config.downstream.control_layout={config.downstream.control_layout!r} must be one of "
+                         f"{layouts}")
     for task, method in comparison.cells(config.downstream):
         row = comparison.Row("check", runs[0].directory)
         problems = finetune_problems(comparison.finetune_config(config.downstream, row, task, method),
                                      jax.device_count())
         if problems:
             raise ValueError(f"config.downstream ({task}, {method}): {' '.join(' '.join(problems).split())}")
+    for task in dict.fromkeys(task for task, _ in comparison.cells(config.downstream)):
+        whole = tasks.load_task(comparison.finetune_config(config.downstream, row, task, "full"), runs[0].config.data)
+        for fraction in fractions:  # a fraction that empties a class is named now, not after pretraining
+            try:
+                tasks.label_subset(whole, fraction, seed=config.downstream.subset_seed)
+            except ValueError as error:
+                raise ValueError(f"config.downstream.label_fractions: {error}") from None
 
 
 def _record_path(directory: str) -> str:
@@ -273,10 +287,24 @@ def train_run(run: Run, tokenizer_path: str) -> None:
         write_json({"config": wanted, "wall_time_s": run.wall_time_s}, _record_path(run.directory))
 
 
-def score_run(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict) -> dict:
-    """The run's held-out matrix row, reused from its evaluation.json when it is for the
-    same checkpoint step and held-out settings."""
-    names = [n.strip() for n in evaluation.objectives.split(",") if n.strip()] or None
+def matrix_objectives(evaluation: ml_collections.ConfigDict, runs: Sequence[Run]) -> list[str] | None:
+    """The objectives of the held-out matrix: `config.evaluation.objectives` when it names
+    some, every registered one for 'all' (None), else (the default '') the objectives the
+    runs trained, in order."""
+    spec = evaluation.objectives.strip()
+    if spec == "all":
+        return None
+    if spec:
+        return [n.strip() for n in spec.split(",") if n.strip()]
+    return list(dict.fromkeys(name for run in runs for name in objectives.parse_mixture_spec(run.objective)))
+
+
+def score_run(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collections.ConfigDict,
+              names: Sequence[str] | None = None) -> dict:
+    """The run's held-out matrix row under `names` (None: every registered objective),
+    reused from its evaluation.json when it is for the same checkpoint step and
+    held-out settings."""
+    names = list(names) if names is not None else None
     settings = dict(seq_len=budget.seq_len, batch_size=evaluation.batch_size, seed=evaluation.seed,
                     max_documents=evaluation.max_documents, objective_names=names)
     path = os.path.join(run.directory, RESULT_FILENAME)
@@ -293,6 +321,13 @@ def score_run(run: Run, budget: ml_collections.ConfigDict, evaluation: ml_collec
 
 def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") -> list[Run]:
     """Trains, evaluates and reports every run of `config` in `workdir` (see module docstring)."""
+    return compare_with_downstream(config, workdir, command)[0]
+
+
+def compare_with_downstream(config: ml_collections.ConfigDict, workdir: str, command: str = ""
+                            ) -> tuple[list[Run], dict[str, Any] | None]:
+    """`compare`, also returning the downstream results ({row: {column: summary}}, with
+    each seed's test predictions; None without a downstream phase)."""
     started = time.perf_counter()
     configs = run_configs(config)  # every run validated before any trains
     runs = [Run(name, run_config, os.path.join(workdir, "runs", name), group_of(name, config.pretrain_seeds))
@@ -305,7 +340,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     for run in runs:
         train_run(run, tokenizer_path)
     for run in runs:
-        run.evaluation = score_run(run, config.budget, config.evaluation)
+        run.evaluation = score_run(run, config.budget, config.evaluation, matrix_objectives(config.evaluation, runs))
     fingerprints = {run.name: run.evaluation["heldout"]["fingerprint"] for run in runs}
     if len(set(fingerprints.values())) > 1:
         raise ValueError(f"the runs were scored on different held-out sets ({fingerprints}); their tokenizers or "
@@ -318,7 +353,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, command: str = "") 
     for flag in compare_report.baseline_flags(runs):
         print(f"== warning: {flag}", flush=True)
     compare_report.write(workdir, runs, config, command, time.perf_counter() - started, downstream)
-    return runs
+    return runs, downstream
 
 
 def command_line(argv: Sequence[str]) -> str:

@@ -157,7 +157,9 @@ def plot_loss_curves(runs: Sequence[Run], path: str) -> None:
 
 
 def plot_matrix(runs: Sequence[Run], path: str) -> None:
-    """The held-out matrix as a heatmap: loss (accuracy) in each cell, colour by rank in its column."""
+    """The held-out matrix as a heatmap: loss (accuracy) in each cell; each column's colour
+    scale spans its own rows, from its best to its worst loss (the range printed under
+    the column's name), since objectives' losses live on different scales."""
     names, loss, _ = matrix(runs, "loss")
     _, accuracy, _ = matrix(runs, "accuracy")
     span = loss.max(axis=0) - loss.min(axis=0)
@@ -169,7 +171,8 @@ def plot_matrix(runs: Sequence[Run], path: str) -> None:
     for r in range(len(loss)):
         for c in range(len(names)):
             axes.text(c, r, f"{loss[r, c]:.2f}\n({accuracy[r, c]:.0%})", ha="center", va="center", fontsize=8)
-    axes.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ranges = [f"{name}\n{loss[:, c].min():.2f}-{loss[:, c].max():.2f} nats" for c, name in enumerate(names)]
+    axes.set_xticks(range(len(names)), ranges, rotation=30, ha="right", fontsize=8)
     axes.set_yticks(range(len(loss)), [group[0].group for group in groups(runs)], fontsize=8)
     axes.set_xlabel("evaluated as")
     axes.set_ylabel("trained run")

@@ -101,10 +101,7 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
     assert [run.trained_now for run in runs] == [True, True]
     report = (workdir / "report.md").read_text()
     assert "python -m pretrain.compare --workdir=X" in report
-    vocab = objectives.Vocabulary.reserved(400, sentinels=16)  # the shared tokenizer's layout
-    every_leaf = [leaf.name for name in objectives.registered_names()
-                  for leaf in objectives.build_mixture(name, vocab).objectives]
-    header = "| run | trained on | " + " | ".join(every_leaf) + " |"
+    header = "| run | trained on | mlm |"  # the matrix scores the trained objectives ('all': every registered)
     assert report.count(header) == 2  # loss and accuracy
     for run in runs:
         assert f"| {run.name} | `mlm` | " in report

@@ -169,8 +169,8 @@ def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path)
 def test_a_hugging_face_directory_fine_tunes_directly(saved_tokenizers, tmp_path, kind):
     """`pretrain.finetune --config.init=<HF dir>`: the body is the model's own (weights
     bit for bit), its tokenizer comes along, and its class sets the layout (BERT:
-    `[CLS] text [SEP]`, first-token pooling; GPT-2: `<|endoftext|> text <|endoftext|>`,
-    last-token pooling, `<|endoftext|>` standing in for the [CLS]/[SEP] it lacks)."""
+    `[CLS] text [SEP]`; GPT-2: `<|endoftext|> text <|endoftext|>`, `<|endoftext|>`
+    standing in for the [CLS]/[SEP] it lacks; both mean-pooled by default)."""
     import shutil
     import torch
 
@@ -191,8 +191,8 @@ def test_a_hugging_face_directory_fine_tunes_directly(saved_tokenizers, tmp_path
     model.save_pretrained(directory)
     bodies, tokenizer = transfer.load_bodies(config_for(str(directory)))
     (body,) = bodies
-    assert (body.layout, body.pooling, body.pretrained) == (("bidirectional", "first") if kind == "bert"
-                                                            else ("causal", "last")) + (True,)
+    assert (body.layout, body.pooling, body.pretrained) == (("bidirectional", "mean") if kind == "bert"
+                                                            else ("causal", "mean")) + (True,)
     from pretrain.hf import convert
     from safetensors.numpy import load_file
     saved = load_file(directory / "model.safetensors")

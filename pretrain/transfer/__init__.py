@@ -7,6 +7,10 @@
     heads           the task model: pretrained bodies, pooling, scalar mix, fusion, heads
     methods         fine-tuning methods as optimizer, schedule and update-mask choices
     trainer         the fine-tuning trainer (the pretraining loop with a task program)
+    sweep           many fine-tuning runs (seeds, learning rates) as one vmapped program
+    comparison      the comparison's downstream protocol: rate grid on dev, label fractions
+    significance    Welch's test over seeds, paired bootstrap over test examples, power
+    downstream_report  the downstream tables, verdict and plots of a comparison's report
 
 `python -m pretrain.finetune` is the command (DESIGN.md section 11).
 """

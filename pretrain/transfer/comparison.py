@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pretrain.inference import checkpoint_steps
-from pretrain.transfer import scores, significance, sweep, tasks
+from pretrain.transfer import significance, sweep, tasks
 from pretrain.transfer.trainer import load_bodies, seed_config, summarize_seeds
 
 CONTROL = "random-init"
@@ -58,13 +58,14 @@ class Row:
     name: str
     init: str  # comma-separated run directories ('' for the control)
     shape_from: str = ""
+    layout: str = ""  # the fine-tuning config's layout for this row ('': the config's own)
 
 
 def rows(runs: Sequence[Any], downstream: Any) -> list[Row]:
     """The table's rows: each run, the random-init control, and the fusion (if asked)."""
     out = [Row(run.name, run.directory) for run in runs]
     if downstream.control:
-        out.append(Row(CONTROL, "", shape_from=runs[0].directory))
+        out.append(Row(CONTROL, "", shape_from=runs[0].directory, layout=downstream.control_layout))
     fused = [name.strip() for name in downstream.fusion.split(",") if name.strip()]
     if fused:
         by_name = {run.name: run for run in runs}
@@ -112,6 +113,7 @@ def finetune_config(downstream: Any, row: Row, task: str, method: str) -> Any:
     config = copy.deepcopy(downstream.finetune)
     with config.unlocked():
         config.task, config.method, config.init, config.shape_from = task, method, row.init, row.shape_from
+        config.layout = row.layout or config.layout
         config.seeds = tuple(downstream.seeds)
     return config
 
@@ -166,7 +168,7 @@ def _fingerprint(config: Any, row: Row, task: tasks.Task, fraction: float, downs
         except (FileNotFoundError, IndexError):
             steps_of[run] = 0
     return {"finetune": json.loads(config.to_json_best_effort()), "task": task.fingerprint, "fraction": fraction,
-            "learning_rates": list(downstream.learning_rates), "seeds": list(downstream.seeds),
+            "learning_rates": list(learning_rates(downstream, config.method)), "seeds": list(downstream.seeds),
             "bodies": steps_of, "total_steps": steps, "eval_every": eval_every}
 
 
@@ -178,29 +180,9 @@ def _summary(cell: Mapping[str, Any], task: tasks.Task, method: str, fraction: f
                    dev={task.metric: float(np.mean([r["dev"][task.metric] for r in results]))},
                    dev_curves=[[(e["step"], e["dev"][task.metric]) for e in r["evaluations"]] for r in results],
                    test_predictions=[r["test_predictions"] for r in results],
-                   nonfinite=[r["seed"] for r in results if r.get("nonfinite_step")], baselines=task_baselines(task),
+                   nonfinite=[r["seed"] for r in results if r.get("nonfinite_step")], baselines=tasks.baseline_scores(task),
                    train_seconds=cell.get("train_seconds", 0.0), compile_seconds=cell.get("compile_seconds", 0.0))
     return summary
-
-
-def task_baselines(task: tasks.Task) -> dict[str, float]:
-    """The test score of always predicting the training split's majority class (all O
-    for tags) and, for accuracy, of guessing uniformly: what a row must beat to have
-    learnt anything."""
-    if task.kind == "regression":
-        return {}
-    test = task.splits["test"]
-    if task.kind == "tagging":
-        outside = task.labels.index("O") if "O" in task.labels else 0
-        gold = [list(e.tags) for e in test]
-        return {"majority": scores.score((task.metric,), task.labels, gold, [[outside] * len(g) for g in gold])[
-            task.metric]}
-    counts = np.bincount([int(e.label) for e in task.splits["train"]], minlength=len(task.labels))
-    gold = [e.label for e in test]
-    out = {"majority": scores.score((task.metric,), task.labels, gold, [int(counts.argmax())] * len(gold))[task.metric]}
-    if task.metric == "accuracy":
-        out["chance"] = 1.0 / len(task.labels)
-    return out
 
 
 def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[str, Any]:
@@ -208,23 +190,34 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
     the module docstring; returns {row: {column: summary}}, each summary with its
     significance against the control and the best row."""
     table_rows, groups, fraction_list = rows(runs, downstream), cells(downstream), fractions(downstream)
-    rates = tuple(float(r) for r in downstream.learning_rates) or (float(downstream.finetune.optimizer.learning_rate),)
     seeds = tuple(int(s) for s in downstream.seeds)
     bodies, cache = BodyCache(), sweep.ProgramCache()
-    data: dict[tuple[str, str, float], sweep.TaskData] = {}
+    data: dict[tuple[str, float], sweep.TaskData] = {}
     results: dict[str, dict[str, Any]] = {row.name: {} for row in table_rows}
+    for task_name in dict.fromkeys(t for t, _ in groups):  # each task tokenized once per fraction, for every cell
+        config = finetune_config(downstream, table_rows[0], task_name, groups[0][1])
+        whole = tasks.load_task(config, bodies.bodies_of(config)(seeds[0])[0].run_config.data)
+        for fraction in fraction_list:
+            subset = tasks.label_subset(whole, fraction, seed=downstream.subset_seed)
+            data[(task_name, fraction)] = sweep.TaskData(subset, bodies.tokenizer, seq_len=config.seq_len,
+                                                         batch_size=config.batch_size, packed=config.packed)
+
+    def cost(row: Row, task_name: str, method: str, fraction: float) -> float:
+        """Relative compute of a cell (for the time estimate): steps x runs x bodies, a
+        frozen body's forward pass a third of training."""
+        config = finetune_config(downstream, row, task_name, method)
+        runs_ = len(learning_rates(downstream, method)) + len(seeds) - 1
+        weight = (1 / 3 if freezes(method) else 1.0) * max(1, len([r for r in row.init.split(",") if r.strip()]))
+        return training_steps(config, data[(task_name, fraction)]) * runs_ * weight
+
     plan = [(row, task, method, fraction) for row in table_rows for task, method in groups for fraction in fraction_list]
-    started, trained = time.perf_counter(), 0
+    costs = [cost(*cell) for cell in plan]
+    started, trained, trained_cost, trained_seconds = time.perf_counter(), 0, 0.0, 0.0
     for number, (row, task_name, method, fraction) in enumerate(plan, start=1):
         config = finetune_config(downstream, row, task_name, method)
+        rates = learning_rates(downstream, method)
         of = bodies.bodies_of(config)
-        key = (task_name, config.task_max_examples, fraction)
-        if key not in data:
-            whole = tasks.load_task(config, of(seeds[0])[0].run_config.data)
-            subset = tasks.label_subset(whole, fraction, seed=downstream.subset_seed)
-            data[key] = sweep.TaskData(subset, bodies.tokenizer, seq_len=config.seq_len,
-                                       batch_size=config.batch_size, packed=config.packed)
-        task_data = data[key]
+        task_data = data[(task_name, fraction)]
         steps = training_steps(config, task_data)
         eval_every = sweep.evaluation_interval(steps, config.evaluations) if config.evaluations else config.eval_every
         fingerprint = _fingerprint(config, row, task_data.task, fraction, downstream, steps, eval_every)
@@ -236,7 +229,8 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
                 saved = json.load(handle)
             cell = saved if saved.get("fingerprint") == fingerprint else None
         elapsed = time.perf_counter() - started
-        left = "" if not trained else f", about {elapsed / trained * (len(plan) - number + 1) / 60:.1f} min left"
+        rate = trained_seconds / trained_cost if trained_cost else 0.0
+        left = "" if not rate else f", about {rate * sum(costs[number - 1:]) / 60:.1f} min left"
         print(f"== cell {number}/{len(plan)}: {row.name} on {column(task_name, method, fraction)} "
               f"({len(task_data.task.splits['train']):,} training examples, {steps} steps, rates "
               f"{', '.join(map(rate_key, rates))}, seeds {seeds}){' (saved)' if cell else ''}; "
@@ -255,13 +249,21 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
             with open(path + ".tmp", "w", encoding="utf-8") as handle:
                 json.dump(cell, handle)
             os.replace(path + ".tmp", path)
-            trained += 1
+            trained, trained_cost = trained + 1, trained_cost + costs[number - 1]
+            trained_seconds += cell["train_seconds"]
         results[row.name][column(task_name, method, fraction)] = _summary(cell, task_data.task, method, fraction)
-    add_significance(results, {column(t, m, f): data[(t, downstream.finetune.task_max_examples, f)].task
+    add_significance(results, {column(t, m, f): data[(t, f)].task
                                for t, m in groups for f in fraction_list})
     print(f"== downstream: {len(plan)} cells ({trained} trained now) in {(time.perf_counter() - started) / 60:.1f} "
           f"min, {cache.compilations} compilations ({cache.compile_seconds:.0f} s)", flush=True)
     return results
+
+
+def learning_rates(downstream: Any, method: str) -> tuple[float, ...]:
+    """The grid of a method: `frozen_learning_rates` for a probe of frozen bodies, else
+    `learning_rates`; an empty grid is the fine-tuning config's one rate."""
+    grid = downstream.frozen_learning_rates if freezes(method) else downstream.learning_rates
+    return tuple(float(r) for r in grid) or (float(downstream.finetune.optimizer.learning_rate),)
 
 
 def training_steps(config: Any, task_data: sweep.TaskData) -> int:

@@ -130,9 +130,10 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
                   members: Sequence[Member], *, total_steps: int, eval_every: int,
                   cache: ProgramCache | None = None) -> list[dict[str, Any]]:
     """Fine-tunes every member in one vmapped program and returns, per member, its
-    evaluations (dev and test scores every `eval_every` steps and at the end), the
-    dev-selected one (the best dev metric, the earliest on a tie, as `pretrain.finetune`
-    selects), and the test predictions there (for paired tests over examples).
+    evaluations (dev scores every `eval_every` steps and at the end), the dev-selected
+    one (the best dev metric, the earliest on a tie, as `pretrain.finetune` selects),
+    and the test scores and predictions of the parameters of that step (kept on the
+    device when dev improves; the test split is scored once, at the end).
 
     `bodies_of(seed)` gives the bodies of a member's seed (restored once for a
     pretrained row; initialised with the seed for the random-init control)."""
@@ -193,9 +194,11 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     program = cache.get(key, build)
 
     records: list[list[dict[str, Any]]] = [[] for _ in members]
-    best_predictions: list[Any] = [None] * len(members)
-    losses: list[list[float]] = [[] for _ in members]
     nonfinite: list[int | None] = [None] * len(members)
+    best_params = jax.tree.map(jnp.copy, state["params"])  # each member's at its best dev score so far
+    best_dev = np.full(len(members), -np.inf)
+    keep = jax.jit(lambda better, new, old: jax.tree.map(
+        lambda n, o: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old))
     batch, running = first, []
     started = time.perf_counter()
     for number in range(1, total_steps + 1):
@@ -207,49 +210,38 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
             continue
         mean_loss = np.mean(np.stack(jax.device_get(running)), axis=0)
         running = []
-        evaluations = _evaluate(program, state["params"], task_data)
-        for index, (scored, predictions) in enumerate(evaluations):
-            losses[index].append(float(mean_loss[index]))
+        dev = _evaluate(program, state["params"], task_data, "dev")
+        for index, (scored, _) in enumerate(dev):
             if nonfinite[index] is None and not np.isfinite(mean_loss[index]):
                 nonfinite[index] = number
-            record = {"step": number, "train_loss": float(mean_loss[index]), **scored}
-            previous = [r["dev"][task.metric] for r in records[index]]
-            if not previous or record["dev"][task.metric] > max(previous):
-                best_predictions[index] = predictions
-            records[index].append(record)
+            records[index].append({"step": number, "train_loss": float(mean_loss[index]), "dev": scored})
+        better = np.asarray([scored[task.metric] > best for (scored, _), best in zip(dev, best_dev)])
+        if better.any():  # the earliest step of the best dev score, as pretrain.finetune selects
+            best_params = keep(jnp.asarray(better), state["params"], best_params)
+            best_dev = np.where(better, [scored[task.metric] for scored, _ in dev], best_dev)
+    test = _evaluate(program, best_params, task_data, "test")  # once, at each member's selected step
     train_seconds = time.perf_counter() - started
     out = []
     for index, member in enumerate(members):
         best = max(records[index], key=lambda r: (r["dev"][task.metric], -r["step"]))
         out.append({"task": task.name, "seed": member.seed, "learning_rate": member.learning_rate,
-                    "metric": task.metric, "selected_step": best["step"], "last_step": total_steps, "dev": best["dev"], "test": best["test"],
-                    "evaluations": records[index], "test_predictions": best_predictions[index],
-                    "nonfinite_step": nonfinite[index], "members": len(members),
+                    "metric": task.metric, "selected_step": best["step"], "last_step": total_steps,
+                    "dev": best["dev"], "test": test[index][0], "evaluations": records[index],
+                    "test_predictions": test[index][1], "nonfinite_step": nonfinite[index], "members": len(members),
                     "train_seconds": train_seconds, "compile_seconds": program.compile_seconds})
     return out
 
 
-def _evaluate(program: Compiled, params: Any, task_data: TaskData) -> list[tuple[dict[str, Any], Any]]:
-    """Per member: ({'dev': scores, 'test': scores}, the test predictions)."""
-    task = task_data.task
-    per_split = {}
-    for split in EVAL_SPLITS:
-        batches = task_data.eval_batches[split]
-        results = jax.device_get([program.evaluate(params, batch) for batch in batches])
-        per_split[split] = results
-    members = jax.tree.leaves(params)[0].shape[0]
+def _evaluate(program: Compiled, params: Any, task_data: TaskData, split: str) -> list[tuple[dict[str, Any], Any]]:
+    """Per member: (the split's scores and loss, its predictions in example order)."""
+    task, batches = task_data.task, task_data.eval_batches[split]
+    results = jax.device_get([program.evaluate(params, batch) for batch in batches])
     out = []
-    for index in range(members):
-        scored, test_predictions = {}, None
-        for split in EVAL_SPLITS:
-            batches = task_data.eval_batches[split]
-            mine = [jax.tree.map(lambda x: x[index], result) for result in per_split[split]]
-            gold, predicted, loss, count = collect_predictions(task, split, batches, mine)
-            scored[split] = {**scores.score(task.metrics, task.labels, gold, predicted),
-                             "loss": loss / max(count, 1.0)}
-            if split == "test":
-                test_predictions = predicted
-        out.append((scored, test_predictions))
+    for index in range(jax.tree.leaves(params)[0].shape[0]):
+        mine = [jax.tree.map(lambda x: x[index], result) for result in results]
+        gold, predicted, loss, count = collect_predictions(task, split, batches, mine)
+        out.append(({**scores.score(task.metrics, task.labels, gold, predicted), "loss": loss / max(count, 1.0)},
+                    predicted))
     return out
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.transfer import scores
+
 KINDS = ("classification", "pair", "tagging", "regression")
 SPLITS = ("train", "dev", "test")
 BUILTIN = ("pydocs_topic", "pydocs_same_module", "pydocs_code_spans")
@@ -114,6 +116,26 @@ def fingerprint(labels: Sequence[str], splits: Mapping[str, Sequence[TaskExample
 def hash_position(text: str) -> float:
     """Where a text falls in [0, 1): the first 8 bytes of its sha256 (fixed splits)."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
+
+
+def baseline_scores(task: Task) -> dict[str, float]:
+    """The test score of always predicting the training split's majority class (all O
+    for tags) and, for accuracy, of guessing uniformly: what a row must beat to have
+    learnt anything."""
+    if task.kind == "regression":
+        return {}
+    test = task.splits["test"]
+    if task.kind == "tagging":
+        outside = task.labels.index("O") if "O" in task.labels else 0
+        gold = [list(e.tags) for e in test]
+        return {"majority": scores.score((task.metric,), task.labels, gold, [[outside] * len(g) for g in gold])[
+            task.metric]}
+    counts = np.bincount([int(e.label) for e in task.splits["train"]], minlength=len(task.labels))
+    gold = [e.label for e in test]
+    out = {"majority": scores.score((task.metric,), task.labels, gold, [int(counts.argmax())] * len(gold))[task.metric]}
+    if task.metric == "accuracy":
+        out["chance"] = 1.0 / len(task.labels)
+    return out
 
 
 def label_subset(task: Task, fraction: float, seed: int = 0) -> Task:

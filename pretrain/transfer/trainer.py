@@ -418,7 +418,8 @@ def write_result(workdir: str | os.PathLike, task: tasks.Task) -> dict[str, Any]
     pick = lambda split: {k.split("/")[2]: v for k, v in best.items() if k.startswith(f"eval/{split}/")}  # noqa: E731
     result = {"task": task.name, "task_fingerprint": task.fingerprint, "metric": task.metric,
               "selected_step": best["step"], "last_step": records[-1]["step"], "dev": pick("dev"),
-              "test": pick("test"), "evaluated_steps": [r["step"] for r in records]}
+              "test": pick("test"), "evaluated_steps": [r["step"] for r in records],
+              "baselines": tasks.baseline_scores(task)}
     path = os.path.join(workdir, RESULT_FILENAME)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
@@ -436,6 +437,8 @@ def summarize_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                                  "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                                  "per_seed": [float(v) for v in values]}
     summary["selected_steps"] = [r["selected_step"] for r in results]
+    if results[0].get("baselines"):
+        summary["baselines"] = results[0]["baselines"]
     return summary
 
 
@@ -484,5 +487,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
              f"{summary['seeds']} seed(s), steps {summary['selected_steps']}"]
     for name, value in summary["test"].items():
         seeds = ", ".join(f"{v:.4f}" for v in value["per_seed"])
-        lines.append(f"  {name:<15} {value['mean']:.4f} ± {value['std']:.4f}   ({seeds})")
+        std = f"{value['std']:.4f}" if summary["seeds"] > 1 else "n/a"
+        lines.append(f"  {name:<15} {value['mean']:.4f} ± {std}   ({seeds})")
+    if summary.get("baselines"):
+        lines.append(f"  beside: {', '.join(f'{k} {v:.4f}' for k, v in summary['baselines'].items())} "
+                     f"({summary['metric']} of always predicting the training majority, and of uniform guessing)")
     return "\n".join(lines)
