@@ -221,7 +221,8 @@ def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: st
         "### Steps to reach the control's final dev score (of the cell's steps)",
         downstream_report.steps_table(downstream),
         "### Significance", downstream_report.significance_table(downstream),
-        "Difference: the row's mean test score minus the other's. Bootstrap: paired over test examples, each row "
+        "Difference: the row's mean test score minus the other's; in pooled SEs: divided by sqrt(s1²/n1 + "
+        "s2²/n2) over seeds. Bootstrap: paired over test examples, each row "
         "the mean of its seeds' dev-selected models on each of 1,000 resamples (two-sided p). Welch: over seeds "
         "(n/a below 2 seeds). Seeds needed: per row, for a two-sided Welch test at alpha 0.05 with power 0.8 to find "
         "a difference of this size at the observed spread.",

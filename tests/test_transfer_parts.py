@@ -128,16 +128,28 @@ def test_pooling_reads_each_example_of_a_packed_row():
     np.testing.assert_array_equal(heads.pool(hidden, segments, "last")[..., 0],
                                   [[2, 2, 2, 4, 4, 5], [11, 11, 11, 11, 11, 11]])
     concat = heads.pool(hidden, segments, "concat")  # last, max, mean
-    np.testing.assert_array_equal(concat[0, 0], [2, 2, 1]) and np.testing.assert_array_equal(concat[0, 4], [4, 4, 3.5])
+    np.testing.assert_array_equal(concat[0, 0], [2, 2, 1])
+    np.testing.assert_array_equal(concat[0, 4], [4, 4, 3.5])
     np.testing.assert_array_equal(concat[1, 0], [11, 11, 8.5])
+    np.testing.assert_array_equal(heads.pool(hidden, segments, "mean")[..., 0],
+                                  [[1, 1, 1, 3.5, 3.5, 5], [8.5, 8.5, 8.5, 8.5, 8.5, 8.5]])
 
 
 def test_the_fusion_gate_weighs_bodies_per_example():
     gate = heads.Gate([4, 6], nnx.Rngs(params=0))
-    features = [jnp.ones((2, 5, 4)), jnp.ones((2, 5, 6))]
-    weights = gate.weights(features)
-    assert weights.shape == (2, 5, 2) and np.allclose(weights.sum(-1), 1.0)
-    assert gate(features).shape == (2, 5, 6)
+    keys = jax.random.split(jax.random.key(1), 2)
+    features = [jax.random.normal(keys[0], (2, 5, 4)), jax.random.normal(keys[1], (2, 5, 6))]
+    weights = np.asarray(gate.weights(features))
+    assert weights.shape == (2, 5, 2)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    assert np.ptp(weights[..., 0]) > 1e-3  # examples with other features get other weights: not one global gate
+    joined = np.concatenate([np.asarray(f) for f in features], -1)  # the gate's formula, example by example
+    logits = joined @ np.asarray(gate.kernel[...]) + np.asarray(gate.bias[...])
+    expected = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(weights, expected / expected.sum(-1, keepdims=True), rtol=1e-5)
+    mixed = sum(weights[..., i : i + 1] * (np.asarray(f) @ np.asarray(p[...]))
+                for i, (f, p) in enumerate(zip(features, gate.projections)))
+    np.testing.assert_allclose(np.asarray(gate(features)), mixed, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,16 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def standard_errors(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> float | None:
+    """The difference of two cells' means in pooled standard errors over seeds,
+    (m1 - m2) / sqrt(s1²/n1 + s2²/n2); None below two seeds or without spread."""
+    a, b = (np.asarray(c["test"][c["metric"]]["per_seed"], np.float64) for c in (mine, theirs))
+    if len(a) < 2 or len(b) < 2:
+        return None
+    error = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return None if error == 0 else float((a.mean() - b.mean()) / error)
+
+
 def significance_table(results: Results) -> str:
     """Every row against the control and the column's best row."""
     body = []
@@ -150,12 +160,14 @@ def significance_table(results: Results) -> str:
                 if not test:
                     continue
                 bootstrap = test["bootstrap"]
+                errors = standard_errors(row[column], results[test["row"]][column])
                 body.append([f"{name} vs {test['row']}", column, f"{test['difference']:+.3f}",
+                             "n/a" if errors is None else f"{errors:+.1f}",
                              f"[{bootstrap['interval'][0]:+.3f}, {bootstrap['interval'][1]:+.3f}]",
                              _p(bootstrap["p"]), _p(test["welch_p"]),
                              "n/a" if test["seeds_needed"] is None else str(test["seeds_needed"])])
-    return _markdown(["rows", "column", "difference", "bootstrap 95% interval", "bootstrap p", "Welch p (seeds)",
-                      "seeds needed"], body)
+    return _markdown(["rows", "column", "difference", "in pooled SEs", "bootstrap 95% interval", "bootstrap p",
+                      "Welch p (seeds)", "seeds needed"], body)
 
 
 def verdict(results: Results) -> str:

@@ -16,8 +16,9 @@ peak learning rate are *members* of one sweep:
     evaluation                    one vmapped forward pass over the dev and test batches
 
 so a cell costs its FLOPs plus one compilation, and the compiled programs are
-reused by every cell of the same shape (`Compiled`, keyed by everything that
-changes the program). A member is exactly the run `pretrain.finetune` would make
+reused by every cell of the same shape (`ProgramCache`, keyed by everything that
+changes the program; parameters, learning rates and each member's non-parameter
+state are its arguments). A member is exactly the run `pretrain.finetune` would make
 with that seed and learning rate (same head initialisation, batches, optimizer and
 schedule), without checkpoints: the comparison saves each finished cell instead.
 
@@ -32,7 +33,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -141,7 +142,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
         return []
     cache = cache or ProgramCache()
     task = task_data.task
-    models, graphdef, rest = [], None, None
+    models, rests, graphdef = [], [], None
     for member in members:
         bodies = bodies_of(member.seed)
         model = heads.TaskModel([b.model for b in bodies], [b.layout for b in bodies], [b.pooling for b in bodies],
@@ -151,8 +152,9 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
         this_graphdef, params, this_rest = nnx.split(model, nnx.Param, ...)
         if graphdef is not None and this_graphdef != graphdef:
             raise ValueError("the members of one sweep must share their model's structure")
-        graphdef, rest = this_graphdef, this_rest
+        graphdef = this_graphdef
         models.append(jax.device_get(params))
+        rests.append(this_rest)  # each member's own non-parameter state (its bodies' dropout keys)
     num_layers = [b.model.config.num_layers for b in bodies_of(members[0].seed)]
     depths = heads.parameter_depths(models[0], num_layers)
     plan = methods.plan(config.method, config.methods, depths, total_steps)
@@ -160,8 +162,15 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
         raise ValueError(f"config.method={config.method!r}: aux_lm is not swept (it mixes language-model rows into "
                          "the task's batches); fine-tune it with pretrain.finetune")
     optimizer = _member_optimizer(plan, models[0], config, total_steps)
-    loss_fn, totals_fn, eval_fn = task_functions(graphdef, rest, task.kind, 1, plan, total_steps)
-    step = make_step(loss_fn, totals_fn, optimizer, config.accumulation_steps)
+
+    def step(state, batch, rest):  # the rest is an argument, so a compiled program serves any row of its shape
+        loss_fn, totals_fn, _ = task_functions(graphdef, rest, task.kind, 1, plan, total_steps)
+        return make_step(loss_fn, totals_fn, optimizer, config.accumulation_steps)(state, batch)
+
+    def evaluate(params, batch, rest):
+        return task_functions(graphdef, rest, task.kind, 1, plan, total_steps)[2](params, batch)
+
+    rest = _stack(rests)
 
     def initial(params, learning_rate):
         opt_state = optimizer.init(params)
@@ -182,9 +191,10 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     def build() -> Compiled:
         started = time.perf_counter()
         abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
-        compiled_step = jax.jit(jax.vmap(step), donate_argnums=0).lower(abstract(state), abstract(first)).compile()
-        compiled_eval = jax.jit(jax.vmap(eval_fn, in_axes=(0, None))).lower(abstract(state["params"]),
-                                                                            eval_shapes[0]).compile()
+        compiled_step = jax.jit(jax.vmap(step), donate_argnums=0).lower(abstract(state), abstract(first),
+                                                                         abstract(rest)).compile()
+        compiled_eval = jax.jit(jax.vmap(evaluate, in_axes=(0, None, 0))).lower(
+            abstract(state["params"]), eval_shapes[0], abstract(rest)).compile()
         return Compiled(compiled_step, compiled_eval, time.perf_counter() - started)
 
     settings = {k: v for k, v in config.optimizer.to_dict().items() if k != "learning_rate"}
@@ -202,7 +212,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     batch, running = first, []
     started = time.perf_counter()
     for number in range(1, total_steps + 1):
-        state, metrics = program.step(state, batch)
+        state, metrics = program.step(state, batch, rest)
         running.append(metrics["loss"])
         if number < total_steps:
             batch = next_batch()
@@ -210,7 +220,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
             continue
         mean_loss = np.mean(np.stack(jax.device_get(running)), axis=0)
         running = []
-        dev = _evaluate(program, state["params"], task_data, "dev")
+        dev = _evaluate(program, state["params"], rest, task_data, "dev")
         for index, (scored, _) in enumerate(dev):
             if nonfinite[index] is None and not np.isfinite(mean_loss[index]):
                 nonfinite[index] = number
@@ -219,7 +229,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
         if better.any():  # the earliest step of the best dev score, as pretrain.finetune selects
             best_params = keep(jnp.asarray(better), state["params"], best_params)
             best_dev = np.where(better, [scored[task.metric] for scored, _ in dev], best_dev)
-    test = _evaluate(program, best_params, task_data, "test")  # once, at each member's selected step
+    test = _evaluate(program, best_params, rest, task_data, "test")  # once, at each member's selected step
     train_seconds = time.perf_counter() - started
     out = []
     for index, member in enumerate(members):
@@ -232,10 +242,11 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     return out
 
 
-def _evaluate(program: Compiled, params: Any, task_data: TaskData, split: str) -> list[tuple[dict[str, Any], Any]]:
+def _evaluate(program: Compiled, params: Any, rest: Any, task_data: TaskData, split: str
+              ) -> list[tuple[dict[str, Any], Any]]:
     """Per member: (the split's scores and loss, its predictions in example order)."""
     task, batches = task_data.task, task_data.eval_batches[split]
-    results = jax.device_get([program.evaluate(params, batch) for batch in batches])
+    results = jax.device_get([program.evaluate(params, batch, rest) for batch in batches])
     out = []
     for index in range(jax.tree.leaves(params)[0].shape[0]):
         mine = [jax.tree.map(lambda x: x[index], result) for result in results]

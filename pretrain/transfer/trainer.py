@@ -220,6 +220,9 @@ def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objec
     aux = plan.aux
 
     def loss_fn(params, batch, totals, step):
+        if plan.frozen_bodies:  # no gradient flows into a frozen body: its backward pass is never computed
+            params = jax.tree_util.tree_map_with_path(
+                lambda keys, x: jax.lax.stop_gradient(x) if heads.path_of(keys)[:1] == ("bodies",) else x, params)
         model = nnx.merge(graphdef, params, rest)
         outputs, hidden = model(batch)
         loss_sum, correct, count, _ = task_loss(outputs, batch, kind)
