@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from pretrain.transfer.comparison import CONTROL, is_fusion
 from pretrain.transfer.significance import marker
@@ -177,7 +178,7 @@ def verdict(results: Results) -> str:
     for column in columns(results):
         present = {name: row[column] for name, row in results.items() if column in row}
         metric = _metric(results, column)
-        better = [f"{n} ({_p(s['vs_control']['bootstrap']['p'])})" for n, s in present.items()
+        better = [f"{n} {_p(s['vs_control']['bootstrap']['p'])}" for n, s in present.items()
                   if s.get("vs_control") and s["vs_control"]["difference"] > 0
                   and s["vs_control"]["bootstrap"]["p"] < SIGNIFICANT]
         worse = [n for n, s in present.items() if s.get("vs_control") and s["vs_control"]["difference"] < 0
@@ -187,7 +188,7 @@ def verdict(results: Results) -> str:
         text = f"On {column} ({metric})"
         if CONTROL in present:
             text += (f", {len(better)} of {len(pretrained)} pretrained rows beat the control"
-                     + (f" ({', '.join(better)}, p)" if better else "")
+                     + (f" (bootstrap p: {', '.join(better)})" if better else "")
                      + (f" and {', '.join(worse)} lose to it" if worse else ""))
         others = [s for n, s in present.items() if n != best]
         runner = max(others, key=lambda s: s["test"][metric]["mean"]) if others else None
@@ -247,10 +248,12 @@ def efficiency_plot(results: Results, path: str) -> None:
     """Sample efficiency: per task/method, the test score against the labelled training
     examples (log x), one line per row with a band of one std over seeds."""
     groups = list(dict.fromkeys(c.split("@")[0] for c in columns(results)))
-    figure = Figure(figsize=(4.2 * len(groups), 3.8), dpi=120)
+    wide = min(2, len(groups))
+    high = math.ceil(len(groups) / wide)
+    figure = Figure(figsize=(4.6 * wide, 3.6 * high), dpi=120)
     FigureCanvasAgg(figure)
     for index, group in enumerate(groups):
-        axes = figure.add_subplot(1, len(groups), index + 1)
+        axes = figure.add_subplot(high, wide, index + 1)
         for name, row in results.items():
             points = sorted((s["train_examples"], s["test"][s["metric"]]["mean"], s["test"][s["metric"]]["std"])
                             for c, s in row.items() if c.split("@")[0] == group)
@@ -260,6 +263,10 @@ def efficiency_plot(results: Results, path: str) -> None:
             line = axes.plot(x, mean, marker="o", label=name, linestyle="--" if name == CONTROL else "-")[0]
             axes.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
         axes.set_xscale("log")
+        sizes = sorted({s["train_examples"] for row in results.values() for c, s in row.items()
+                        if c.split("@")[0] == group})
+        axes.xaxis.set_minor_formatter(NullFormatter())
+        axes.set_xticks(sizes, [f"{n:,}" for n in sizes])
         axes.set_xlabel("labelled training examples")
         axes.set_ylabel(f"test {_metric(results, next(c for c in columns(results) if c.startswith(group)))}")
         axes.set_title(group, fontsize=9)
