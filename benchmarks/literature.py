@@ -25,6 +25,7 @@ runs and fine-tuning cells with the same config are reused, not trained again.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -100,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                  first.config.data)
         lines = checks(results, by_name)
         text = "\n".join(lines)
+        invocation = " ".join(["python benchmarks/literature.py", *(shlex.quote(arg) for arg in argv[1:])])
         with open(os.path.join(workdir.value, "literature.md"), "w", encoding="utf-8") as handle:
-            handle.write(f"```\n{compare.command_line(argv)}\n```\n\n" + "\n".join(f"- {line}" for line in lines)
-                         + "\n")
+            handle.write(f"```\n{invocation}\n```\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
         return text
 
     print(cli.run_reporting_bad_input(command), flush=True)
