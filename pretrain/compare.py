@@ -225,6 +225,10 @@ def check_downstream(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> 
                                      jax.device_count())
         if problems:
             raise ValueError(f"config.downstream ({task}, {method}): {' '.join(' '.join(problems).split())}")
+        if "aux_lm" in method.split("+"):
+            raise ValueError(f"config.downstream.methods={config.downstream.methods!r}: aux_lm mixes language-model "
+                             "rows into the task's batches, which the comparison's vmapped sweeps do not; run it with "
+                             "pretrain.finetune, or leave it out")
     for task in dict.fromkeys(task for task, _ in comparison.cells(config.downstream)):
         whole = tasks.load_task(comparison.finetune_config(config.downstream, row, task, "full"), runs[0].config.data)
         for fraction in fractions:  # a fraction that empties a class is named now, not after pretraining

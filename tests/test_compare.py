@@ -82,6 +82,25 @@ def test_config_mistakes_name_the_run_and_the_field():
         compare.main(["compare", "--config=configs/compare.py"])
 
 
+def test_downstream_mistakes_are_named_before_anything_trains(tmp_path):
+    config = get_config("preset=objectives,steps=4")
+    runs = [compare.Run(name, run, str(tmp_path / name)) for name, run in compare.run_configs(config).items()]
+    config.downstream.methods = "full,aux_lm"
+    with pytest.raises(ValueError, match=r"config.downstream.methods='full,aux_lm': aux_lm mixes language-model rows"):
+        compare.check_downstream(config, runs)
+    config.downstream.methods, config.downstream.label_fractions = "full", (0.0, 1.0)
+    with pytest.raises(ValueError, match=r"config.downstream.label_fractions=\(0.0, 1.0\): 0.0 must lie in \(0, 1\]"):
+        compare.check_downstream(config, runs)
+    config.downstream.label_fractions, config.downstream.control_layout = (1.0,), "sideways"
+    with pytest.raises(ValueError, match=r"config.downstream.control_layout='sideways' must be one of"):
+        compare.check_downstream(config, runs)
+    config.downstream.control_layout, config.downstream.label_fractions = "bidirectional", (0.005, 1.0)
+    with pytest.raises(ValueError, match=r"config.downstream.label_fractions: label fraction 0.005 of task "
+                                         r"'pydocs_topic' leaves class '.*' \(\d+ training examples\) without an "
+                                         r"example; use a fraction of at least"):
+        compare.check_downstream(config, runs)
+
+
 def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_nothing(tmp_path_factory, tmp_path):
     """With a downstream block: 2 runs x 1 task x 2 fine-tuning seeds."""
     config = small_budget()
