@@ -1,4 +1,4 @@
-"""Objective comparison: `--config=configs/compare.py:preset=objectives,size=tiny,steps=400`.
+"""Objective comparison: `--config=configs/compare.py:preset=objectives,size=tiny` (steps from the token budget).
 
     python -m pretrain.compare --config=configs/compare.py --workdir=runs/compare
 

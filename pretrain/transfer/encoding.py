@@ -5,10 +5,10 @@ pretraining rows, so the attention rule keeps examples apart exactly as it keeps
 pretraining examples apart, and task rows and auxiliary language-model rows can
 share one batch:
 
-| layout        | single text           | pair                          | kinds  | label read at |
+| layout        | single text           | pair                          | kinds  | features read from |
 |---------------|-----------------------|-------------------------------|--------|---------------|
-| bidirectional | `[CLS] text [SEP]`    | `[CLS] A [SEP] B [SEP]`       | PREFIX | the first token (or the pooled segment) |
-| causal        | `[BOS] text [EOS]`    | `[BOS] A [SEP] B [EOS]`       | L2R    | the last token (or the pooled segment) |
+| bidirectional | `[CLS] text [SEP]`    | `[CLS] A [SEP] B [SEP]`       | PREFIX | the segment's pooled features (mean by default, or its first token) |
+| causal        | `[BOS] text [EOS]`    | `[BOS] A [SEP] B [EOS]`       | L2R    | the segment's pooled features (mean by default, or its last token) |
 
 Both layouts have the same length and positions, so each row carries both views
 (`inputs`/`attention_kind` and `inputs_causal`/`attention_kind_causal`) and a
