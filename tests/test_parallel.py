@@ -128,8 +128,20 @@ def test_gradient_accumulation_matches_one_batch(reference):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
 
 
-def test_losses_fall_and_are_finite(reference):
-    assert np.isfinite(reference[0]).all()
+def test_losses_fall_on_a_repeated_batch_and_are_finite():
+    """Ten steps on one batch: the step learns. The first step runs at learning rate 0
+    (one warm-up step), so its loss repeats; from then on every loss is lower than the
+    one before, and the tenth is below 0.9 of the first (measured: 4.863 -> 4.038)."""
+    graphdef, params, rest = split_model()
+    step = jax.jit(make_train_step(graphdef, rest, OPTIMIZER, NUM_OBJECTIVES))
+    state, losses = initial_state(params), []
+    for _ in range(10):
+        state, metrics = step(state, BATCHES[0])
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all(), losses
+    assert losses[1] == losses[0], losses
+    assert all(later < earlier for earlier, later in zip(losses[1:], losses[2:])), losses
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_fsdp_shards_parameters_and_optimizer_state():
