@@ -6,6 +6,7 @@ import os
 import shutil
 
 import ml_collections
+import numpy as np
 import pytest
 from matplotlib import image
 from train_helpers import shared_tokenizer
@@ -151,8 +152,20 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
                 assert test["row"] == "random-init" and 0 <= test["bootstrap"]["p"] <= 1
                 assert test["welch_p"] is None or 0 <= test["welch_p"] <= 1
                 assert f"| {name} vs random-init | {column} | {test['difference']:+.3f} |" in report
-            text = f"{accuracy['mean']:.3f} ± {accuracy['std']:.3f}"
-            assert f"**{text}**" in report or f"| {text}" in report or f" {text} |" in report
+            np.testing.assert_allclose([accuracy["mean"], accuracy["std"]],
+                                       [np.mean(accuracy["per_seed"]), np.std(accuracy["per_seed"], ddof=1)])
+    for name in rows:  # each table row rebuilt from comparison.json with the caption's rules, not from the report
+        texts = []
+        for column in ("pydocs_topic/full@0.5", "pydocs_topic/full"):
+            means = {row: summary["downstream"][row][column]["test"]["accuracy"]["mean"] for row in rows}
+            stds = {row: summary["downstream"][row][column]["test"]["accuracy"]["std"] for row in rows}
+            best, runner_up = sorted(rows, key=means.get, reverse=True)[:2]
+            pooled = np.sqrt((stds[best] ** 2 + stds[runner_up] ** 2) / 2)
+            bold = name == best and means[best] - means[runner_up] > pooled
+            text = f"{means[name]:.3f} ± {stds[name]:.3f}"
+            p = summary["downstream"][name][column].get("vs_control", {}).get("bootstrap", {}).get("p", 1.0)
+            texts.append((f"**{text}**" if bold else text) + ("‡" if p < 0.01 else "†" if p < 0.05 else ""))
+        assert f"| {name} | {texts[0]} | {texts[1]} |" in report.splitlines()
     assert "| run | pydocs_topic/full@0.5 | pydocs_topic/full |" in report  # the chosen rates
     sizes = [summary["downstream"]["random-init"][c]["train_examples"] for c in ("pydocs_topic/full@0.5",
                                                                                  "pydocs_topic/full")]
