@@ -161,7 +161,14 @@ def test_fused_bodies_are_probed_frozen_or_fine_tuned_jointly_and_the_gate_mixes
         batch = trainer.eval_data["dev"][0]
         pooled = [heads.pool(model.body_hidden(batch, i), batch["segment_ids"], p)
                   for i, p in enumerate(model.poolings)]
-        assert model.gate.weights(pooled).shape == (*batch["inputs"].shape, 2)
+        weights = np.asarray(model.gate.weights(pooled))
+        real = np.asarray(batch["segment_ids"]) > 0
+        assert weights.shape == (*batch["inputs"].shape, 2) and weights[real].min() > 1e-3  # both bodies weigh in
+        assert np.ptp(weights[real][:, 0]) > 1e-4  # per example, not one global gate
+        mixed = sum(weights[..., i : i + 1] * (np.asarray(f) @ np.asarray(p[...]))
+                    for i, (f, p) in enumerate(zip(pooled, model.gate.projections)))
+        np.testing.assert_allclose(np.asarray(model(batch)[0]), mixed @ np.asarray(model.head_kernel[...])
+                                   + np.asarray(model.head_bias[...]), rtol=1e-4, atol=1e-5)  # the head reads the mix
     bodies = [path for path in before if path[0] == "bodies"]
     changed = [path for path in bodies if not np.array_equal(after[path], before[path])]
     if method == "probe":
@@ -292,20 +299,35 @@ def test_bad_finetuning_input_is_one_line(tmp_path, name):
     assert __import__("re").search(message, text), text
 
 
-@pytest.mark.parametrize("glue, metrics", [("sst2", {"accuracy", "macro_f1", "mcc"}),
-                                           ("stsb", {"pearson", "spearman"})])
-def test_glue_through_tfds_from_a_prepared_data_dir(tmp_path_factory, tmp_path, glue, metrics):
+@pytest.mark.parametrize("glue, metrics, test_splits", [("sst2", {"accuracy", "macro_f1", "mcc"}, ["test"]),
+                                                        ("stsb", {"pearson", "spearman"}, ["test"]),
+                                                        ("mnli", {"accuracy", "macro_f1", "mcc"},
+                                                         ["test", "test_mismatched"])])
+def test_glue_through_tfds_from_a_prepared_data_dir(tmp_path_factory, tmp_path, glue, metrics, test_splits):
     """A GLUE-shaped TFDS dataset built locally (tests/tfds_fixture.py), read by the same code
-    a prepared `glue/<task>` is: its validation split is the test split."""
+    a prepared `glue/<task>` is: its validation split is the test split; MNLI's matched
+    one is, and its mismatched one is scored and reported beside it (`test_mismatched`),
+    at every evaluation, in result.json, summary.json and the printed summary."""
     import tfds_fixture
 
     name = tfds_fixture.prepare_glue(tmp_path / "tfds", glue)
     config = config_for(pretrained(tmp_path_factory), task="tfds", task_tfds_name=name,
                         task_tfds_data_dir=str(tmp_path / "tfds"), dev_fraction=0.3)
     summary = transfer.run_seeds(config, tmp_path / "ft")
-    assert set(summary["test"]) == metrics | {"loss"}
     result = json.loads((tmp_path / "ft" / "seed_0" / "result.json").read_text())
     assert result["task"] == name and result["metric"] == ("pearson" if glue == "stsb" else "accuracy")
+    assert result["test_splits"] == summary["test_splits"] == test_splits
+    selected = next(r for r in read_metrics(tmp_path / "ft" / "seed_0")
+                    if r["step"] == result["selected_step"] and "eval/dev/loss" in r)
+    printed = transfer.format_summary(summary).splitlines()
+    for split in test_splits:
+        assert result[split] == {k.split("/")[2]: v for k, v in selected.items() if k.startswith(f"eval/{split}/")}
+        assert set(result[split]) == set(summary[split]) == metrics | {"loss"}
+        assert {m: s["per_seed"] for m, s in summary[split].items()} == {m: [v] for m, v in result[split].items()}
+    if glue == "mnli":
+        value = result["test_mismatched"]["accuracy"]
+        at = printed.index("  test_mismatched:")
+        assert f"    accuracy        {value:.4f} ± n/a   ({value:.4f})" in printed[at:]
     with pytest.raises(FileNotFoundError, match=r"TFDS dataset 'glue/cola' is not prepared as ArrayRecord in .*tfds.*: "
                                                 r"prepare it on a machine with network"):
         tasks.load_task(config_for("", task="tfds", task_tfds_name="glue/cola",
