@@ -7,15 +7,20 @@
   does: an I- tag that does not continue a span of its type starts one) and
   token_accuracy (tagging).
 
-All return plain floats; an undefined ratio (no positive class, a constant series)
-is 0.0, as scikit-learn and conlleval report it.
+All return plain floats; an undefined ratio (no positive class, no spans) is 0.0, as
+scikit-learn and conlleval report it, and so is the correlation of a constant series or
+of fewer than two values, where scipy says NaN: a collapsed model's dev score must
+still compare, so that selecting the best step stays defined. tests/test_scores.py
+checks each metric against scikit-learn, scipy and seqeval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from scipy import stats
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -57,25 +62,24 @@ def mcc(gold: Sequence[int], predicted: Sequence[int]) -> float:
     return _ratio(numerator, denominator)
 
 
-def pearson(gold: Sequence[float], predicted: Sequence[float]) -> float:
+def _correlation(correlate: Callable[[np.ndarray, np.ndarray], Any], gold: Sequence[float],
+                 predicted: Sequence[float]) -> float:
+    """`correlate`'s statistic, or 0.0 where it is undefined (a constant series, fewer
+    than two values)."""
     gold, predicted = np.asarray(gold, np.float64), np.asarray(predicted, np.float64)
-    gold, predicted = gold - gold.mean(), predicted - predicted.mean()
-    return _ratio((gold * predicted).sum(), np.sqrt((gold**2).sum() * (predicted**2).sum()))
+    if len(gold) < 2 or (gold == gold[0]).all() or (predicted == predicted[0]).all():
+        return 0.0
+    return float(correlate(gold, predicted).statistic)
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks from 1, ties given their average rank."""
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values), np.float64)
-    ranks[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+def pearson(gold: Sequence[float], predicted: Sequence[float]) -> float:
+    """Pearson's r (scipy.stats.pearsonr)."""
+    return _correlation(stats.pearsonr, gold, predicted)
 
 
 def spearman(gold: Sequence[float], predicted: Sequence[float]) -> float:
-    return pearson(_ranks(np.asarray(gold, np.float64)), _ranks(np.asarray(predicted, np.float64)))
+    """Spearman's rho, ties given their average rank (scipy.stats.spearmanr)."""
+    return _correlation(stats.spearmanr, gold, predicted)
 
 
 def spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
