@@ -152,8 +152,23 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), with its matrix extensions: a ratio
+    against PyTorch depends on them (oneDNN uses AMX where XLA CPU may not)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    extensions = [flag for flag in ("avx512f", "avx512_bf16", "amx_tile") if flag in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX-512'})"
+
+
 def machine(host_memory_kept: bool) -> str:
     """One line describing where the numbers come from."""
     kind = jax.devices()[0].device_kind
     memory = "freed host memory kept" if host_memory_kept else "glibc's default allocator"
-    return f"{jax.default_backend()} ({kind}), {os.cpu_count()} cores, jax {jax.__version__}, {memory}"
+    return (f"{jax.default_backend()} ({kind}; {cpu_model()}), {os.cpu_count()} cores, jax {jax.__version__}, "
+            f"{memory}")

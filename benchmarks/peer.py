@@ -1,6 +1,6 @@
 """Our training step against Hugging Face's on the same model shape, batch and data.
 
-    pip install -e '.[bench]'      # torch==2.13.0 (CPU build) and transformers>=5
+    pip install -e '.[hf]'      # torch==2.13.0 (CPU build) and transformers>=5
     python benchmarks/peer.py --objective=mlm --size=small --json
     python benchmarks/peer.py --objective=clm --size=small --json
 
@@ -11,12 +11,24 @@ pre-LN form). Both sides get the same packed batches from the default pipeline
 for GPT-2 the inputs themselves), the same width, depth, heads, MLP, vocabulary,
 float32, tanh-GELU, no dropout, and AdamW (0.9, 0.999, 1e-8, weight decay 0.01
 except on biases and norms; PyTorch's fused implementation, its fastest on CPU)
-after global-norm clipping at 1.0. The two steps run
-alternately in rounds in this one process; tokens/s counts real (non-pad)
-tokens. The last line (with --json) is one JSON object: tokens_per_sec,
-peer_tokens_per_sec, ratio (ours / peer, the median of per-round ratios), the
-ratio of the two best rounds (less sensitive to other jobs on a shared machine)
-and the settings.
+after global-norm clipping at 1.0.
+
+Four contenders run alternately in rounds in this one process, and three ratios
+are printed (tokens/s counts real, non-pad tokens):
+
+  ours / eager       our step as training runs it against the peer in eager PyTorch
+  ours / compiled    the same against the peer's forward and backward under
+                     `torch.compile` (inductor; the optimizer stays PyTorch's fused AdamW)
+  like for like      our step with vocabulary logits at every position
+                     (`pretrain.loss.full_logits_statistics`, as the peer computes them)
+                     against the eager peer. Our default computes MLM's logits only
+                     at the ~15% of positions with a loss (sparse prediction, as the
+                     fast BERT recipes do); for CLM every position has a loss, so the
+                     two rows do the same head work.
+
+Each ratio is the median of its per-round ratios. The last line (with --json) is one
+JSON object: tokens/s and ms/step per contender, the ratios, each ratio's best
+rounds (less sensitive to other jobs on a shared machine) and the settings.
 """
 
 from __future__ import annotations
@@ -30,9 +42,12 @@ from collections.abc import Sequence
 import numpy as np
 
 import harness
+from pretrain.loss import full_logits_statistics
 from pretrain.model import PRESETS, TransformerConfig, preset
 
 PEERS = {"mlm": "BertForMaskedLM", "clm": "GPT2LMHeadModel"}
+RATIOS = {"ours / eager": ("ours", "peer"), "ours / compiled": ("ours", "peer_compiled"),
+          "like for like": ("ours_full_logits", "peer")}  # numerator, denominator contenders
 
 
 def our_config(objective: str, size: str, vocab_size: int) -> TransformerConfig:
@@ -46,7 +61,8 @@ class PeerStep:
     """One Hugging Face training step (forward with labels, backward, clipping,
     AdamW) on the same batches as ours."""
 
-    def __init__(self, objective: str, config: TransformerConfig, batches: Sequence[harness.Batch]):
+    def __init__(self, objective: str, config: TransformerConfig, batches: Sequence[harness.Batch],
+                 compiled: bool = False):
         import torch
         import transformers
 
@@ -66,10 +82,11 @@ class PeerStep:
                 **common, n_embd=config.model_dim, n_layer=config.num_layers, n_head=config.num_heads,
                 n_inner=config.mlp_dim, n_positions=config.max_positions, activation_function="gelu_new",
                 resid_pdrop=config.dropout_rate, embd_pdrop=config.dropout_rate, attn_pdrop=config.dropout_rate,
-                layer_norm_epsilon=config.layer_norm_epsilon)
+                layer_norm_epsilon=config.layer_norm_epsilon, bos_token_id=None, eos_token_id=None)
             self.model = transformers.GPT2LMHeadModel(model_config)
         self.model.train()
         self.attention = self.model.config._attn_implementation
+        self.forward = torch.compile(self.model) if compiled else self.model  # inductor: forward and backward
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": 0.01},
@@ -79,7 +96,7 @@ class PeerStep:
         self.inputs = [self._inputs(objective, batch) for batch in batches]
         self.tokens = [harness.real_tokens(batch) for batch in batches]
         self.next = 0
-        self.run(2)  # warm-up
+        self.run(2)  # warm-up (and, compiled, the compilation)
 
     def _inputs(self, objective: str, batch: harness.Batch) -> dict:
         torch = self.torch
@@ -102,7 +119,7 @@ class PeerStep:
         tokens = 0
         for _ in range(steps):
             index = self.next % len(self.inputs)
-            loss = self.model(**self.inputs[index]).loss
+            loss = self.forward(**self.inputs[index]).loss
             loss.backward()
             self.torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
             self.optimizer.step()
@@ -113,34 +130,35 @@ class PeerStep:
 
 
 def compare(args: argparse.Namespace, workdir: str) -> dict:
-    """Runs both steps alternately; the result record."""
+    """Runs the four contenders alternately; the result record."""
     import torch
     import transformers
 
     batches, names, vocab_size = harness.pipeline_batches(args.objective, args, workdir, args.batches)
     config = our_config(args.objective, args.size, vocab_size)
-    ours = harness.OurStep(config, len(names), batches)
-    peer = PeerStep(args.objective, config, batches)
+    contenders = {"ours": harness.OurStep(config, len(names), batches),
+                  "ours_full_logits": harness.OurStep(config, len(names), batches, statistics=full_logits_statistics),
+                  "peer": PeerStep(args.objective, config, batches),
+                  "peer_compiled": PeerStep(args.objective, config, batches, compiled=True)}
     load_before = harness.load_average()
-    rounds = harness.alternate({"ours": ours.run, "peer": peer.run}, args.rounds, args.steps)
-    ours_tps, peer_tps = harness.throughput(rounds["ours"]), harness.throughput(rounds["peer"])
+    rounds = harness.alternate({name: step.run for name, step in contenders.items()}, args.rounds, args.steps)
+    tokens_per_sec = {name: harness.throughput(rounds[name]) for name in contenders}
     return {
         "objective": args.objective,
         "size": args.size,
-        "tokens_per_sec": statistics.median(ours_tps),
-        "peer_tokens_per_sec": statistics.median(peer_tps),
-        "ratio": harness.median_ratio(ours_tps, peer_tps),
-        "ratio_per_round": [a / b for a, b in zip(ours_tps, peer_tps)],
-        "ratio_of_best_rounds": max(ours_tps) / max(peer_tps),  # less sensitive to other jobs' load
-        "step_ms": 1e3 * harness.step_seconds(rounds["ours"], args.steps),
-        "peer_step_ms": 1e3 * harness.step_seconds(rounds["peer"], args.steps),
+        "tokens_per_sec": {name: statistics.median(tps) for name, tps in tokens_per_sec.items()},
+        "step_ms": {name: 1e3 * harness.step_seconds(rounds[name], args.steps) for name in contenders},
+        "ratios": {label: harness.median_ratio(tokens_per_sec[a], tokens_per_sec[b])
+                   for label, (a, b) in RATIOS.items()},
+        "ratios_of_best_rounds": {label: max(tokens_per_sec[a]) / max(tokens_per_sec[b])
+                                  for label, (a, b) in RATIOS.items()},
         "settings": {
-            "peer": f"transformers.{PEERS[args.objective]} (attention: {peer.attention})",
+            "peer": f"transformers.{PEERS[args.objective]} (attention: {contenders['peer'].attention})",
             "ours": "pre_layer_norm={}, mlm_transform_head={}".format(config.pre_layer_norm,
                                                                       config.mlm_transform_head),
             "layers": config.num_layers, "model_dim": config.model_dim, "heads": config.num_heads,
             "mlp_dim": config.mlp_dim, "vocab_size": config.vocab_size, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "real_tokens_per_step": statistics.mean(ours.tokens),
+            "seq_len": args.seq_len, "real_tokens_per_step": statistics.mean(contenders["ours"].tokens),
             "optimizer": "AdamW(lr=1e-4, b=(0.9, 0.999), eps=1e-8, wd=0.01 on matrices; torch: fused), clip 1.0",
             "precision": "float32", "rounds": args.rounds, "steps_per_round": args.steps,
             "load_average_1min": [round(load_before, 2), round(harness.load_average(), 2)],
@@ -164,12 +182,14 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory() as workdir:
             result = compare(args, workdir)
-    print(f"{args.objective} {args.size}: ours {result['tokens_per_sec']:,.0f} tok/s "
-          f"({result['step_ms']:.0f} ms/step), {result['settings']['peer']} "
-          f"{result['peer_tokens_per_sec']:,.0f} tok/s ({result['peer_step_ms']:.0f} ms/step); "
-          f"ratio {result['ratio']:.2f} (per round: {', '.join(f'{r:.2f}' for r in result['ratio_per_round'])}; "
-          f"best rounds {result['ratio_of_best_rounds']:.2f}); "
-          f"load {result['settings']['load_average_1min']}")
+    print(f"{args.objective} {args.size} on {result['settings']['machine']}; "
+          f"peer {result['settings']['peer']}; load {result['settings']['load_average_1min']}")
+    for name, tps in result["tokens_per_sec"].items():
+        print(f"  {name:<17} {tps:>9,.0f} tok/s  {result['step_ms'][name]:>6.0f} ms/step")
+    for label, ratio in result["ratios"].items():
+        numerator, denominator = RATIOS[label]
+        print(f"  {label:<17} {ratio:.2f}  ({numerator} / {denominator}; best rounds "
+              f"{result['ratios_of_best_rounds'][label]:.2f})")
     if args.json:
         print(json.dumps(result))
 
