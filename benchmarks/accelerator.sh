@@ -19,8 +19,16 @@ if ! python -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' 2>/de
 fi
 python -c 'import jax; print(jax.devices())' | tee "$out/devices.txt"
 export PRETRAIN_KEEP_FREED_MEMORY=0
-python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
-  tests/test_objective_contract.py -k "flash or key_ranges" 2>&1 | tail -5 | tee "$out/tests.txt"
+# The flash tests assert the kernel that ran (mosaic_gpu or triton on a GPU): a run that fell back to
+# tokamax's chunked XLA path fails them, and then this script, before any benchmark.
+if ! python -m pytest -q -p no:cacheprovider tests/test_flash_attention.py \
+  tests/test_objective_contract.py -k "flash or key_ranges" > "$out/tests.txt" 2>&1; then
+  tail -20 "$out/tests.txt"
+  echo "accelerator.sh: FAILED: the flash tests failed (or ran the chunked XLA fallback instead of the GPU" \
+    "kernels); full log in $out/tests.txt" >&2
+  exit 1
+fi
+tail -5 "$out/tests.txt"
 mixture="mlm:1,clm:1,mass:1,unilm:1"
 for size in base large; do
   python benchmarks/throughput.py --attention=dense,flash --dtype=bfloat16 --sizes=$size --seq_lens=512,2048 \

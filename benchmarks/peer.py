@@ -53,7 +53,7 @@ RATIOS = {"ours / eager": ("ours", "peer"), "ours / compiled": ("ours", "peer_co
 def our_config(objective: str, size: str, vocab_size: int) -> TransformerConfig:
     """Our model in the form of the peer it is compared with."""
     if objective == "mlm":
-        return preset(size, vocab_size=vocab_size, pre_layer_norm=False, mlm_transform_head=True)
+        return preset(size, vocab_size=vocab_size, pre_layer_norm=False, mlm_transform_head=True, output_bias=True)
     return preset(size, vocab_size=vocab_size)
 
 

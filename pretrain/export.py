@@ -60,7 +60,7 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
 def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
     """Writes run `workdir` (its newest good checkpoint, or that of `step`) as a
     `transformers` directory `out`; returns what it wrote."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     run_config = read_run_config(workdir)
     tokenizer = run_tokenizer(workdir)
@@ -75,7 +75,9 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
     architecture = architecture_of(config)
     state = convert.to_hf(flat_params(model), architecture)
     os.makedirs(out, exist_ok=True)
-    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    # Written by open(), so its mode is the umask's like every other file here (save_file writes 0600).
+    with open(os.path.join(out, "model.safetensors"), "wb") as handle:
+        handle.write(save(state, metadata={"format": "pt"}))
     described = hf_config(config, vocab.tokens)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(described, handle, indent=2)

@@ -15,6 +15,7 @@ the path and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from objectives import parse_mixture_spec
+from objectives import parse_mixture_spec, registered_names
 from pretrain.checkpoint import Checkpointer
 from pretrain.model import Transformer, TransformerConfig, create_model, parameter_count
 from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_workdir_tokenizer
@@ -33,7 +34,35 @@ from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_workdir_tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.json"
-TRAIN_HINT = "train one first: python -m pretrain.train --config=configs/pretrain.py:objective=mlm --workdir=DIR"
+
+
+def train_hint(workdir: str | os.PathLike) -> str:
+    """The command that trains a run in `workdir`, as the fix of a message about a
+    directory that is not one: its objective is the directory's name when that names
+    registered objectives (runs/clm -> clm), else a placeholder."""
+    name = os.path.basename(os.path.normpath(os.fspath(workdir)))
+    try:
+        known = set(parse_mixture_spec(name)) <= set(registered_names())
+    except ValueError:
+        known = False
+    return (f"train one first: python -m pretrain.train --config=configs/pretrain.py:objective="
+            f"{name if known else '<objective>'} --workdir={os.fspath(workdir)}")
+
+
+def missing_run(workdir: str | os.PathLike, flag: str) -> str:
+    """The message for a run directory the user named with `flag` (`--workdir`,
+    `--config.init`, ...) that does not exist: the flag as they passed it, the existing
+    directories beside it with close names (a typo), and the command that makes a run."""
+    path = os.fspath(workdir)
+    parent, name = os.path.split(os.path.normpath(path))
+    try:
+        siblings = [entry for entry in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent, entry))]
+    except OSError:
+        siblings = []
+    scored = sorted((-difflib.SequenceMatcher(None, name, entry).ratio(), entry) for entry in siblings)
+    close = [os.path.join(parent, entry) for score, entry in scored if -score >= 0.6][:3]
+    guess = f" (did you mean {' or '.join(f'{flag}={c}' for c in close)}?)" if close else ""
+    return f"{flag}={path} does not exist{guess}; pass a training run's directory, or {train_hint(path)}"
 
 
 @dataclasses.dataclass
@@ -64,16 +93,16 @@ class TrainedModel:
         return tuple(parse_mixture_spec(self.config.objective))
 
 
-def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The training config a run wrote to `workdir/config.json`."""
+def read_run_config(workdir: str | os.PathLike, flag: str = "--workdir") -> ml_collections.ConfigDict:
+    """The training config a run wrote to `workdir/config.json`; `flag` is the option
+    the user named the directory with, which the messages about a missing run name."""
     workdir = os.fspath(workdir)
     if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} does not exist; pass --workdir=<a training run's directory>, "
-                                f"or {TRAIN_HINT}")
+        raise FileNotFoundError(missing_run(workdir, flag))
     path = os.path.join(workdir, CONFIG_FILENAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing, so {workdir} is not a training run (pretrain.train writes it "
-                                f"when it starts); {TRAIN_HINT}")
+        raise FileNotFoundError(f"{path} is missing, so {flag}={workdir} is not a training run (pretrain.train writes "
+                                f"it when it starts); {train_hint(workdir)}")
     try:
         with open(path, encoding="utf-8") as handle:
             fields = json.load(handle)
@@ -87,11 +116,19 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(_with_current_fields(fields, path))
 
 
+# Fields whose default changed, with the value every run had before the field existed:
+# a config that lacks one was written then, so it takes that value, not today's default.
+FORMER_VALUES = {
+    "model.output_bias": True,  # every model had an output bias before the option existed
+}
+
+
 def _with_current_fields(fields: dict, path: str) -> dict:
     """A run config written by another version of this project, read by this one:
-    fields it lacks take today's defaults, objective settings this version no longer
-    has are dropped (they could not be applied), other unknown fields are kept and
-    ignored; one warning lists both."""
+    fields it lacks take today's defaults (or, for a field in FORMER_VALUES, the value
+    runs had before it existed), objective settings this version no longer has are
+    dropped (they could not be applied), other unknown fields are kept and ignored;
+    one warning lists both."""
     from configs.pretrain import get_config  # the schema; imported late, as configs import pretrain
 
     missing, unknown = [], []
@@ -108,15 +145,19 @@ def _with_current_fields(fields: dict, path: str) -> dict:
             merged[key] = value
         for key, value in default.items():
             if key not in given:
-                merged[key] = value
+                merged[key] = FORMER_VALUES.get(prefix + key, value)
                 if prefix != "objectives.":  # an objective registered since: nothing to report
                     missing.append(prefix + key)
         return merged
 
     merged = merge(get_config().to_dict(), fields, "", False)
-    if missing or unknown:
+    former = [f"{key}={FORMER_VALUES[key]!r}" for key in missing if key in FORMER_VALUES]
+    missing = [key for key in missing if key not in FORMER_VALUES]
+    if missing or unknown or former:
         log.warning("%s was written by another version of this project: %s", path, "; ".join(
             part for part in (f"fields it lacks take today's defaults ({', '.join(missing)})" if missing else "",
+                              f"fields it lacks from before they existed take the value runs then had "
+                              f"({', '.join(former)})" if former else "",
                               f"fields this version does not know are ignored ({', '.join(unknown)})" if unknown
                               else "") if part))
     return merged
@@ -171,7 +212,7 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no checkpoints/ directory: the run has not saved a checkpoint yet; "
-                                "let it reach config.checkpoint_every (or its end), or " + TRAIN_HINT)
+                                "let it reach config.checkpoint_every (or its end), or " + train_hint(workdir))
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
         steps = checkpointer.steps()
@@ -179,13 +220,13 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
         checkpointer.close()
     if not steps:
         raise FileNotFoundError(f"{directory} holds no finished checkpoint; let the run reach "
-                                "config.checkpoint_every (or its end), or " + TRAIN_HINT)
+                                "config.checkpoint_every (or its end), or " + train_hint(workdir))
     return steps
 
 
 # The TransformerConfig fields that decide parameter shapes.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
-                "pre_layer_norm", "mlm_transform_head", "nsp_head")
+                "pre_layer_norm", "mlm_transform_head", "nsp_head", "output_bias")
 
 
 def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: int, config: TransformerConfig) -> None:
@@ -249,7 +290,7 @@ def run_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
     path = os.path.join(os.fspath(workdir), MODEL_FILENAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: the run's tokenizer is needed to read its "
-                                "checkpoints; restore it, or " + TRAIN_HINT)
+                                "checkpoints; restore it, or " + train_hint(workdir))
     return load_workdir_tokenizer(path)
 
 

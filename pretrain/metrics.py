@@ -5,9 +5,10 @@ MFU follows the PaLM / MaxText convention: model FLOPs per token are
 score and value matmuls, forward and backward), and MFU = FLOPs per second
 achieved on real tokens / (devices * peak FLOPs per device). The peak is
 `config.peak_flops_per_device` when set, else a table entry for known
-accelerators, else (CPU) a float32 matmul peak measured at the run's first start
-(the median of several trials) and kept in the workdir, so a resumed run divides
-by the same number; the run log says which.
+accelerators, else (CPU) a float32 matmul peak (the median of several trials)
+measured once per machine and cached (`peak_cache_path`), so the runs of one
+comparison divide by the same number; each run keeps the peak it used, with its
+date, in the workdir, so a resumed run divides by it too. The run log says which.
 """
 
 from __future__ import annotations
@@ -71,6 +72,85 @@ def robust_matmul_peak(trials: int = 7, seconds: float = 0.15) -> float:
 
 PEAK_FILENAME = "mfu_peak.json"
 PEAK_FIX = "set --config.peak_flops_per_device=<FLOP/s per device> to fix it"
+PEAK_METHOD = "median of 7 float32 1024x1024 matmul trials"
+# The machine's measured peaks live in $PRETRAIN_CACHE_DIR, else $XDG_CACHE_HOME/pretrain,
+# else ~/.cache/pretrain; PRETRAIN_REMEASURE_PEAK=1 measures this machine's again.
+CACHE_DIR_ENV = "PRETRAIN_CACHE_DIR"
+REMEASURE_ENV = "PRETRAIN_REMEASURE_PEAK"
+PEAK_CACHE_FILENAME = "peak_flops.json"
+
+
+def peak_cache_path() -> str:
+    """The JSON file that holds each machine's measured peak (`CACHE_DIR_ENV`, else the
+    XDG cache directory): one per user, shared by every run on the machine."""
+    directory = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pretrain")
+    return os.path.join(directory, PEAK_CACHE_FILENAME)
+
+
+def machine_key(device_kind: str) -> str:
+    """What a measured peak depends on: the device kind, the CPU model, the cores this
+    process may use and JAX's device count (a peak measured under another taskset,
+    container limit or device count belongs to another machine)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{device_kind}; {model or 'unknown CPU model'}; {cores} cores; {jax.device_count()} devices"
+
+
+def _read_json(path: str) -> dict | None:
+    """The JSON object in `path`; None when there is none or it cannot be read (warned)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+        if isinstance(value, dict):
+            return value
+    except (OSError, ValueError):
+        pass
+    log.warning("%s cannot be read (not a JSON object); it is ignored, and rewritten once the peak is known", path)
+    return None
+
+
+def _write_json(path: str, value: dict) -> None:
+    """Writes `value` to `path` atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(temporary, path)
+
+
+def _usable(record: Any, kind: str) -> bool:
+    """Whether `record` is a peak measured on a device of `kind`."""
+    try:
+        return record.get("device_kind") == kind and float(record["flops_per_device"]) > 0
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
+def machine_peak(kind: str, primary: bool = True) -> dict:
+    """This machine's measured float32 matmul peak record ({flops_per_device,
+    device_kind, measured, method, machine, cache}): the cached one, or (none cached,
+    or `REMEASURE_ENV`=1) a new measurement, which the primary process caches. A cache
+    that cannot be written costs a warning, never the run."""
+    path, key = peak_cache_path(), machine_key(kind)
+    cache = _read_json(path) or {}
+    if os.environ.get(REMEASURE_ENV, "") not in ("", "0") or not _usable(cache.get(key), kind):
+        cache[key] = {"flops_per_device": robust_matmul_peak(), "device_kind": kind,
+                      "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "method": PEAK_METHOD}
+        if primary:
+            try:
+                _write_json(path, cache)
+            except OSError as error:
+                log.warning("cannot cache the measured peak in %s (%s); the next run measures again. Set %s to a "
+                            "writable directory to cache it", path, error.strerror or error, CACHE_DIR_ENV)
+    return {**cache[key], "machine": key, "cache": path}
 
 
 def peak_flops_per_device(configured: float = 0.0, workdir: str | os.PathLike | None = None,
@@ -78,35 +158,29 @@ def peak_flops_per_device(configured: float = 0.0, workdir: str | os.PathLike | 
     """(peak FLOP/s of one device, where the number came from): MFU's denominator.
 
     `configured` > 0 wins; else the dense bfloat16 peak of a known accelerator;
-    else (CPU) a measured float32 matmul peak. A measured peak is kept in
-    `workdir/mfu_peak.json` at the run's first start and read back on every
-    resume, so the MFU of one run stays comparable across restarts (the primary
-    process writes it)."""
+    else (CPU) this machine's measured float32 matmul peak (`machine_peak`: measured
+    once, cached for every later run). The run keeps the peak it took, with its date,
+    in `workdir/mfu_peak.json` and reads it back on every resume, so its MFU stays
+    comparable across restarts even when the machine's peak is measured again (the
+    primary process writes it)."""
     if configured > 0:
         return configured, "config.peak_flops_per_device"
     kind = jax.devices()[0].device_kind
     if kind in KNOWN_PEAKS:
         return KNOWN_PEAKS[kind], f"bfloat16 dense peak of {kind}; {PEAK_FIX}"
     path = os.path.join(workdir, PEAK_FILENAME) if workdir is not None else None
-    if path and os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                kept = json.load(handle)
-            if kept.get("device_kind") == kind and float(kept["flops_per_device"]) > 0:
-                return float(kept["flops_per_device"]), (
-                    f"float32 matmul peak of {kind} measured at the run's first start ({kept.get('measured', '?')}), "
-                    f"kept in {PEAK_FILENAME}; {PEAK_FIX}")
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s cannot be read; measuring the peak again", path)
-    peak = robust_matmul_peak()
+    kept = _read_json(path) if path else None
+    if _usable(kept, kind):
+        return float(kept["flops_per_device"]), (
+            f"float32 matmul peak of {kind} measured {kept.get('measured', '?')}, kept in {PEAK_FILENAME} since the "
+            f"run's first start; {PEAK_FIX}")
+    record = machine_peak(kind, primary)
     if path and primary:
-        record = {"flops_per_device": peak, "device_kind": kind,
-                  "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "method": "median of 7 float32 1024x1024 matmul trials"}
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2)
-        os.replace(path + ".tmp", path)
-    where = f", kept in {PEAK_FILENAME} for resumes" if path else ""
-    return peak, f"float32 matmul peak of {kind}, median of 7 trials{where}; {PEAK_FIX}"
+        _write_json(path, record)
+    return float(record["flops_per_device"]), (
+        f"float32 matmul peak of {kind} measured {record['measured']} ({PEAK_METHOD}), cached for this machine in "
+        f"{record['cache']} ({REMEASURE_ENV}=1 measures again){' and kept in ' + PEAK_FILENAME if path else ''}; "
+        f"{PEAK_FIX}")
 
 
 def flops_per_token(non_embedding_params: int, num_layers: int, model_dim: int, seq_len: int) -> float:

@@ -46,7 +46,9 @@ class TransformerConfig:
     nsp_head: bool = False  # sentence-pair classifier on each example's first token
     layer_norm_epsilon: float = 1e-6
     gelu: str = "tanh"  # 'tanh': the tanh approximation (GPT-2's gelu_new); 'exact': the erf form (BERT's gelu)
-    output_bias: bool = True  # a bias on the vocabulary logits (BERT has one, GPT-2 none)
+    # a bias on the vocabulary logits: off, as in GPT-2, so the default pre-LN model exports exactly to
+    # GPT2LMHeadModel; BERT has one (True: BertForMaskedLM exports it as cls.predictions.bias)
+    output_bias: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention: str = "dense"  # 'dense' (the written-out mask), 'flash' (key ranges, fused kernel), 'auto'
 
@@ -224,6 +226,21 @@ def uses_flash(config: TransformerConfig) -> bool:
     CPU the dense path is the faster one; the fused path there is the reference
     tokamax runs in plain XLA). Decided when the step is traced."""
     return config.attention == "flash" or (config.attention == "auto" and jax.default_backend() != "cpu")
+
+
+def attention_kernel(config: TransformerConfig) -> str:
+    """The attention kernel a traced stack of this config ran: 'dense' (the written-out
+    mask), else the tokamax kernel the latest trace on this backend chose
+    (`pretrain.flash_attention.CHOSEN`), so a run can record what produced its
+    numbers and a test what it checked."""
+    if not uses_flash(config):
+        return "dense"
+    from pretrain.flash_attention import CHOSEN
+
+    backend = jax.default_backend()
+    if backend not in CHOSEN:
+        raise RuntimeError(f"no flash attention has been traced on {backend} yet: ask after the first step")
+    return CHOSEN[backend]
 
 
 class Attention(nnx.Module):

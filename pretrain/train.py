@@ -52,7 +52,7 @@ from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
-from pretrain.model import TransformerConfig, create_model, preset_name
+from pretrain.model import TransformerConfig, attention_kernel, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.peers import PeerWatch, any_process
 from pretrain.stopping import StopRequest
@@ -467,6 +467,7 @@ class Trainer:
             "grad_norm": float(metrics["grad_norm"]),
             "tokens_per_sec": tokens_per_sec,
             "mfu": tokens_per_sec * self.flops_per_token / (jax.device_count() * self.peak),
+            "attention_kernel": self.attention_kernel,
             **({"skipped_steps": skipped} if skipping else {}),
             **(extra or {}),
         }
@@ -533,6 +534,7 @@ class Trainer:
         if self.primary:
             print(self._describe(start), flush=True)
         self.skips = SkipCounter()
+        self.attention_kernel: str | None = None  # known once the train step is traced (`_train`)
         self._window = (time.perf_counter(), 0, 0)  # start time, real tokens, steps
         step = self._train(iterator, stop, start)
         if step == config.total_steps:
@@ -543,6 +545,18 @@ class Trainer:
         """What follows the last step (not a stop): one line of what the model does."""
         if self.config.sample_at_end and self.primary and jax.process_count() == 1:
             self._show_sample()
+
+    def _traced_attention_kernel(self) -> str:
+        """The attention kernel the traced train step runs (`pretrain.model.attention_kernel`);
+        a subclass that trains other models names theirs."""
+        return attention_kernel(self.model_config)
+
+    def _record_attention_kernel(self) -> None:
+        """Keeps the kernel the train step runs for every metrics row (`attention_kernel`)
+        and says it once: a flash run that fell back to the chunked XLA path says so."""
+        kernel = self.attention_kernel = self._traced_attention_kernel()
+        if self.primary:
+            log.info("attention: %s", kernel if kernel == "dense" else f"flash via {kernel} on {jax.default_backend()}")
 
     def _train(self, iterator: Any, stop: StopRequest, step: int) -> int:
         """The steps from `step` on. The next batch is read and placed on the devices
@@ -563,6 +577,8 @@ class Trainer:
         while step < config.total_steps and not stopping:
             batch, tokens = ahead
             self.state, metrics = self.train_step(self.state, batch)
+            if self.attention_kernel is None:  # the call above traced the step
+                self._record_attention_kernel()
             step += 1
             data_state = iterator.get_state()
             ahead = read() if step < config.total_steps else None  # while the device runs this step

@@ -4,7 +4,8 @@ Problems a run would otherwise meet only at its first checkpoint (an hour in) ar
 found here, before anything is compiled: a workdir that cannot be created or
 written, a disk without room for one checkpoint, and a second training process on
 the same workdir. The last is prevented by an exclusive `flock` on
-`workdir/train.lock`, held for as long as the trainer lives; the kernel drops it
+`workdir/train.lock`, held for as long as the trainer lives; the trainer removes
+the file when it closes (a failed start included), and the kernel drops the lock
 when the process dies, so a rerun after a crash or SIGKILL is never blocked by a
 stale lock.
 """
@@ -109,23 +110,31 @@ class WorkdirLock:
     """An exclusive, non-blocking `flock` on `workdir/train.lock` (a context manager).
 
     The file also records who holds it (pid, host, start time, command), so the
-    process that is refused can say whom it met. The file stays behind after
-    release; only the lock matters, and the kernel releases it with the process.
+    process that is refused can say whom it met. `release` removes the file while
+    still holding the lock; a process that opened it just before then locks a file
+    no longer at the path, sees so and opens the path afresh, so two holders never
+    coexist. A process killed before release leaves the file, holding nothing (the
+    kernel releases the lock with the process).
     """
 
     def __init__(self, workdir: str | os.PathLike) -> None:
         self.path = os.path.join(os.fspath(workdir), LOCK_FILENAME)
-        self._handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 — held for the lock's lifetime
-        try:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            self._handle.close()
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            raise WorkdirLocked(
-                f"workdir {os.path.dirname(self.path)} is in use by another training process ({_holder(self.path)}); "
-                "two runs on one workdir would overwrite each other's checkpoints. Wait for it to finish or stop "
-                "it, or pass another --workdir") from None
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 — held for the lock's lifetime
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                handle.close()
+                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise WorkdirLocked(
+                    f"workdir {os.path.dirname(self.path)} is in use by another training process "
+                    f"({_holder(self.path)}); two runs on one workdir would overwrite each other's checkpoints. Wait "
+                    "for it to finish or stop it, or pass another --workdir") from None
+            if _same_file(handle, self.path):
+                break
+            handle.close()  # the holder before us removed it between our open and our lock
+        self._handle = handle
         self._handle.seek(0)
         self._handle.truncate()
         json.dump({"pid": os.getpid(), "host": socket.gethostname(),
@@ -134,8 +143,10 @@ class WorkdirLock:
         self._handle.flush()
 
     def release(self) -> None:
-        """Drops the lock (idempotent)."""
+        """Removes the lock file and drops the lock (idempotent)."""
         if not self._handle.closed:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)  # still locked: see the class docstring
             self._handle.close()  # closing the descriptor releases the flock
 
     def __enter__(self) -> WorkdirLock:
@@ -143,6 +154,16 @@ class WorkdirLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _same_file(handle: Any, path: str) -> bool:
+    """Whether the open `handle` is the file now at `path`."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
 def _holder(path: str) -> str:

@@ -9,6 +9,7 @@ space, locked) are in tests/test_reliability.py.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,12 +17,15 @@ import subprocess
 import pytest
 import sentencepiece as spm
 
+from configs.finetune import get_config as get_finetune_config
 from pretrain.checkpoint import CheckpointMismatch
 from objectives import registered_names
 from pretrain.config_checks import validate_config
 from pretrain.tokenizer import train_tokenizer
-from pretrain import compare, evaluate, generate, inspect_data, train
+from pretrain import compare, evaluate, finetune, generate, inspect_data, train
+from pretrain.inference import read_run_config
 from pretrain.train import Trainer
+from pretrain.transfer.trainer import FinetuneTrainer
 from train_helpers import (FINISHED_RUN, ROOT, TRAIN_COMMAND, apply, command, shared_corpus,  # noqa: F401
                            shared_finished_run, tiny_config, tokenizer_file, workdir_with)
 
@@ -218,7 +222,10 @@ def finished_copy(tmp_path_factory, tmp_path):
 @pytest.mark.parametrize("overrides, problem", [
     ({"model.num_layers": 3}, r"model.num_layers is 2 there and 3 now.*params/blocks/2/.* is missing from the checkpoint"),
     ({"optimizer.clip_norm": 0.0}, r"optimizer.clip_norm is 1.0 there and 0.0 now.*arrays: opt_state/"),
-], ids=["model shape", "optimizer structure"])
+    # model.output_bias's default changed (True -> False): resuming with the other value names it (this run has none)
+    ({"model.output_bias": True}, r"model.output_bias is False there and True now.*params/output_bias/value is "
+                                  r"missing from the checkpoint"),
+], ids=["model shape", "optimizer structure", "output bias"])
 def test_checkpoint_of_another_configuration(finished_copy, overrides, problem):
     config = tiny_config(**FINISHED_RUN, **overrides)
     with pytest.raises(CheckpointMismatch, match=r"checkpoint at step 40 in .* was written by a different model or "
@@ -310,3 +317,82 @@ def test_config_error_from_the_command_is_one_message_without_a_traceback(tmp_pa
     assert "Traceback" not in result.stderr
     assert ("error: invalid config:\n  config.optimizer.warmup_steps=50 must lie in 0..config.total_steps=10"
             in result.stderr), result.stderr[-2000:]
+
+
+# -- fine-tuning: what it reads before anything else -----------------------------------------
+
+FINETUNE_CONFIG = f"--config={ROOT}/configs/finetune.py:task=files"
+
+
+def task_directory(path, rows: str = '{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n'):
+    """A `files` task directory whose train, dev and test files hold `rows`."""
+    path.mkdir()
+    for split in ("train", "dev", "test"):
+        (path / f"{split}.jsonl").write_text(rows)
+    return path
+
+
+def test_a_misspelt_run_directory_is_named_by_the_flag_that_gave_it(tmp_path, monkeypatch):
+    """`--config.init=runs/cml` (for runs/clm): the message names that flag, the runs beside
+    it with close names, and a training command with no objective assumed; a directory
+    named after an objective gets that objective in the command."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("clm", "mlm", "unrelated"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(["finetune", FINETUNE_CONFIG, f"--config.task_path={task_directory(tmp_path / 'task')}",
+                       "--config.init=runs/cml", "--workdir=runs/ft"])
+    assert stopped.value.code == (
+        "error: --config.init=runs/cml does not exist (did you mean --config.init=runs/clm or "
+        "--config.init=runs/mlm?); pass a training run's directory, or train one first: python -m pretrain.train "
+        "--config=configs/pretrain.py:objective=<objective> --workdir=runs/cml")
+    assert not (tmp_path / "runs" / "ft").exists(), "refused before the workdir was made"
+    with pytest.raises(FileNotFoundError) as missing:
+        read_run_config("elsewhere/clm", "--config.shape_from")
+    assert str(missing.value) == (
+        "--config.shape_from=elsewhere/clm does not exist; pass a training run's directory, or train one first: "
+        "python -m pretrain.train --config=configs/pretrain.py:objective=clm --workdir=elsewhere/clm")
+
+
+def test_a_fine_tune_reads_its_task_before_restoring_a_body_and_a_failed_start_leaves_no_lock(tmp_path_factory,
+                                                                                              tmp_path, caplog):
+    """The body's checkpoints are moved away, so a run that restored before reading its task
+    would fail on them instead: a missing task_path and a task row that does not parse are
+    refused first, before the workdir exists. With a good task the start fails on the
+    checkpoints, after it took the lock: it leaves no train.lock, and the next start (the
+    checkpoints back) is not refused."""
+    body = tmp_path / "body"
+    shutil.copytree(shared_finished_run(tmp_path_factory)[0], body)
+    (body / "checkpoints").rename(tmp_path / "checkpoints-aside")
+    workdir = tmp_path / "ft"
+    flags = [FINETUNE_CONFIG, f"--config.init={body}", f"--workdir={workdir}", "--config.seq_len=64",
+             "--config.batch_size=8", "--config.seeds=(0,)"]
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(["finetune", *flags, f"--config.task_path={tmp_path / 'reviews'}"])
+    assert stopped.value.code == (
+        f"error: invalid fine-tuning config:\n  config.task_path='{tmp_path / 'reviews'}' does not exist; give a "
+        "directory holding train.jsonl, dev.jsonl and test.jsonl (or .tsv files)")
+    task = task_directory(tmp_path / "task", rows="not json\n")
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(["finetune", *flags, f"--config.task_path={task}"])
+    assert stopped.value.code == (f"error: {task / 'train.jsonl'}:1 is not JSON (Expecting value); write one JSON "
+                                  "object per line")
+    assert not workdir.exists(), "both refused before the workdir was made"
+
+    for split in ("train", "dev", "test"):
+        (task / f"{split}.jsonl").write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n')
+    with pytest.raises(SystemExit) as stopped:
+        finetune.main(["finetune", *flags, f"--config.task_path={task}"])
+    assert stopped.value.code.startswith(f"error: {body} has no checkpoints/ directory: the run has not saved")
+    assert os.listdir(workdir / "seed_0") == [], "no train.lock (nor anything else) left behind"
+
+    (tmp_path / "checkpoints-aside").rename(body / "checkpoints")
+    config = apply(get_finetune_config("task=files"), {"init": str(body), "task_path": str(task), "seq_len": 64,
+                                                       "batch_size": 8, "seeds": (0,)})
+    with FinetuneTrainer(config, str(workdir / "seed_0")) as trainer:  # not refused: the lock is free
+        assert trainer.bodies[0].step == 40 and (workdir / "seed_0" / "train.lock").exists()
+    assert not (workdir / "seed_0" / "train.lock").exists()
+    assert [r.getMessage() for r in caplog.records if "test split" in r.getMessage()] == [  # said once, when it starts
+        "the test split of task is small: 2 examples for 2 classes (1.0 per class), fewer than 100 (the rule: at "
+        "least 100 examples and 5 per class on average), so its scores swing with a few examples; a larger test set "
+        "gives scores worth their mean"]

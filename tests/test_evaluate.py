@@ -3,6 +3,7 @@ reproducible, on the same held-out batches for any model; bad input."""
 
 import json
 import math
+import re
 
 import pytest
 from train_helpers import tiny_config
@@ -70,11 +71,15 @@ def test_command_writes_json_and_prints_the_table(run_dir, tmp_path, capsys):
 
 
 def test_bad_input_gets_one_clear_message(tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"error: workdir .*nowhere does not exist; pass --workdir"):
-        evaluate.main(["evaluate", f"--workdir={tmp_path / 'nowhere'}"])
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(SystemExit, match=re.escape(
+            f"error: --workdir={nowhere} does not exist; pass a training run's directory, or train one first: python "
+            f"-m pretrain.train --config=configs/pretrain.py:objective=<objective> --workdir={nowhere}")):
+        evaluate.main(["evaluate", f"--workdir={nowhere}"])
     with pytest.raises(SystemExit, match="--workdir is required"):
         evaluate.main(["evaluate"])
-    with pytest.raises(SystemExit, match=r"config.json is missing, so .* is not a training run"):
+    with pytest.raises(SystemExit, match=re.escape(
+            f"error: {tmp_path}/config.json is missing, so --workdir={tmp_path} is not a training run")):
         evaluate.main(["evaluate", f"--workdir={tmp_path}"])
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     (tmp_path / "checkpoints").mkdir()

@@ -301,7 +301,7 @@ def test_bad_finetuning_input_is_one_line(tmp_path, name):
 
 @pytest.mark.parametrize("glue, metrics, test_splits", [("sst2", {"accuracy", "macro_f1", "mcc"}, ["test"]),
                                                         ("stsb", {"pearson", "spearman"}, ["test"]),
-                                                        ("mnli", {"accuracy", "macro_f1", "mcc"},
+                                                        ("mnli", {"accuracy", "macro_f1", "f1", "mcc"},
                                                          ["test", "test_mismatched"])])
 def test_glue_through_tfds_from_a_prepared_data_dir(tmp_path_factory, tmp_path, glue, metrics, test_splits):
     """A GLUE-shaped TFDS dataset built locally (tests/tfds_fixture.py), read by the same code

@@ -2,6 +2,7 @@
 no source-to-target attention in seq2seq, [MASK] filling, sampling, and CLI errors."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -96,7 +97,7 @@ def test_cached_greedy_equals_full_forward_greedy_in_a_ragged_batch(model, forwa
 
 
 def test_every_row_stops_at_eos(model):
-    eager = create_model(preset("tiny", vocab_size=VOCAB.size), seed=3)
+    eager = create_model(preset("tiny", vocab_size=VOCAB.size, output_bias=True), seed=3)
     eager.output_bias[...] = eager.output_bias[...].at[EOS_ID].set(100.0)
     outputs = gen.generate(eager, [LEAVES["clm"].prompt("continue", tokens, 6) for tokens in PROMPTS], vocab=VOCAB)
     assert [o.tolist() for o in outputs] == [[EOS_ID]] * len(PROMPTS)
@@ -161,7 +162,10 @@ def test_command_generates_from_a_trained_run(tmp_path_factory):
 def test_bad_input_gets_one_clear_message(tmp_path):
     with pytest.raises(ValueError, match="--prompt number 2 is empty"):
         gen.run(str(tmp_path), ["fine", "  "])
-    with pytest.raises(FileNotFoundError, match=r"workdir .*missing does not exist; pass --workdir"):
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"--workdir={tmp_path / 'missing'} does not exist; pass a training run's directory, or train one first: "
+            f"python -m pretrain.train --config=configs/pretrain.py:objective=<objective> "
+            f"--workdir={tmp_path / 'missing'}")):
         gen.run(str(tmp_path / "missing"), ["text"])
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     with pytest.raises(FileNotFoundError, match="has no checkpoints/ directory: the run has not saved"):

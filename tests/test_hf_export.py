@@ -6,7 +6,9 @@ transformers); CI installs it."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,10 +30,9 @@ from train_helpers import tiny_config, tokenizer_file, workdir_with  # noqa: E40
 LOGIT_TOLERANCE = 1e-4
 SHAPES = {"tiny": {}, "wider": {"model.num_layers": 3, "model.model_dim": 96, "model.num_heads": 3,
                                 "model.mlp_dim": 192}}
-GPT2 = {"model.output_bias": False}
 BERT = {"model.pre_layer_norm": False, "model.mlm_transform_head": True, "model.nsp_head": True,
         "objectives.mlm.nsp": True, "model.num_token_types": 2, "model.gelu": "exact",
-        "model.layer_norm_epsilon": 1e-12}
+        "model.layer_norm_epsilon": 1e-12, "model.output_bias": True}
 
 
 def sentences(count: int) -> list[str]:
@@ -66,8 +67,16 @@ def project_outputs(workdir, rows: list[dict], trained=None) -> list[np.ndarray]
 
 @pytest.mark.parametrize("shape", ["tiny"])  # both shapes of both architectures: the import test below
 def test_a_pre_ln_causal_run_is_gpt2_with_the_same_logits(tmp_path, tokenizer_file, shape):
-    workdir = trained_run(tmp_path, tokenizer_file, "clm", {**GPT2, **SHAPES[shape]})
-    print(export.export_run(str(workdir), str(tmp_path / "hf")))
+    """The default model (the README's quick start) exports as it is; every file the
+    export writes has the mode the umask gives (0644 under umask 022), like any file."""
+    workdir = trained_run(tmp_path, tokenizer_file, "clm", SHAPES[shape])
+    umask = os.umask(0o022)
+    try:
+        print(export.export_run(str(workdir), str(tmp_path / "hf")))
+    finally:
+        os.umask(umask)
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf").iterdir()} == {
+        name: 0o644 for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")}
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(model).__name__ == "GPT2LMHeadModel"
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -89,7 +98,12 @@ def test_a_pre_ln_causal_run_is_gpt2_with_the_same_logits(tmp_path, tokenizer_fi
     print(f"GPT-2 {shape}: max |logit difference| over {len(texts)} sentences: {worst:.2e}")
     assert worst <= LOGIT_TOLERANCE
     # --step: an earlier checkpoint exports its own weights; a step with no checkpoint is one line
-    export.main(["export", f"--workdir={workdir}", f"--out={tmp_path / 'hf3'}", "--step=3"])
+    umask = os.umask(0o027)
+    try:
+        export.main(["export", f"--workdir={workdir}", f"--out={tmp_path / 'hf3'}", "--step=3"])
+    finally:
+        os.umask(umask)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "hf3").iterdir()} == {0o640}
     from safetensors.numpy import load_file
     newest, earlier = (load_file(tmp_path / name / "model.safetensors") for name in ("hf", "hf3"))
     assert newest.keys() == earlier.keys() and not np.array_equal(newest["transformer.wte.weight"],
@@ -151,7 +165,7 @@ REFUSALS = {
     "GPT-2 has no output bias": ("clm", {"model.output_bias": True},
                                  r"config.model.output_bias=True: GPT-2's output layer has no bias; train with "
                                  r"config.model.output_bias=False"),
-    "GPT-2 embeds no token types": ("unilm", {"model.output_bias": False},
+    "GPT-2 embeds no token types": ("unilm", {},
                                     r"objectives \['unilm/bidirectional', 'unilm/left_to_right', 'unilm/right_to_left', "
                                     r"'unilm/seq2seq'\] use token types beyond 0, which GPT-2 does not embed"),
     "BERT needs the transform head": ("mlm", {"model.pre_layer_norm": False},

@@ -92,7 +92,7 @@ def test_rows_without_loss_and_an_empty_batch():
 def test_ties_count_as_correct_only_for_the_first_maximal_token():
     """Accuracy follows jnp.argmax: with tied logits only the lowest id is the prediction."""
     batch, num_objectives = packed_batch("clm", seed=3)
-    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE))
+    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, output_bias=True))
     model.token_embedding[...] = jnp.zeros_like(model.token_embedding[...])  # every logit = the bias
     model.output_bias[...] = jnp.zeros(VOCAB_SIZE).at[jnp.array([9, 11])].set(1.0)  # ids 9 and 11 tie
     hidden = model(batch)

@@ -165,7 +165,7 @@ def test_kv_cache_decoding_matches_full_forward(config):
 
 def test_presets_and_config_errors():
     assert parameter_count(create_model(tiny())) == (
-        64 * 64 + 256 * 64 + 8 * 64 + 64  # embeddings + output bias
+        64 * 64 + 256 * 64 + 8 * 64  # embeddings (no output bias: off by default, as in GPT-2)
         + 2 * (64 * 3 * 64 + 3 * 64 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64 + 4 * 64)
         + 2 * 64)  # final LayerNorm
     assert preset("base").num_layers == 12 and preset("large").model_dim == 1024
@@ -210,12 +210,13 @@ def test_non_embedding_parameters_leave_out_the_three_embedding_tables():
 
 def test_gelu_form_and_output_bias_are_model_options():
     """`gelu='exact'` is the erf GELU (BERT), 'tanh' the approximation (GPT-2; the
-    default); `output_bias=False` leaves the logits without a bias parameter (GPT-2)."""
+    default); `output_bias=False` (the default, as GPT-2) leaves the logits without a bias
+    parameter, `True` adds BERT's."""
     x = jnp.linspace(-3, 3, 7)
     assert np.allclose(model_lib.gelu(tiny(gelu="exact"), x), jax.nn.gelu(x, approximate=False))
     assert np.allclose(model_lib.gelu(tiny(), x), jax.nn.gelu(x, approximate=True))
     assert not np.allclose(model_lib.gelu(tiny(gelu="exact"), x), model_lib.gelu(tiny(), x))
-    with_bias, without = create_model(tiny()), create_model(tiny(output_bias=False))
+    with_bias, without = create_model(tiny(output_bias=True)), create_model(tiny())
     assert hasattr(with_bias, "output_bias") and not hasattr(without, "output_bias")
     assert parameter_count(with_bias) - parameter_count(without) == VOCAB_SIZE
     hidden = without(as_batch(pack([example_of("clm", 4)], 8)))

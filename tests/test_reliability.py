@@ -182,6 +182,30 @@ def test_a_workdir_of_an_older_version_still_loads_with_one_warning(finished_run
     assert "has no checksum item" in caplog.text
 
 
+def test_a_config_from_before_output_bias_existed_reads_as_the_bias_every_model_then_had(finished_run, tmp_path,
+                                                                                           caplog):
+    """model.output_bias came with the default True, which later became False: a config.json
+    without the field was written when every model had the bias, so it reads True (not
+    today's default), and a checkpoint that disagrees is refused naming the field."""
+    from pretrain.inference import load_trained, read_run_config
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    del config["model"]["output_bias"]
+    (workdir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING):
+        assert read_run_config(workdir).model.output_bias is True
+    assert (f"{workdir}/config.json was written by another version of this project: fields it lacks from before they "
+            "existed take the value runs then had (model.output_bias=True)") in caplog.text
+    with pytest.raises(ValueError) as refused:  # this run (today's) has none
+        load_trained(workdir)
+    assert str(refused.value) == (
+        f"the checkpoint at step 40 in {workdir} was written by a model of another shape: model.output_bias is False "
+        "there and True here. The body's shape comes from config.json and tokenizer.model in that directory: restore "
+        "them as the run wrote them")
+
+
 def test_only_an_unfinished_save_starts_afresh_and_keeps_it(finished_run, tmp_path, caplog):
     """A run stopped while writing its first checkpoint leaves only Orbax's temporary
     directory: the rerun says so, leaves it in place, trains from step 0, and ends

@@ -97,8 +97,10 @@ def test_a_fresh_start_keeps_an_earlier_runs_metrics_and_the_console_shows_the_r
         r"data:      pydocs; vocabulary 400; batch 8 rows x seq_len 64 = 512 token slots per step",
         r"steps:     6; AdamW peak lr 0.003, 5 warmup, cosine decay; eval every 3, checkpoint every 20",
         r"devices:   8 x cpu in 1 process\(es\); pjit over mesh data=8 fsdp=1 tensor=1",
-        r"MFU peak:  \S+ FLOP/s per device \(float32 matmul peak of cpu, median of 7 trials, kept in mfu_peak.json "
-        r"for resumes; set --config.peak_flops_per_device=<FLOP/s per device> to fix it\)"])
+        r"MFU peak:  \S+ FLOP/s per device \(float32 matmul peak of cpu measured \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+        r"\(median of 7 float32 1024x1024 matmul trials\), cached for this machine in "
+        + re.escape(metrics.peak_cache_path()) + r" \(PRETRAIN_REMEASURE_PEAK=1 measures again\) and kept in "
+        r"mfu_peak.json; set --config.peak_flops_per_device=<FLOP/s per device> to fix it\)"])
     assert re.search("^" + block + "$", out, re.M), out
     assert re.search(r"^eval at step 3: held-out loss \d+\.\d{4} \(unigram baseline \d+\.\d{4}\), accuracy ", out,
                      re.M)
@@ -115,17 +117,60 @@ def test_a_finished_run_says_it_is_complete_and_trains_nothing(tmp_path_factory,
     assert checkpoint_steps(workdir) == [20, 40]
 
 
-def test_the_measured_mfu_peak_is_kept_with_the_run(tmp_path, monkeypatch):
+def test_the_measured_mfu_peak_is_cached_per_machine_and_kept_with_the_run(tmp_path, monkeypatch):
+    """The first run on a machine measures the peak and caches it; every later run takes
+    the cached one without measuring, so one comparison's runs share a denominator; a run
+    keeps the peak it started with (and its date) for its resumes, even after
+    PRETRAIN_REMEASURE_PEAK=1 measured the machine again."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(metrics.CACHE_DIR_ENV, str(cache))
     trials = iter([3e10, 9e10, 1e11, 2e11, 1.1e11, 6e10, 1.05e11])  # one trial swings 3x; the median does not
     monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: next(trials))
-    peak, source = metrics.peak_flops_per_device(0.0, tmp_path)
-    assert peak == 1e11 and "median of 7 trials, kept in mfu_peak.json for resumes; set " \
-                            "--config.peak_flops_per_device=<FLOP/s per device> to fix it" in source
-    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: pytest.fail("measured again on resume"))
-    again, source = metrics.peak_flops_per_device(0.0, tmp_path)
-    assert again == 1e11 and "measured at the run's first start" in source
-    assert json.loads((tmp_path / "mfu_peak.json").read_text())["flops_per_device"] == 1e11
-    assert metrics.peak_flops_per_device(5e12, tmp_path) == (5e12, "config.peak_flops_per_device")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    peak, source = metrics.peak_flops_per_device(0.0, first)
+    cached = json.loads((cache / "peak_flops.json").read_text())
+    key = metrics.machine_key("cpu")
+    assert list(cached) == [key] and cached[key]["flops_per_device"] == 1e11 == peak
+    measured = cached[key]["measured"]
+    assert source == (f"float32 matmul peak of cpu measured {measured} (median of 7 float32 1024x1024 matmul trials), "
+                      f"cached for this machine in {cache / 'peak_flops.json'} (PRETRAIN_REMEASURE_PEAK=1 measures "
+                      "again) and kept in mfu_peak.json; set --config.peak_flops_per_device=<FLOP/s per device> to "
+                      "fix it")
+    assert json.loads((first / "mfu_peak.json").read_text()) == {
+        **cached[key], "machine": key, "cache": str(cache / "peak_flops.json")}
+
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: pytest.fail("measured again"))
+    assert metrics.peak_flops_per_device(0.0, second) == (1e11, source)  # another run: the machine's cached peak
+    assert json.loads((second / "mfu_peak.json").read_text())["measured"] == measured
+    assert metrics.peak_flops_per_device(0.0, first) == (1e11, (
+        f"float32 matmul peak of cpu measured {measured}, kept in mfu_peak.json since the run's first start; set "
+        "--config.peak_flops_per_device=<FLOP/s per device> to fix it"))
+
+    monkeypatch.setenv(metrics.REMEASURE_ENV, "1")
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: 2e11)
+    third = tmp_path / "third"
+    third.mkdir()
+    assert metrics.peak_flops_per_device(0.0, third)[0] == 2e11
+    assert json.loads((cache / "peak_flops.json").read_text())[key]["flops_per_device"] == 2e11
+    assert metrics.peak_flops_per_device(0.0, first)[0] == 1e11, "a resume keeps the run's own peak"
+    assert metrics.peak_flops_per_device(5e12, first) == (5e12, "config.peak_flops_per_device")
+
+
+def test_the_peak_cache_lives_under_the_users_cache_directory_and_a_cache_that_cannot_be_written_costs_a_warning(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(metrics.CACHE_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert metrics.peak_cache_path() == str(tmp_path / "xdg" / "pretrain" / "peak_flops.json")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert metrics.peak_cache_path() == str(tmp_path / "home" / ".cache" / "pretrain" / "peak_flops.json")
+    (tmp_path / "a-file").write_text("not a directory")
+    monkeypatch.setenv(metrics.CACHE_DIR_ENV, str(tmp_path / "a-file"))
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda seconds: 1e11)
+    assert metrics.peak_flops_per_device(0.0, None)[0] == 1e11
+    assert (f"cannot cache the measured peak in {tmp_path / 'a-file' / 'peak_flops.json'} (File exists); the "
+            "next run measures again. Set PRETRAIN_CACHE_DIR to a writable directory to cache it") in caplog.text
 
 
 @pytest.mark.parametrize("kind, peak", [("NVIDIA H200", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12),

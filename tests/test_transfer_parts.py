@@ -3,6 +3,7 @@ per-layer rates, unfreezing masks, pooling, tag alignment, task files and their 
 
 from __future__ import annotations
 
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +273,106 @@ def test_the_pydocs_test_split_is_the_pretraining_heldout_split():
     assert sum(example.text in train_text for example in pairs.splits["train"]) > 0.8 * len(pairs.splits["train"])
 
 
+def test_a_task_holds_further_test_sets_named_test_something():
+    """`test_<name>` splits are test sets beside `test`, in the fingerprint (a task without
+    them hashes as before they existed: the literal is that of the code before); any
+    other split name is refused."""
+    example = tasks.TaskExample
+    splits = {"train": (example("a", label=0), example("b", label=1)), "dev": (example("c", label=1),),
+              "test": (example("d", label=0),)}
+    plain = tasks.Task("t", "classification", ("neg", "pos"), splits, "accuracy", "literal")
+    more = tasks.Task("t", "classification", ("neg", "pos"), {**splits, "test_other": (example("e", label=1),)},
+                      "accuracy", "literal")
+    assert plain.fingerprint == "e0803b2cdd89" and plain.test_splits == ("test",)
+    assert more.test_splits == ("test", "test_other") and more.evaluation_splits == ("dev", "test", "test_other")
+    assert more.fingerprint == "b8a371772be8"
+    assert tasks.label_subset(more, 0.5).splits["test_other"] == more.splits["test_other"]
+    with pytest.raises(ValueError, match=r"task 't' has a split 'heldout' \(literal\); a task's splits are train, "
+                                         r"dev, test and further test sets named test_<name>"):
+        tasks.Task("t", "classification", ("neg", "pos"), {**splits, "heldout": splits["test"]}, "accuracy", "literal")
+    with pytest.raises(ValueError, match=r"task 't' has no test_other examples"):
+        tasks.Task("t", "classification", ("neg", "pos"), {**splits, "test_other": ()}, "accuracy", "literal")
+
+
+MNLI = ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")
+
+
+@pytest.mark.parametrize("available, expected", [
+    (("train", "validation", "test"), {"test": "validation"}),  # GLUE's single-validation tasks
+    (MNLI, {"test": "validation_matched", "test_mismatched": "validation_mismatched"}),
+    (("train", "test", "unsupervised"), {"test": "test"}),  # no validation split (IMDB): its test split
+    (("train", "validation_b", "validation_a"), {"test": "validation_a", "test_b": "validation_b"}),
+    (("train", "validation_x", "validation"), {"test": "validation", "test_x": "validation_x"}),
+    (("train", "validation_extra", "validation_matched"), {"test": "validation_matched",
+                                                           "test_extra": "validation_extra"}),  # matched before name
+])
+def test_tfds_test_sets_follow_the_split_names(available, expected):
+    assert tasks.tfds_test_splits("d", available) == expected
+
+
+def mnli_config(name: str, data_dir) -> Any:
+    """The config a user's `--config=configs/finetune.py:task=tfds --config.task_tfds_name=...` gives."""
+    from configs.finetune import get_config
+
+    config = get_config("task=tfds,method=full")
+    config.task_tfds_name, config.task_tfds_data_dir, config.dev_fraction = name, str(data_dir), 0.3
+    return config
+
+
+def test_mnli_through_tfds_scores_both_validation_splits(tmp_path):
+    """An MNLI-shaped TFDS dataset (train, validation_matched, validation_mismatched and
+    unlabelled test_matched, test_mismatched) built locally: validation_matched is the
+    test set, validation_mismatched the further test set test_mismatched, dev a share of
+    train; the unlabelled test splits are not read."""
+    import tfds_fixture
+
+    name = tfds_fixture.prepare_glue(tmp_path / "tfds", "mnli")
+    task = tasks.load_task(mnli_config(name, tmp_path / "tfds"))
+
+    def rows(split: str) -> tuple[tasks.TaskExample, ...]:
+        return tuple(tasks.TaskExample(p, h, label) for p, h, label in tfds_fixture.GLUE_MNLI[split])
+
+    assert task.kind == "pair" and task.labels == ("entailment", "neutral", "contradiction")
+    assert task.test_splits == ("test", "test_mismatched")
+    assert {split: len(examples) for split, examples in task.splits.items()} == {
+        "train": 18, "dev": 14, "test": 4, "test_mismatched": 3}
+    assert task.splits["test"] == rows("validation_matched")
+    assert task.splits["test_mismatched"] == rows("validation_mismatched")
+    assert sorted(task.splits["train"] + task.splits["dev"], key=repr) == sorted(rows("train"), key=repr)
+    assert task.describe() == (f"{name} (pair, 3 labels; train 18, dev 14, test 4, test_mismatched 3; selected by dev "
+                               f"accuracy; TFDS {name} in {tmp_path / 'tfds'} (test: its validation_matched split; "
+                               "test_mismatched: its validation_mismatched split; dev: 30% of train by hash))")
+
+
+BAD_TFDS_SPLITS = {
+    "only unlabelled test splits": (
+        ("train", "test_matched", "test_mismatched"),
+        r"TFDS dataset 'glue_tiny/mnli': its 'test_matched' split, the test set, has no labelled example \(2 "
+        r"records, labels hidden as -1 as GLUE's test labels are; its splits: test_matched, test_mismatched, train\); "
+        r"prepare it with a labelled 'validation' split$"),
+    "no validation or test split": (
+        ("train", "unsupervised"),
+        r"TFDS dataset 'glue_tiny/mnli' has no validation or test split to score on \(its splits: train, "
+        r"unsupervised\); prepare it with a labelled 'validation' split, e.g. by holding out part of its training "
+        r"data$"),
+    "no train split": (
+        ("validation_matched", "validation_mismatched"),
+        r"TFDS dataset 'glue_tiny/mnli' has no 'train' split \(its splits: validation_matched, "
+        r"validation_mismatched\); a fine-tuning task trains on 'train': prepare the dataset with one$"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TFDS_SPLITS))
+def test_tfds_splits_without_a_test_set_name_the_splits_and_the_fix(tmp_path, case):
+    import tfds_fixture
+
+    splits, message = BAD_TFDS_SPLITS[case]
+    rows = {split: tfds_fixture.GLUE_MNLI.get(split, tfds_fixture.GLUE_MNLI["train"][:2]) for split in splits}
+    name = tfds_fixture.prepare_glue(tmp_path / "tfds", "mnli", rows)
+    with pytest.raises(ValueError, match=message):
+        tasks.load_task(mnli_config(name, tmp_path / "tfds"))
+
+
 def summary_of(mean: float, std: float) -> dict:
     return {"metric": "accuracy", "seeds": 3, "test": {"accuracy": {"mean": mean, "std": std, "per_seed": []}}}
 
@@ -302,3 +403,37 @@ def test_the_downstream_table_bolds_only_a_lead_beyond_the_pooled_spread():
     results["clm"]["u/full"]["vs_control"] = {"bootstrap": {"p": 0.2}}
     assert comparison.table(results).splitlines()[2:4] == [
         "| mlm | **0.500 ± 0.020**‡ | 0.400 ± 0.100 |", "| clm | 0.450 ± 0.020† | 0.450 ± 0.100 |"]
+
+
+def test_a_small_test_split_is_warned_about_once_by_a_stated_rule():
+    """At least 100 test examples, and 5 per class on average: pydocs_topic's test split at
+    the default data.heldout_fraction=0.02 (129 examples, 54 classes) is warned about, the
+    README's 0.1 (300-500) is not; a regression or tagging task counts examples only."""
+    from configs.finetune import get_config as finetune_config
+    from configs.pretrain import get_config as pretrain_config
+    from pretrain.transfer.trainer import small_test_warning
+
+    def task(name: str, kind: str, classes: int, test: int) -> tasks.Task:
+        labels = tuple(f"c{i}" for i in range(classes))
+        example = tasks.TaskExample("text", "other" if kind == "pair" else None, 0) if kind != "tagging" else \
+            tasks.TaskExample(words=("w",), tags=(0,))
+        return tasks.Task(name, kind, labels, {"train": (example,), "dev": (example,), "test": (example,) * test},
+                          tasks.METRICS[kind][0], "literal")
+
+    config, pydocs = finetune_config(), pretrain_config().data
+    assert small_test_warning(task("pydocs_topic", "classification", 54, 129), config, pydocs) == (
+        "the test split of pydocs_topic is small: 129 examples for 54 classes (2.4 per class), fewer than 270 (the "
+        "rule: at least 100 examples and 5 per class on average), so its scores swing with a few examples; it is "
+        "the pydocs held-out split of the body's pretraining (data.heldout_fraction=0.02), so pretrain with "
+        "--config.data.heldout_fraction=0.1 for a test set worth its mean")
+    assert small_test_warning(task("pydocs_topic", "classification", 54, 270), config, pydocs) is None
+    assert small_test_warning(task("reviews", "pair", 2, 99), config, pydocs) == (
+        "the test split of reviews is small: 99 examples for 2 classes (49.5 per class), fewer than 100 (the rule: "
+        "at least 100 examples and 5 per class on average), so its scores swing with a few examples; a larger test "
+        "set gives scores worth their mean")
+    assert small_test_warning(task("reviews", "pair", 2, 100), config, pydocs) is None
+    assert small_test_warning(task("spans", "tagging", 3, 99), config, pydocs).startswith(
+        "the test split of spans is small: 99 examples, fewer than 100 (")
+    config.task_max_examples = 48
+    assert small_test_warning(task("pydocs_topic", "classification", 54, 48), config, pydocs).endswith(
+        "with a few examples; --config.task_max_examples=48 keeps it this small; raise it, or 0 keeps all")

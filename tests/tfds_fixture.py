@@ -71,41 +71,68 @@ GLUE_STSB = {  # (sentence1, sentence2, similarity 0..5)
                    ("two dogs run", "dogs are running", 4.0)],
     "test": [("no label", "here", -1.0)],
 }
+GLUE_MNLI = {  # (premise, hypothesis, label): 0 entailment, 1 neutral, 2 contradiction; GLUE's five splits
+    "train": [(f"{premise} ({n})", hypothesis, label) for n in range(4) for premise, hypothesis, label in (
+        ("a man plays a guitar on stage", "a man is playing music", 0), ("a cat sleeps on the sofa", "a cat rests", 0),
+        ("two kids play football", "the kids are asleep", 2), ("a woman reads a book", "the woman is at home", 1),
+        ("a dog runs in the park", "a dog is outside", 0), ("a chef cooks pasta", "nobody is cooking", 2),
+        ("a boy rides a bike", "the boy is late for school", 1), ("people sing in a choir", "the room is silent", 2))],
+    "validation_matched": [("a girl plays the violin", "a girl makes music", 0), ("a bird sings", "it is quiet", 2),
+                           ("a man paints a wall", "the man is a painter", 1), ("a car drives fast", "a car moves", 0)],
+    "validation_mismatched": [("the report was filed late", "the report arrived", 0),
+                              ("the market fell today", "prices rose", 2),
+                              ("the talk ran long", "people were bored", 1)],
+    "test_matched": [("unlabelled", "as GLUE's test is", -1), ("also unlabelled", "hidden", -1)],
+    "test_mismatched": [("unlabelled too", "hidden", -1)],
+}
+GLUE_ROWS = {"sst2": GLUE_SST2, "stsb": GLUE_STSB, "mnli": GLUE_MNLI}
 
 
 with tfds.core.registered.skip_registration():
 
     class GlueTiny(tfds.core.GeneratorBasedBuilder):
         """GLUE's feature names and splits in miniature: `glue_tiny/sst2` (sentence ->
-        ClassLabel negative/positive) and `glue_tiny/stsb` (sentence pair -> float)."""
+        ClassLabel negative/positive), `glue_tiny/stsb` (sentence pair -> float) and
+        `glue_tiny/mnli` (premise, hypothesis -> entailment/neutral/contradiction; train,
+        validation_matched, validation_mismatched, test_matched, test_mismatched).
+        `rows` ({split: rows}) replaces a config's splits."""
 
         VERSION = tfds.core.Version("1.0.0")
-        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="sst2"), tfds.core.BuilderConfig(name="stsb")]
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in GLUE_ROWS]
+        rows = None
 
         def _info(self) -> tfds.core.DatasetInfo:
             if self.builder_config.name == "sst2":
                 features = {"sentence": tfds.features.Text(), "idx": tfds.features.Scalar(np.int32),
                             "label": tfds.features.ClassLabel(names=["negative", "positive"])}
-            else:
+            elif self.builder_config.name == "stsb":
                 features = {"sentence1": tfds.features.Text(), "sentence2": tfds.features.Text(),
                             "idx": tfds.features.Scalar(np.int32), "label": tfds.features.Scalar(np.float32)}
+            else:
+                features = {"premise": tfds.features.Text(), "hypothesis": tfds.features.Text(),
+                            "idx": tfds.features.Scalar(np.int32),
+                            "label": tfds.features.ClassLabel(names=["entailment", "neutral", "contradiction"])}
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
                                          disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
-            rows = GLUE_SST2 if self.builder_config.name == "sst2" else GLUE_STSB
+            rows = self.rows or GLUE_ROWS[self.builder_config.name]
             return {split: self._generate_examples(split_rows) for split, split_rows in rows.items()}
 
         def _generate_examples(self, rows):
             for index, row in enumerate(rows):
                 if self.builder_config.name == "sst2":
                     yield index, {"sentence": row[0], "idx": index, "label": row[1]}
-                else:
+                elif self.builder_config.name == "stsb":
                     yield index, {"sentence1": row[0], "sentence2": row[1], "idx": index, "label": row[2]}
+                else:
+                    yield index, {"premise": row[0], "hypothesis": row[1], "idx": index, "label": row[2]}
 
 
-def prepare_glue(data_dir: str | os.PathLike, config: str) -> str:
-    """Writes `glue_tiny/<config>` under `data_dir`; returns the name for `tfds.data_source`."""
+def prepare_glue(data_dir: str | os.PathLike, config: str, rows: dict | None = None) -> str:
+    """Writes `glue_tiny/<config>` under `data_dir` (with `rows`, {split: rows}, as its
+    splits if given); returns the name for `tfds.data_source`."""
     builder = GlueTiny(config=config, data_dir=os.fspath(data_dir))
+    builder.rows = rows
     builder.download_and_prepare(file_format="array_record")
     return f"{builder.name}/{config}"

@@ -11,9 +11,14 @@ A `Task` holds its kind, its label names, its metrics and three splits of
           `.tsv` (a header row naming `text`, `text_b`, `label`; or CoNLL-style
           `token<TAB>tag` lines with a blank line between sentences);
   tfds    a TFDS dataset prepared as ArrayRecord in a data_dir, GLUE's feature
-          names understood (`glue/sst2`, `glue/mrpc`, `glue/stsb`, `glue/cola`, ...).
-          GLUE hides its test labels, so its `validation` split is the test split and
-          dev is a fixed tenth of train (by text hash).
+          names understood (`glue/sst2`, `glue/mrpc`, `glue/stsb`, `glue/mnli`, ...).
+          GLUE hides its test labels, so its validation splits are the test sets and
+          dev is a fixed tenth of train (by text hash); see `tfds_test_splits` for
+          which split is `test` when there are several (MNLI: `validation_matched`,
+          with `validation_mismatched` scored beside it as `test_mismatched`).
+
+Besides `test`, a task may hold further labelled test sets, `test_<name>`: each is
+scored and reported like `test`, which stays the headline score.
 
 Bad input is one message naming the file, the line and the fix: a row without a
 label, a test label never seen in training, an empty file, tags and tokens of
@@ -37,6 +42,9 @@ from pretrain.transfer import scores
 
 KINDS = ("classification", "pair", "tagging", "regression")
 SPLITS = ("train", "dev", "test")
+# A further labelled test set of a task is `test_<name>` (MNLI's mismatched validation
+# split: `test_mismatched`); `test` is the headline one.
+EXTRA_TEST_PREFIX = "test_"
 BUILTIN = ("pydocs_topic", "pydocs_same_module", "pydocs_code_spans")
 SOURCES = (*BUILTIN, "files", "tfds")
 # Every metric `pretrain.transfer.scores` computes, by kind; the first is the default
@@ -66,7 +74,8 @@ class TaskExample:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A downstream task: kind, labels, metrics and its three splits."""
+    """A downstream task: kind, labels, metrics and its three splits (and any further
+    test sets, `test_<name>`)."""
 
     name: str
     kind: str
@@ -82,7 +91,11 @@ class Task:
         if self.metric not in METRICS[self.kind]:
             raise ValueError(f"config.task_metric={self.metric!r} is not a metric of a {self.kind} task; choose one "
                              f"of {METRICS[self.kind]}")
-        for split in SPLITS:
+        unknown = sorted(set(self.splits) - set(split_names(self.splits)))
+        if unknown:
+            raise ValueError(f"task {self.name!r} has a split {unknown[0]!r} ({self.origin}); a task's splits are "
+                             f"{', '.join(SPLITS)} and further test sets named {EXTRA_TEST_PREFIX}<name>")
+        for split in split_names(self.splits):
             if not self.splits.get(split):
                 raise ValueError(f"task {self.name!r} has no {split} examples ({self.origin}); every task needs "
                                  "train, dev and test examples")
@@ -98,16 +111,36 @@ class Task:
     def metrics(self) -> tuple[str, ...]:
         return METRICS[self.kind]
 
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        """`test` and then each further test set, by name: every split scored as a test."""
+        return ("test", *split_names(self.splits)[len(SPLITS):])
+
+    @property
+    def evaluation_splits(self) -> tuple[str, ...]:
+        """The splits a fine-tuning run scores at each evaluation: dev, then the test sets."""
+        return ("dev", *self.test_splits)
+
     def describe(self) -> str:
-        sizes = ", ".join(f"{split} {len(self.splits[split]):,}" for split in SPLITS)
+        sizes = ", ".join(f"{split} {len(self.splits[split]):,}" for split in split_names(self.splits))
         labels = f"{len(self.labels)} labels" if self.labels else "a real-valued label"
         return f"{self.name} ({self.kind}, {labels}; {sizes}; selected by dev {self.metric}; {self.origin})"
 
 
+def split_names(splits: Mapping[str, Any]) -> tuple[str, ...]:
+    """The splits of a task in their order: train, dev, test, then the further test sets
+    (`test_<name>`) by name. Other keys of `splits` are left out (`Task` refuses them)."""
+    extra = sorted(s for s in splits if s.startswith(EXTRA_TEST_PREFIX) and len(s) > len(EXTRA_TEST_PREFIX))
+    return (*SPLITS, *extra)
+
+
 def fingerprint(labels: Sequence[str], splits: Mapping[str, Sequence[TaskExample]]) -> str:
-    """A short hash of the label set and every example."""
+    """A short hash of the label set and every example (a task without further test
+    sets hashes as it did before they existed)."""
     digest = hashlib.sha256(json.dumps(list(labels)).encode())
-    for split in SPLITS:
+    for split in split_names(splits):
+        if split not in SPLITS:
+            digest.update(split.encode())
         for example in splits.get(split, ()):
             digest.update(repr(dataclasses.astuple(example)).encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:12]
@@ -199,10 +232,30 @@ class _Row:
     tags: tuple[str, ...] = ()
 
 
+def files_problems(path: str | os.PathLike) -> list[str]:
+    """Why `config.task_path` is not a readable task directory (missing, not a directory,
+    a split's file missing or unreadable), or nothing: a look at the directory, not a
+    read of the examples, so a fine-tuning run checks it before anything else."""
+    try:
+        files = _split_files(Path(path))
+    except FileNotFoundError as error:
+        return [str(error)]
+    problems = []
+    for file in files.values():
+        try:
+            with open(file, "rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            problems.append(f"{file} (config.task_path={os.fspath(path)!r}) cannot be read ({error.strerror}); "
+                            "make it readable (e.g. chmod u+r)")
+    return problems
+
+
 def _split_files(directory: Path) -> dict[str, Path]:
     """{'train': path, 'dev': path, 'test': path} of a task directory."""
     if not directory.is_dir():
-        raise FileNotFoundError(f"config.task_path={str(directory)!r} is not a directory; give a directory holding "
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise FileNotFoundError(f"config.task_path={str(directory)!r} {what}; give a directory holding "
                                 "train.jsonl, dev.jsonl and test.jsonl (or .tsv files)")
     found = {}
     for split, names in (("train", ("train",)), ("dev", ("dev", "validation", "valid")), ("test", ("test",))):
@@ -350,9 +403,40 @@ _TEXT_FEATURES = (("sentence", None), ("sentence1", "sentence2"), ("question", "
                   ("premise", "hypothesis"), ("question1", "question2"), ("text", None))
 
 
+def tfds_test_splits(name: str, available: Sequence[str]) -> dict[str, str]:
+    """{task split: TFDS split} of the test sets of TFDS dataset `name`, whose splits are
+    `available` (its `DatasetInfo.splits`).
+
+    GLUE hides the labels of its `test*` splits (-1), so a dataset's test sets are its
+    validation splits, `validation` and every `validation_<name>`; only a dataset with
+    none is scored on its `test` and `test_<name>` splits, which then need labels. Of
+    these, the headline `test` is the one named `validation` (`test`), else the
+    `_matched` one (MNLI: `validation_matched`), else the first by name; every other
+    one is scored beside it as `test_<name>` (MNLI's `validation_mismatched`:
+    `test_mismatched`). Dev is none of them: `load_tfds` draws it from `train`. A
+    dataset without `train`, or with neither kind of split, is refused, naming its
+    splits."""
+    if "train" not in available:
+        raise ValueError(f"TFDS dataset {name!r} has no 'train' split (its splits: {', '.join(sorted(available))}); "
+                         "a fine-tuning task trains on 'train': prepare the dataset with one")
+    for family in ("validation", "test"):
+        found = sorted(s for s in available if s == family or s.startswith(f"{family}_") and len(s) > len(family) + 1)
+        if found:
+            break
+    else:
+        raise ValueError(f"TFDS dataset {name!r} has no validation or test split to score on (its splits: "
+                         f"{', '.join(sorted(available))}); prepare it with a labelled 'validation' split, e.g. "
+                         "by holding out part of its training data")
+    headline = next(s for s in (family, f"{family}_matched", found[0]) if s in found)
+    further = {EXTRA_TEST_PREFIX + s[len(family) + 1:]: s for s in found if s != headline}
+    return {"test": headline, **further}
+
+
 def load_tfds(name: str, data_dir: str | None, metric: str | None = None, dev_fraction: float = 0.1) -> Task:
     """A classification, pair or regression task from a TFDS dataset prepared as
-    ArrayRecord in `data_dir` (GLUE's feature names; see module docstring)."""
+    ArrayRecord in `data_dir` (GLUE's feature names): dev is `dev_fraction` of its
+    `train` split by text hash, the test sets are those `tfds_test_splits` picks from
+    the split names the dataset's info lists."""
     import tensorflow_datasets as tfds  # only the TFDS path needs it
 
     if not name:
@@ -361,13 +445,16 @@ def load_tfds(name: str, data_dir: str | None, metric: str | None = None, dev_fr
            f"file_format='array_record')`), then copy DIR here and pass it as config.task_tfds_data_dir")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"config.task_tfds_data_dir={data_dir!r} does not exist: {how}")
-    try:
-        train = tfds.data_source(name, split="train", data_dir=data_dir, download=False)
-        validation = tfds.data_source(name, split="validation", data_dir=data_dir, download=False)
+    try:  # split=None: every split the dataset's info lists, by name
+        sources = tfds.data_source(name, split=None, data_dir=data_dir, download=False)
     except (tfds.core.registered.DatasetNotFoundError, NotImplementedError, FileNotFoundError, ValueError) as error:
         raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared as ArrayRecord in {data_dir!r} "
                                 f"({type(error).__name__}): {how}") from error
-    features = train.dataset_info.features
+    if not sources:
+        raise FileNotFoundError(f"TFDS dataset {name!r} is not prepared as ArrayRecord in {data_dir!r} (it has no "
+                                f"splits): {how}")
+    tests = tfds_test_splits(name, list(sources))
+    features = sources["train"].dataset_info.features
     pair = next(((a, b) for a, b in _TEXT_FEATURES if a in features.keys() and (b is None or b in features.keys())),
                 None)
     if pair is None or "label" not in features.keys():
@@ -389,11 +476,18 @@ def load_tfds(name: str, data_dir: str | None, metric: str | None = None, dev_fr
             out.append(TaskExample(text(record[pair[0]]), text(record[pair[1]]) if pair[1] else None, label))
         return out
 
-    rest = examples(train)
+    rest = examples(sources["train"])
     is_dev = [hash_position(e.text + "\x00" + (e.text_b or "")) < dev_fraction for e in rest]
     splits = {"train": tuple(e for e, d in zip(rest, is_dev) if not d),
-              "dev": tuple(e for e, d in zip(rest, is_dev) if d),
-              "test": tuple(examples(validation))}
+              "dev": tuple(e for e, d in zip(rest, is_dev) if d)}
+    for split, tfds_split in tests.items():
+        splits[split] = tuple(examples(sources[tfds_split]))
+        if not splits[split]:
+            raise ValueError(f"TFDS dataset {name!r}: its {tfds_split!r} split, the {split} set, has no labelled "
+                             f"example ({len(sources[tfds_split])} records, labels hidden as -1 as GLUE's test labels "
+                             f"are; its splits: {', '.join(sorted(sources))}); prepare it with a labelled "
+                             "'validation' split")
     short = name.rsplit("/", 1)[-1]
+    scored = "; ".join(f"{split}: its {tfds_split} split" for split, tfds_split in tests.items())
     return Task(name, kind, labels, splits, metric or GLUE_METRICS.get(short, METRICS[kind][0]),
-                f"TFDS {name} in {data_dir} (test: its validation split; dev: {dev_fraction:.0%} of train by hash)")
+                f"TFDS {name} in {data_dir} ({scored}; dev: {dev_fraction:.0%} of train by hash)")

@@ -5,8 +5,9 @@ checkpoints and exact resume, SIGTERM and Ctrl-C, metrics.jsonl and TensorBoard,
 NaN guard. What differs is built here: the bodies restored from pretraining runs
 (parameters only, bit for bit; the head is new), the task's batches, the task loss
 (with an auxiliary LM loss for `aux_lm`), the method's optimizer, and an evaluation
-that scores the dev and test splits with the task's metrics. At the end the dev
-metric picks the step and `result.json` records that step's dev and test scores.
+that scores the dev split and every test set (`test`, and any further one such as
+MNLI's `test_mismatched`) with the task's metrics. At the end the dev metric picks
+the step and `result.json` records that step's dev and test scores.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token
-from pretrain.model import EMBEDDING_PARAMETERS, Transformer, create_model
+from pretrain.model import EMBEDDING_PARAMETERS, Transformer, attention_kernel, create_model
 from pretrain.optimizer import settings_problems
 from pretrain.tokenizer import Tokenizer
 from pretrain.train import Trainer, loop_problems
@@ -49,7 +50,7 @@ RESULT_FILENAME = "result.json"
 # NSP never trains its [CLS] and a causal body never reads its [EOS] as input, so
 # 'first' and 'last' read a position the body never trained (README, Fine-tune).
 AUTO_POOLING = "mean"
-EVAL_SPLITS = ("dev", "test")
+EVAL_SPLITS = ("dev", "test")  # what a sweep scores; a fine-tuning run scores `Task.evaluation_splits`
 
 
 def finetune_problems(config: Any, device_count: int) -> list[str]:
@@ -69,6 +70,8 @@ def finetune_problems(config: Any, device_count: int) -> list[str]:
     elif config.task == "files" and not config.task_path:
         problems.append("config.task_path is empty but config.task='files'; set it to a directory with train, dev "
                         "and test .jsonl or .tsv files")
+    elif config.task == "files":  # a look at the directory: before any body is restored, or the workdir made
+        problems += tasks.files_problems(config.task_path)
     elif config.task == "tfds" and not config.task_tfds_name:
         problems.append("config.task_tfds_name is empty but config.task='tfds'; set it, e.g. 'glue/sst2'")
     if config.task_kind not in ("auto", *tasks.KINDS):
@@ -128,15 +131,23 @@ def hf_run_config(directory: str) -> Any:
     return run_config
 
 
-def body_source(run: str) -> tuple[Any, Tokenizer]:
+def body_runs(config: Any) -> tuple[list[str], str]:
+    """(the bodies' directories, the flag that named them): the runs of `config.init`, or
+    (init='', the random-init control) the run of `config.shape_from`."""
+    runs = [r.strip() for r in config.init.split(",") if r.strip()]
+    return (runs, "--config.init") if runs else ([config.shape_from], "--config.shape_from")
+
+
+def body_source(run: str, flag: str = "--config.init") -> tuple[Any, Tokenizer]:
     """(the pretraining config, the tokenizer) of a body's run directory or Hugging Face
-    directory, without building its model."""
+    directory, without building its model; `flag` is the option that named it, for the
+    messages about a directory that is not a run."""
     if is_hf_directory(run):  # a Hugging Face model: its own shape, weights and tokenizer
         problems = hf_directory_problems(run)
         if problems:
-            raise ValueError(problems[0].replace("config.init.hf", "config.init"))
+            raise ValueError(problems[0].replace("config.init.hf", flag.removeprefix("--")))
         return hf_run_config(run), ImportedTokenizer(os.path.join(run, IMPORTED_TOKENIZER))
-    return read_run_config(run), run_tokenizer(run)  # no tokenizer is one message; an import has tokenizer.json
+    return read_run_config(run, flag), run_tokenizer(run)  # no tokenizer is one message; an import has tokenizer.json
 
 
 def resolved_config(config: Any) -> Any:
@@ -147,8 +158,8 @@ def resolved_config(config: Any) -> Any:
         return config
     resolved = config.copy_and_resolve_references()
     if config.epochs > 0:
-        runs = [r.strip() for r in config.init.split(",") if r.strip()] or [config.shape_from]
-        run_config, tokenizer = body_source(runs[0])
+        runs, flag = body_runs(config)
+        run_config, tokenizer = body_source(runs[0], flag)
         task = tasks.load_task(config, run_config.data)
         per_epoch = encoding.batches_per_epoch(task, tokenizer, seq_len=config.seq_len,
                                                batch_size=config.batch_size, packed=config.packed)
@@ -163,12 +174,11 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     """The bodies of `config.init` (restored from each run's newest good checkpoint) or,
     with init='', one body shaped like `config.shape_from`, randomly initialised with
     the run's seed; and their tokenizer (one for all)."""
-    runs = [r.strip() for r in config.init.split(",") if r.strip()]
-    pretrained = bool(runs)
-    runs = runs or [config.shape_from]
+    runs, flag = body_runs(config)
+    pretrained = flag == "--config.init"
     bodies, tokenizer, digest = [], None, None
     for run in runs:
-        run_config, found = body_source(run)
+        run_config, found = body_source(run, flag)
         with open(found.path, "rb") as handle:
             this = hashlib.sha256(handle.read()).hexdigest()
         if digest is not None and this != digest:
@@ -273,23 +283,60 @@ def collect_predictions(task: tasks.Task, split: str, batches: Sequence[Mapping[
     return gold, predicted, loss, count
 
 
+# A test split is small below SMALL_TEST_EXAMPLES examples or, with classes, below
+# SMALL_TEST_PER_CLASS examples per class on average: its scores then swing with the
+# few examples a class has (one example of 129 moves accuracy by 0.8 points).
+SMALL_TEST_EXAMPLES = 100
+SMALL_TEST_PER_CLASS = 5
+
+
+def small_test_warning(task: tasks.Task, config: Any, pretraining_data: Any) -> str | None:
+    """The one warning a fine-tuning run logs when `task`'s test split is small (see
+    SMALL_TEST_EXAMPLES), naming its size, its classes and what makes it larger; None
+    when it is not. `config` is the fine-tuning config, `pretraining_data` the `data`
+    section of the body's pretraining, whose held-out split a built-in task tests on."""
+    size = len(task.splits["test"])
+    classes = len(task.labels) if task.kind in ("classification", "pair") else 0
+    needed = max(SMALL_TEST_EXAMPLES, SMALL_TEST_PER_CLASS * classes)
+    if size >= needed:
+        return None
+    counted = f"{size} examples for {classes} classes ({size / classes:.1f} per class)" if classes else f"{size} examples"
+    if 0 < config.task_max_examples <= size:
+        fix = f"--config.task_max_examples={config.task_max_examples} keeps it this small; raise it, or 0 keeps all"
+    elif task.name in tasks.BUILTIN and pretraining_data.kind == "pydocs":
+        fix = (f"it is the pydocs held-out split of the body's pretraining (data.heldout_fraction="
+               f"{pretraining_data.heldout_fraction:g}), so pretrain with --config.data.heldout_fraction=0.1 for a "
+               "test set worth its mean")
+    elif task.name in tasks.BUILTIN:
+        fix = f"raise --config.test_fraction (now {config.test_fraction:g})"
+    else:
+        fix = "a larger test set gives scores worth their mean"
+    return (f"the test split of {task.name} is small: {counted}, fewer than {needed} (the rule: at least "
+            f"{SMALL_TEST_EXAMPLES} examples and {SMALL_TEST_PER_CLASS} per class on average), so its scores swing "
+            f"with a few examples; {fix}")
+
+
 class FinetuneTrainer(Trainer):
     """The pretraining trainer with a task program (see module docstring)."""
 
     def _validate(self, config: Any) -> None:
+        """Checks the config, then reads what is cheap to read: each body's config.json and
+        tokenizer, and the task (`self.task`). A misspelt run directory, a missing task
+        file or a bad row is so reported before the workdir is made or any body restored
+        (a restore can take a minute)."""
         problems = finetune_problems(config, jax.device_count())
         if problems:
             raise ValueError("invalid fine-tuning config:\n  " + "\n  ".join(problems))
+        runs, flag = body_runs(config)
+        sources = [body_source(run, flag) for run in runs]
+        self.task = tasks.load_task(config, sources[0][0].data)
 
     def _build(self) -> None:
         config, workdir = self.config, self.workdir
-        self.bodies, self.tokenizer = load_bodies(config)
-        self.task = tasks.load_task(config, self.bodies[0].run_config.data)
-        if len(self.task.splits["test"]) < 100 and self.primary:
-            log.warning("the test split of %s has only %d examples; for built-in tasks it is the pydocs held-out split "
-                        "of the body's pretraining (data.heldout_fraction=%s): pretrain with "
-                        "--config.data.heldout_fraction=0.1 for a test set worth its mean", self.task.name,
-                        len(self.task.splits["test"]), self.bodies[0].run_config.data.heldout_fraction)
+        self.bodies, self.tokenizer = load_bodies(config)  # the task was read by _validate
+        warning = small_test_warning(self.task, config, self.bodies[0].run_config.data)
+        if warning and self.primary:
+            log.warning(warning)
         tagging = self.task.kind == "tagging"
         model = heads.TaskModel([b.model for b in self.bodies], [b.layout for b in self.bodies],
                                 [b.pooling for b in self.bodies], self.task.num_outputs, tagging=tagging,
@@ -312,7 +359,8 @@ class FinetuneTrainer(Trainer):
         self.train_data = encoding.training_stream(self.task, self.tokenizer, batch_size=config.batch_size,
                                                    seed=config.seed, packed=config.packed, aux=self.aux, **common)
         self.eval_data = {split: encoding.evaluation_batches(self.task, split, self.tokenizer, batch_size=config.batch_size,
-                                                             packed=config.packed, **common) for split in EVAL_SPLITS}
+                                                             packed=config.packed, **common)
+                          for split in self.task.evaluation_splits}
         if self.primary:
             check_free_space(workdir, checkpoint_bytes(jax.eval_shape(self._initial_state, params)))
         self._setup_parallelism(params)
@@ -353,11 +401,11 @@ class FinetuneTrainer(Trainer):
     # -- evaluation ------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics on dev and test (`eval/dev/<metric>`, `eval/test/<metric>`)
-        and the task loss on each."""
+        """The task's metrics on dev and each test set (`eval/dev/<metric>`,
+        `eval/test/<metric>`, `eval/test_mismatched/<metric>`, ...) and the task loss on each."""
         params = self.unreplicate(self.state["params"])
         out = {}
-        for split in EVAL_SPLITS:
+        for split in self.task.evaluation_splits:
             gold, predicted, loss, count = self._predict(params, split)
             for name, value in scores.score(self.task.metrics, self.task.labels, gold, predicted).items():
                 out[f"eval/{split}/{name}"] = value
@@ -377,7 +425,11 @@ class FinetuneTrainer(Trainer):
             rest = ", ".join(f"{m} {values[f'eval/{split}/{m}']:.4f}" for m in metrics if m != self.task.metric)
             return f"{main} ({rest}; loss {values[f'eval/{split}/loss']:.4f})"
 
-        print(f"eval at step {step}: {split_line('dev')}; {split_line('test')}", flush=True)
+        print(f"eval at step {step}: {'; '.join(split_line(s) for s in self.task.evaluation_splits)}", flush=True)
+
+    def _traced_attention_kernel(self) -> str:
+        """The bodies' kernel(s): they run the dense path (`pretrain.inference.model_config`)."""
+        return "+".join(dict.fromkeys(attention_kernel(body.model.config) for body in self.bodies))
 
     def _describe(self, start: int) -> str:
         config = self.config
@@ -413,7 +465,8 @@ def read_records(workdir: str | os.PathLike) -> list[dict]:
 
 def write_result(workdir: str | os.PathLike, task: tasks.Task) -> dict[str, Any]:
     """result.json of a finished run: the evaluation with the best dev metric (the
-    earliest on a tie), and its dev and test scores."""
+    earliest on a tie), and its dev scores and those of each test set (`test_splits`
+    names them: `test`, then any further one such as `test_mismatched`)."""
     records = [r for r in read_records(workdir) if f"eval/dev/{task.metric}" in r]
     if not records:
         raise ValueError(f"{workdir}/metrics.jsonl holds no evaluation; the run must evaluate at least once")
@@ -421,7 +474,8 @@ def write_result(workdir: str | os.PathLike, task: tasks.Task) -> dict[str, Any]
     pick = lambda split: {k.split("/")[2]: v for k, v in best.items() if k.startswith(f"eval/{split}/")}  # noqa: E731
     result = {"task": task.name, "task_fingerprint": task.fingerprint, "metric": task.metric,
               "selected_step": best["step"], "last_step": records[-1]["step"], "dev": pick("dev"),
-              "test": pick("test"), "evaluated_steps": [r["step"] for r in records],
+              **{split: pick(split) for split in task.test_splits}, "test_splits": list(task.test_splits),
+              "evaluated_steps": [r["step"] for r in records],
               "baselines": tasks.baseline_scores(task)}
     path = os.path.join(workdir, RESULT_FILENAME)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
@@ -431,14 +485,18 @@ def write_result(workdir: str | os.PathLike, task: tasks.Task) -> dict[str, Any]
 
 
 def summarize_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and (sample) standard deviation over seeds of every test metric, and each seed's."""
-    metrics = sorted(results[0]["test"])
-    summary = {"task": results[0]["task"], "metric": results[0]["metric"], "seeds": len(results), "test": {}}
-    for name in metrics:
-        values = np.asarray([r["test"][name] for r in results], np.float64)
-        summary["test"][name] = {"mean": float(values.mean()),
-                                 "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                                 "per_seed": [float(v) for v in values]}
+    """Mean and (sample) standard deviation over seeds of every metric of every test set
+    (`test_splits`; results that name none have only `test`), and each seed's."""
+    test_splits = list(results[0].get("test_splits", ["test"]))
+    summary = {"task": results[0]["task"], "metric": results[0]["metric"], "seeds": len(results),
+               "test_splits": test_splits}
+    for split in test_splits:
+        summary[split] = {}
+        for name in sorted(results[0][split]):
+            values = np.asarray([r[split][name] for r in results], np.float64)
+            summary[split][name] = {"mean": float(values.mean()),
+                                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                                    "per_seed": [float(v) for v in values]}
     summary["selected_steps"] = [r["selected_step"] for r in results]
     if results[0].get("baselines"):
         summary["baselines"] = results[0]["baselines"]
@@ -485,13 +543,18 @@ def run_seeds(config: Any, workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """The summary as lines: each test metric's mean ± std and per-seed values."""
+    """The summary as lines: each test metric's mean ± std and per-seed values, then
+    those of each further test set under its name."""
     lines = [f"{summary['task']}: test scores at the dev-selected step ({summary['metric']}), "
              f"{summary['seeds']} seed(s), steps {summary['selected_steps']}"]
-    for name, value in summary["test"].items():
-        seeds = ", ".join(f"{v:.4f}" for v in value["per_seed"])
-        std = f"{value['std']:.4f}" if summary["seeds"] > 1 else "n/a"
-        lines.append(f"  {name:<15} {value['mean']:.4f} ± {std}   ({seeds})")
+    for split in summary["test_splits"]:
+        indent = "  " if split == "test" else "    "
+        if split != "test":
+            lines.append(f"  {split}:")
+        for name, value in summary[split].items():
+            seeds = ", ".join(f"{v:.4f}" for v in value["per_seed"])
+            std = f"{value['std']:.4f}" if summary["seeds"] > 1 else "n/a"
+            lines.append(f"{indent}{name:<15} {value['mean']:.4f} ± {std}   ({seeds})")
     if summary.get("baselines"):
         lines.append(f"  beside: {', '.join(f'{k} {v:.4f}' for k, v in summary['baselines'].items())} "
                      f"({summary['metric']} of always predicting the training majority, and of uniform guessing)")
