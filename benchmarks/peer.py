@@ -13,18 +13,21 @@ float32, tanh-GELU, no dropout, and AdamW (0.9, 0.999, 1e-8, weight decay 0.01
 except on biases and norms; PyTorch's fused implementation, its fastest on CPU)
 after global-norm clipping at 1.0.
 
-Four contenders run alternately in rounds in this one process, and three ratios
-are printed (tokens/s counts real, non-pad tokens):
+Five contenders run alternately in rounds in this one process, and four ratios are
+printed (tokens/s counts real, non-pad tokens):
 
-  ours / eager       our step as training runs it against the peer in eager PyTorch
+  ours / eager       our step as training runs it against the peer in eager PyTorch.
+                     Our default computes vocabulary logits only at the positions with
+                     a loss: ~15% of them for MLM (sparse prediction, as the fast BERT
+                     recipes do), all real tokens for CLM (pads skipped)
   ours / compiled    the same against the peer's forward and backward under
                      `torch.compile` (inductor; the optimizer stays PyTorch's fused AdamW)
-  like for like      our step with vocabulary logits at every position
-                     (`pretrain.loss.full_logits_statistics`, as the peer computes them)
-                     against the eager peer. Our default computes MLM's logits only
-                     at the ~15% of positions with a loss (sparse prediction, as the
-                     fast BERT recipes do); for CLM every position has a loss, so the
-                     two rows do the same head work.
+  like for like      our step with vocabulary logits at every position, as the peer
+                     computes them (`weighted_token_statistics(every_position=True)`:
+                     our chunked head with its hand-written gradient), against the eager peer
+  autodiff full      our step with the full [B, L, V] logits through plain autodiff
+                     (`pretrain.loss.full_logits_statistics`, the reference the chunked
+                     head is tested against), against the eager peer
 
 Each ratio is the median of its per-round ratios. The last line (with --json) is one
 JSON object: tokens/s and ms/step per contender, the ratios, each ratio's best
@@ -34,6 +37,7 @@ rounds (less sensitive to other jobs on a shared machine) and the settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import tempfile
@@ -42,12 +46,14 @@ from collections.abc import Sequence
 import numpy as np
 
 import harness
-from pretrain.loss import full_logits_statistics
+from pretrain.loss import full_logits_statistics, weighted_token_statistics
 from pretrain.model import PRESETS, TransformerConfig, preset
 
 PEERS = {"mlm": "BertForMaskedLM", "clm": "GPT2LMHeadModel"}
 RATIOS = {"ours / eager": ("ours", "peer"), "ours / compiled": ("ours", "peer_compiled"),
-          "like for like": ("ours_full_logits", "peer")}  # numerator, denominator contenders
+          "like for like": ("ours_every_position", "peer"),
+          "autodiff full": ("ours_autodiff_full", "peer")}  # numerator, denominator contenders
+EVERY_POSITION = functools.partial(weighted_token_statistics, every_position=True)
 
 
 def our_config(objective: str, size: str, vocab_size: int) -> TransformerConfig:
@@ -130,14 +136,16 @@ class PeerStep:
 
 
 def compare(args: argparse.Namespace, workdir: str) -> dict:
-    """Runs the four contenders alternately; the result record."""
+    """Runs the five contenders alternately; the result record."""
     import torch
     import transformers
 
     batches, names, vocab_size = harness.pipeline_batches(args.objective, args, workdir, args.batches)
     config = our_config(args.objective, args.size, vocab_size)
     contenders = {"ours": harness.OurStep(config, len(names), batches),
-                  "ours_full_logits": harness.OurStep(config, len(names), batches, statistics=full_logits_statistics),
+                  "ours_every_position": harness.OurStep(config, len(names), batches, statistics=EVERY_POSITION),
+                  "ours_autodiff_full": harness.OurStep(config, len(names), batches,
+                                                        statistics=full_logits_statistics),
                   "peer": PeerStep(args.objective, config, batches),
                   "peer_compiled": PeerStep(args.objective, config, batches, compiled=True)}
     load_before = harness.load_average()
@@ -185,7 +193,7 @@ def main() -> None:
     print(f"{args.objective} {args.size} on {result['settings']['machine']}; "
           f"peer {result['settings']['peer']}; load {result['settings']['load_average_1min']}")
     for name, tps in result["tokens_per_sec"].items():
-        print(f"  {name:<17} {tps:>9,.0f} tok/s  {result['step_ms'][name]:>6.0f} ms/step")
+        print(f"  {name:<19} {tps:>9,.0f} tok/s  {result['step_ms'][name]:>6.0f} ms/step")
     for label, ratio in result["ratios"].items():
         numerator, denominator = RATIOS[label]
         print(f"  {label:<17} {ratio:.2f}  ({numerator} / {denominator}; best rounds "

@@ -100,9 +100,12 @@ def weighted_token_statistics(
     objective_id: jax.Array,  # int [B, L]
     num_objectives: int,
     chunk_tokens: int = 512,
+    every_position: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(sum of weighted token cross-entropies, statistics sums), with vocabulary
-    logits computed only where `weights` is non-zero.
+    logits computed only where `weights` is non-zero (`every_position`: at every
+    position, as a dense head does, with the same result; the benchmarks' like-for-like
+    step against a peer that computes them all).
 
     Equal to `token_statistics(model.logits(hidden), ...)` (its `loss_sum` summed
     for the first element) up to float rounding, and so is the gradient. Only
@@ -131,7 +134,7 @@ def weighted_token_statistics(
         graphdef, transform_state = nnx.split(head.transform)
         transform = lambda state, h: nnx.merge(graphdef, state)(h)
     chunk = min(rows // groups * length, max(1, chunk_tokens // groups))
-    head_loss = _head_loss(transform, model.config.compute_dtype, num_objectives, chunk)
+    head_loss = _head_loss(transform, model.config.compute_dtype, num_objectives, chunk, every_position)
     total, stats = head_loss(transform_state, head.token_embedding[...], head.bias(), grouped(hidden),
                              grouped(targets), grouped(weights), grouped(objective_id))
     return total, jax.lax.stop_gradient(stats)
@@ -139,10 +142,10 @@ def weighted_token_statistics(
 
 def _head_pass(transform: Callable | None, dtype: jnp.dtype, transform_state: nnx.State, embedding: jax.Array,
                bias: jax.Array, hidden: jax.Array, targets: jax.Array, weights: jax.Array, objective_id: jax.Array,
-               num_objectives: int, chunk: int, with_gradients: bool):
-    """The chunked head over the weighted positions of each group [G, N]
-    (see weighted_token_statistics): statistics, and with `with_gradients`
-    d(loss sum)/d(transform state, embedding, bias, hidden).
+               num_objectives: int, chunk: int, every_position: bool, with_gradients: bool):
+    """The chunked head over the weighted positions of each group [G, N], or over
+    all of them with `every_position` (see weighted_token_statistics): statistics,
+    and with `with_gradients` d(loss sum)/d(transform state, embedding, bias, hidden).
 
     The projection's gradients are written out: the embedding's is summed
     transposed, [D, V], and transposed once at the end, so no chunk's [C, V]
@@ -150,12 +153,13 @@ def _head_pass(transform: Callable | None, dtype: jnp.dtype, transform_state: nn
     groups, length = weights.shape
     padded = -(-length // chunk) * chunk
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)))
-    order = pad(jnp.argsort(weights == 0, axis=1, stable=True))  # weighted positions first, in order
+    computed = jnp.ones_like(weights, bool) if every_position else weights != 0
+    order = pad(jnp.argsort(~computed, axis=1, stable=True))  # computed (weighted) positions first, in order
     sorted_weights = jnp.where(jnp.arange(padded) < length,  # padding slots weigh 0
                                jnp.take_along_axis(weights, order, axis=1), 0.0)
     sorted_targets = jnp.take_along_axis(targets, order, axis=1)
     sorted_objectives = jnp.take_along_axis(objective_id, order, axis=1)
-    chunks = -(-jnp.max(jnp.sum(weights != 0, axis=1)) // chunk)
+    chunks = -(-jnp.max(jnp.sum(computed, axis=1)) // chunk)
     tokens = ((0, 1), (0, 1))
 
     def body(index, carry):
@@ -203,10 +207,12 @@ def _head_pass(transform: Callable | None, dtype: jnp.dtype, transform_state: nn
     return stats, (d_state, d_embedding_t.T.astype(embedding.dtype), d_bias, d_hidden)
 
 
-def _head_loss(transform: Callable | None, dtype: jnp.dtype, num_objectives: int, chunk: int) -> Callable:
+def _head_loss(transform: Callable | None, dtype: jnp.dtype, num_objectives: int, chunk: int,
+               every_position: bool = False) -> Callable:
     """f(transform state, embedding, bias, hidden, targets, weights, objective_id),
     over groups [G, N] -> (loss sum, statistics), differentiable in the first four."""
-    run = functools.partial(_head_pass, transform, dtype, num_objectives=num_objectives, chunk=chunk)
+    run = functools.partial(_head_pass, transform, dtype, num_objectives=num_objectives, chunk=chunk,
+                            every_position=every_position)
 
     @jax.custom_vjp
     def head_loss(transform_state, embedding, bias, hidden, targets, weights, objective_id):

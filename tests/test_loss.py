@@ -35,7 +35,8 @@ def packed_batch(spec: str, seed: int = 0) -> tuple[dict, int]:
     return {name: jnp.asarray(values[:ROWS]) for name, values in packed.items()}, len(mixture.names)
 
 
-def both_losses(batch: dict, num_objectives: int, chunk_tokens: int, **model_overrides):
+def both_losses(batch: dict, num_objectives: int, chunk_tokens: int, every_position: bool = False,
+                **model_overrides):
     """((loss sum, stats), grads) of the full-logits reference and of the fast path."""
     model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, **model_overrides))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -47,7 +48,8 @@ def both_losses(batch: dict, num_objectives: int, chunk_tokens: int, **model_ove
 
     def fast(params):
         model = nnx.merge(graphdef, params, rest)
-        return weighted_token_statistics(model, model(batch), *args, chunk_tokens=chunk_tokens)
+        return weighted_token_statistics(model, model(batch), *args, chunk_tokens=chunk_tokens,
+                                         every_position=every_position)
 
     grad = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))(params)
     return grad(reference), grad(fast)
@@ -76,6 +78,15 @@ def test_fast_loss_equals_full_logits_loss(spec, form):
 def test_any_chunk_size_gives_the_same_loss(chunk_tokens):
     batch, num_objectives = packed_batch("mlm:1,clm:1,mass:1,unilm:1", seed=1)
     assert_same(*both_losses(batch, num_objectives, chunk_tokens))
+
+
+@pytest.mark.parametrize("spec", ["mlm", "mlm:1,clm:1,mass:1,unilm:1"])
+def test_logits_at_every_position_give_the_same_loss(spec):
+    """The like-for-like head of benchmarks/peer.py: vocabulary logits at every
+    position, the loss and gradients still the weighted positions' only."""
+    batch, num_objectives = packed_batch(spec, seed=4)
+    assert float((batch["weights"] == 0).mean()) > 0.3  # positions without a loss are computed for nothing
+    assert_same(*both_losses(batch, num_objectives, chunk_tokens=64, every_position=True, **BERT_FORM))
 
 
 def test_rows_without_loss_and_an_empty_batch():
