@@ -24,7 +24,7 @@ import data_throughput
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import take
 from pretrain.loss import step_token_statistics
-from pretrain.metrics import flops_per_token, measure_matmul_peak
+from pretrain.metrics import cpu_model_name, flops_per_token, measure_matmul_peak
 from pretrain.model import TransformerConfig, create_model, non_embedding_parameter_count
 from pretrain.optimizer import make_optimizer
 from pretrain.train_step import make_train_step
@@ -157,11 +157,10 @@ def cpu_model() -> str:
     against PyTorch depends on them (oneDNN uses AMX where XLA CPU may not)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            lines = cpuinfo.read().splitlines()
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        flags = []
+    name = cpu_model_name() or "unknown CPU"
     extensions = [flag for flag in ("avx512f", "avx512_bf16", "amx_tile") if flag in flags]
     return f"{name} ({', '.join(extensions) or 'no AVX-512'})"
 

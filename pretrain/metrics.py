@@ -88,16 +88,20 @@ def peak_cache_path() -> str:
     return os.path.join(directory, PEAK_CACHE_FILENAME)
 
 
+def cpu_model_name() -> str:
+    """The host CPU's model name from /proc/cpuinfo; '' where there is none to read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def machine_key(device_kind: str) -> str:
     """What a measured peak depends on: the device kind, the CPU model, the cores this
     process may use and JAX's device count (a peak measured under another taskset,
     container limit or device count belongs to another machine)."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        pass
+    model = cpu_model_name()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{device_kind}; {model or 'unknown CPU model'}; {cores} cores; {jax.device_count()} devices"
 
