@@ -56,7 +56,7 @@ def test_the_t5_and_ul2_presets_build_valid_runs_under_one_budget(preset, expect
     assert {name: run.objective for name, run in runs.items()} == expected
     assert len({(run.total_steps, run.batch_size, run.seq_len, repr(sorted(run.model.to_dict().items())))
                 for run in runs.values()}) == 1
-    assert get_config(f"preset={preset}").downstream.tasks == "pydocs_topic,pydocs_code_spans"
+    assert get_config(f"preset={preset}").downstream.tasks == "pydocs_topic,pydocs_sentence_topic"
 
 
 def test_config_mistakes_name_the_run_and_the_field():

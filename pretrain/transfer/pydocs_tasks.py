@@ -8,6 +8,11 @@ version). Three kinds, like a small GLUE + NER suite:
                       classification). The package's own name is masked in the text
                       ("PACKAGE"), and only packages with at least
                       `config.task_min_examples` docstrings are kept.
+  pydocs_sentence_topic  one sentence of a docstring -> its package: short-text topic
+                      classification (a sentence carries a few cues where a docstring
+                      carries many), sentences of at least `config.task_min_words`
+                      words, packages with at least 3 x `config.task_min_examples`
+                      of them.
   pydocs_same_module  two docstrings -> whether they come from the same module
                       (pair classification; half the pairs are positive).
   pydocs_code_spans   the sentences of `pydoc_data.topics`, where the documentation
@@ -49,7 +54,8 @@ def build(name: str, config: Any, pretraining_data: Any = None) -> Task:
     else:
         fraction = config.test_fraction
     source = sources.PyDocsSource(heldout_fraction=fraction)
-    builder = {"pydocs_topic": _topic, "pydocs_same_module": _same_module, "pydocs_code_spans": _code_spans}[name]
+    builder = {"pydocs_topic": _topic, "pydocs_sentence_topic": _sentence_topic, "pydocs_same_module": _same_module,
+               "pydocs_code_spans": _code_spans}[name]
     labels, splits, metric = builder(source, config)
     if config.task_max_examples > 0:  # an evenly spaced subset of each split (quick experiments and tests)
         splits = {split: subset(examples, config.task_max_examples) for split, examples in splits.items()}
@@ -69,7 +75,8 @@ def subset(examples: tuple[TaskExample, ...], count: int) -> tuple[TaskExample, 
 
 
 def kind_of(name: str) -> str:
-    return {"pydocs_topic": "classification", "pydocs_same_module": "pair", "pydocs_code_spans": "tagging"}[name]
+    return {"pydocs_topic": "classification", "pydocs_sentence_topic": "classification", "pydocs_same_module": "pair",
+            "pydocs_code_spans": "tagging"}[name]
 
 
 class _Splitter:
@@ -116,8 +123,30 @@ def _mask(text: str, package: str) -> str:
 def _topic(source: sources.PyDocsSource, config: Any) -> tuple[tuple[str, ...], dict, str]:
     rows = [(origin, origin_text, module.split(".")[0], text)
             for origin, origin_text, module, text in _docstrings(config.task_min_words)]
+    return _by_package(source, config, rows, config.task_min_examples)
+
+
+def sentences_of(docstring: str, min_words: int) -> tuple[str, ...]:
+    """The sentences (the corpus's sentence splitter) of at least `min_words` words of a
+    flattened docstring (unmasked: the split checks them against the pretraining text)."""
+    document = sources.document_of(docstring)
+    return tuple(s for s in (document.sentences if document else ()) if len(s.split()) >= min_words)
+
+
+def _sentence_topic(source: sources.PyDocsSource, config: Any) -> tuple[tuple[str, ...], dict, str]:
+    rows = [(origin, origin_text, module.split(".")[0], sentence)
+            for origin, origin_text, module, text in _docstrings(config.task_min_words)
+            for sentence in sentences_of(text, config.task_min_words)]
+    return _by_package(source, config, rows, 3 * config.task_min_examples)
+
+
+def _by_package(source: sources.PyDocsSource, config: Any, rows: list[tuple[str, str, str, str]], least: int
+                ) -> tuple[tuple[str, ...], dict, str]:
+    """Classification of texts by package from (origin, origin text, package, text) rows:
+    packages with at least `least` rows are the labels, each text masked and split by
+    `_Splitter`."""
     counts = Counter(package for _, _, package, _ in rows)
-    labels = tuple(sorted(p for p, n in counts.items() if n >= config.task_min_examples))
+    labels = tuple(sorted(p for p, n in counts.items() if n >= least))
     index = {label: i for i, label in enumerate(labels)}
     splits: dict[str, list[TaskExample]] = {"train": [], "dev": [], "test": []}
     split_of = _Splitter(source, config.dev_fraction)

@@ -95,8 +95,16 @@ class ProgramCache:
 
     def __init__(self) -> None:
         self.programs: dict[str, Compiled] = {}
+        self.initializers: dict[str, Callable] = {}  # the jitted state initialisers, by the same kind of key
         self.compile_seconds = 0.0
         self.compilations = 0
+
+    def initializer(self, key: str, build: Callable[[], Callable]) -> Callable:
+        """The jitted function that builds a sweep's stacked state, reused (with its
+        compilation) by every later sweep of the same key."""
+        if key not in self.initializers:
+            self.initializers[key] = build()
+        return self.initializers[key]
 
     def get(self, key: str, build: Callable[[], Compiled]) -> Compiled:
         if key not in self.programs:
@@ -121,6 +129,12 @@ def _member_optimizer(plan: methods.Plan, params: nnx.State, config: Any, total_
                                       total_steps)
 
     return optax.inject_hyperparams(build)(learning_rate=settings["learning_rate"])
+
+
+@jax.jit
+def keep(better: jax.Array, new: Any, old: Any) -> Any:
+    """Per member (the leading axis), `new` where `better` else `old`."""
+    return jax.tree.map(lambda n, o: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old)
 
 
 def _program_key(*parts: Any) -> str:
@@ -177,7 +191,12 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
         opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
         return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
-    state = jax.jit(jax.vmap(initial))(_stack(models), jnp.asarray([m.learning_rate for m in members], jnp.float32))
+    settings = {k: v for k, v in config.optimizer.to_dict().items() if k != "learning_rate"}
+    shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), models[0])
+    init_key = _program_key(graphdef, shapes, len(members), config.method, json.dumps(config.methods.to_dict(),
+                            sort_keys=True), settings, total_steps)
+    state = cache.initializer(init_key, lambda: jax.jit(jax.vmap(initial)))(
+        _stack(models), jnp.asarray([m.learning_rate for m in members], jnp.float32))
     streams = {seed: task_data.stream(seed) for seed in dict.fromkeys(m.seed for m in members)}
 
     def next_batch() -> dict[str, np.ndarray]:
@@ -197,7 +216,6 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
             abstract(state["params"]), eval_shapes[0], abstract(rest)).compile()
         return Compiled(compiled_step, compiled_eval, time.perf_counter() - started)
 
-    settings = {k: v for k, v in config.optimizer.to_dict().items() if k != "learning_rate"}
     key = _program_key(graphdef, jax.tree.map(lambda x: (x.shape, str(x.dtype)), (state, first)), task.kind,
                        config.method, json.dumps(config.methods.to_dict(), sort_keys=True), settings, total_steps,
                        config.accumulation_steps, jax.tree.map(lambda x: (x.shape, str(x.dtype)), rest))
@@ -207,8 +225,6 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     nonfinite: list[int | None] = [None] * len(members)
     best_params = jax.tree.map(jnp.copy, state["params"])  # each member's at its best dev score so far
     best_dev = np.full(len(members), -np.inf)
-    keep = jax.jit(lambda better, new, old: jax.tree.map(
-        lambda n, o: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old))
     batch, running = first, []
     started = time.perf_counter()
     for number in range(1, total_steps + 1):

@@ -3,7 +3,7 @@
 A `Task` holds its kind, its label names, its metrics and three splits of
 `TaskExample`s. Tasks come from three places, chosen by `config.task`:
 
-  pydocs_topic, pydocs_same_module, pydocs_code_spans
+  pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans
           built in and offline, derived from the Python documentation
           (`pretrain.transfer.pydocs_tasks`);
   files   a directory of the user's `train`, `dev` (or `validation`) and `test`
@@ -45,7 +45,7 @@ SPLITS = ("train", "dev", "test")
 # A further labelled test set of a task is `test_<name>` (MNLI's mismatched validation
 # split: `test_mismatched`); `test` is the headline one.
 EXTRA_TEST_PREFIX = "test_"
-BUILTIN = ("pydocs_topic", "pydocs_same_module", "pydocs_code_spans")
+BUILTIN = ("pydocs_topic", "pydocs_sentence_topic", "pydocs_same_module", "pydocs_code_spans")
 SOURCES = (*BUILTIN, "files", "tfds")
 # Every metric `pretrain.transfer.scores` computes, by kind; the first is the default
 # that selects the step on dev.
