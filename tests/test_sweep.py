@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_finetune import config_for, pretrained
 
-from pretrain.transfer import comparison, encoding, heads, sweep, tasks, trainer as transfer
+from pretrain.transfer import comparison, encoding, heads, methods, sweep, tasks, trainer as transfer
 
 
 def _setup(factory, **overrides):
@@ -58,6 +58,28 @@ def test_a_member_is_the_run_pretrain_finetune_makes(tmp_path_factory, tmp_path)
     selected = next(r for r in records if r["step"] == result["selected_step"])
     np.testing.assert_allclose(result["test"]["loss"], selected["eval/test/loss"], rtol=1e-5)
     assert reference["test"]["accuracy"]["per_seed"] == [result["test"]["accuracy"]]
+
+
+def test_one_compiled_program_serves_runs_of_any_length(tmp_path_factory):
+    """The schedule's breakpoints are in the optimizer state: a 10-step run after a
+    6-step one reuses its program (one compilation, one state initialiser) and equals
+    the same run compiled alone; the schedule it followed is BERT's for 10 steps."""
+    config, bodies, data = _setup(tmp_path_factory)
+    members = [sweep.Member(0, 1e-3), sweep.Member(1, 3e-3)]
+    cache = sweep.ProgramCache()
+    sweep.train_members(config, data, lambda seed: bodies, members, total_steps=6, eval_every=3, cache=cache)
+    shared = sweep.train_members(config, data, lambda seed: bodies, members, total_steps=10, eval_every=5,
+                                 cache=cache)
+    assert cache.compilations == 1 and len(cache.initializers) == 1
+    alone = sweep.train_members(config, data, lambda seed: bodies, members, total_steps=10, eval_every=5)
+    for reused, fresh in zip(_curves(shared), _curves(alone)):
+        np.testing.assert_allclose(np.asarray(reused[:-1]), np.asarray(fresh[:-1]), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(reused[-1], fresh[-1], rtol=1e-6)
+    assert [r["test_predictions"] for r in shared] == [r["test_predictions"] for r in alone]
+    assert [r["last_step"] for r in shared] == [10, 10]
+    points = methods.schedule_points(methods.plan("full", config.methods, {("head",): 0}, 10), config.optimizer,
+                                     config.methods, 10)
+    assert points == {"warmup": max(1, round(10 * config.optimizer.warmup_fraction)), "total": 10}
 
 
 def test_the_learning_rate_grid_picks_the_dev_best_rate_and_runs_the_other_seeds_at_it():
@@ -123,3 +145,21 @@ def test_the_cached_segments_are_the_rows_the_task_segments_make(tmp_path_factor
                                       packed=True, segments=data.segments)
     for a, b, _ in zip(iter(fresh), iter(cached), range(3)):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_every_reader_of_a_seed_gets_the_batches_a_fresh_stream_packs(tmp_path_factory):
+    """TaskData packs each seed's batches once; a second reader (the next row of the
+    comparison) starts again at the first batch, and both equal a fresh stream."""
+    config, bodies, data = _setup(tmp_path_factory)
+    fresh = iter(encoding.training_stream(data.task, data.tokenizer, seq_len=config.seq_len,
+                                          batch_size=config.batch_size, seed=2, packed=True))
+    first = data.stream(2)
+    early = [next(first) for _ in range(2)]
+    second = data.stream(2)
+    later = [next(second) for _ in range(4)]  # reads past what the first reader packed
+    expected = [next(fresh) for _ in range(4)]
+    for got, want in zip(early + later, expected[:2] + expected):
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert len(data._replays[2].batches) == 4
+    other = next(data.stream(3))
+    assert not all(np.array_equal(other[k], expected[0][k]) for k in other)  # a seed's own order

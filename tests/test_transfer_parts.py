@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import sentencepiece as spm
 from flax import nnx
@@ -50,6 +51,17 @@ def test_slanted_triangular_and_warmup_linear_rates():
     assert [float(stlr(t)) for t in (0, 5, 10, 55, 100)] == [1 / 32, 16.5 / 32, 1.0, 16.5 / 32, 1 / 32]
     bert = methods.warmup_linear_schedule(1.0, 100, 0.1)
     assert [float(bert(t)) for t in (0, 5, 10, 55, 100)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    for peak, total, fraction in ((3e-3, 50, 0.1), (1e-2, 181, 0.06), (0.1, 7, 0.5)):  # bit for bit: optax's join
+        warmup = max(1, round(total * fraction))
+        reference = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                          optax.linear_schedule(peak, 0.0, total - warmup)], [warmup])
+        ours = methods.warmup_linear_schedule(peak, total, fraction)
+        traced = jax.jit(lambda t, w, n: methods._warmup_linear(peak, w, n)(t))  # noqa: B023
+        for t in range(total + 2):
+            assert float(ours(jnp.asarray(t))) == float(reference(jnp.asarray(t))), (peak, total, t)
+            # compiled with traced breakpoints (a sweep's), XLA may fuse a multiply-add: 2 float32 ulps
+            np.testing.assert_allclose(float(traced(jnp.asarray(t), jnp.asarray(warmup), jnp.asarray(total))),
+                                       float(reference(t)), rtol=5e-7, atol=0)
     coefficient = lambda step: float(methods.aux_coefficient(SETTINGS["aux_lm"], step, 100))  # noqa: E731
     assert coefficient(0) == pytest.approx(0.2) and coefficient(100) == pytest.approx(0.1)
     assert coefficient(50) == pytest.approx(np.sqrt(0.2 * 0.1)) and coefficient(400) == pytest.approx(0.1)

@@ -109,11 +109,15 @@ def stlr_schedule(peak: float, total_steps: int, cut_frac: float = 0.1, ratio: f
     else 1 - (t - cut) / (T - cut); lr = peak * (1 + p (ratio - 1)) / ratio, with
     cut = floor(T cut_frac) (the paper's cut (1/cut_frac - 1) is T - cut when T cut_frac
     is whole)."""
-    cut = max(1, math.floor(total_steps * cut_frac))
+    return _stlr(peak, max(1, math.floor(total_steps * cut_frac)), total_steps, ratio)
+
+
+def _stlr(peak: Any, cut: Any, total: Any, ratio: float) -> optax.Schedule:
+    """STLR from its integer breakpoints, which may be traced (a sweep's hyperparameters)."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        p = jnp.where(step < cut, step / cut, 1.0 - (step - cut) / max(total_steps - cut, 1))
+        p = jnp.where(step < cut, step / cut, 1.0 - (step - cut) / jnp.maximum(total - cut, 1))
         return peak * (1.0 + jnp.clip(p, 0.0, 1.0) * (ratio - 1.0)) / ratio
 
     return schedule
@@ -121,18 +125,41 @@ def stlr_schedule(peak: float, total_steps: int, cut_frac: float = 0.1, ratio: f
 
 def warmup_linear_schedule(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:
     """BERT's schedule: linear warmup over `warmup_fraction` of the steps, then linear decay to 0."""
-    warmup = max(1, round(total_steps * warmup_fraction))
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
-                                 optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))], [warmup])
+    return _warmup_linear(peak, max(1, round(total_steps * warmup_fraction)), total_steps)
+
+
+def _warmup_linear(peak: Any, warmup: Any, total: Any) -> optax.Schedule:
+    """BERT's schedule from its integer breakpoints, which may be traced; the arithmetic
+    of optax's linear schedules joined at `warmup`."""
+
+    def schedule(step):
+        step = jnp.asarray(step)
+        rising = (0.0 - peak) * (1 - jnp.clip(step, 0, warmup) / warmup) + peak
+        decay_steps = jnp.maximum(total - warmup, 1)
+        falling = peak * (1 - jnp.clip(step - warmup, 0, decay_steps) / decay_steps)
+        return jnp.where(step < warmup, rising, falling)
+
+    return schedule
+
+
+def schedule_points(plan_: Plan, optimizer: Mapping[str, Any], settings: Mapping[str, Any],
+                    total_steps: int) -> dict[str, int]:
+    """The integer breakpoints of a plan's schedule for a run of `total_steps` (STLR's
+    cut, or the warmup, and the total): a sweep passes them as hyperparameters, so one
+    compiled program trains runs of any length."""
+    if plan_.schedule == "stlr":
+        return {"cut": max(1, math.floor(total_steps * settings["stlr"]["cut_frac"])), "total": total_steps}
+    return {"warmup": max(1, round(total_steps * optimizer["warmup_fraction"])), "total": total_steps}
 
 
 def learning_rate(plan_: Plan, optimizer: Mapping[str, Any], settings: Mapping[str, Any],
-                  total_steps: int) -> optax.Schedule:
-    """The base learning-rate schedule of a plan (per-layer factors scale it)."""
+                  total_steps: int, points: Mapping[str, Any] | None = None) -> optax.Schedule:
+    """The base learning-rate schedule of a plan (per-layer factors scale it), at
+    `points` (schedule_points; traced in a sweep) or those of `total_steps`."""
+    points = points or schedule_points(plan_, optimizer, settings, total_steps)
     if plan_.schedule == "stlr":
-        s = settings["stlr"]
-        return stlr_schedule(optimizer["learning_rate"], total_steps, s["cut_frac"], s["ratio"])
-    return warmup_linear_schedule(optimizer["learning_rate"], total_steps, optimizer["warmup_fraction"])
+        return _stlr(optimizer["learning_rate"], points["cut"], points["total"], settings["stlr"]["ratio"])
+    return _warmup_linear(optimizer["learning_rate"], points["warmup"], points["total"])
 
 
 def _is_trainable(path: tuple, frozen_bodies: bool) -> bool:
@@ -140,10 +167,10 @@ def _is_trainable(path: tuple, frozen_bodies: bool) -> bool:
 
 
 def make_optimizer(plan_: Plan, params: nnx.State, optimizer: Mapping[str, Any], settings: Mapping[str, Any],
-                   total_steps: int) -> optax.GradientTransformation:
+                   total_steps: int, points: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
     """clip -> AdamW at the plan's schedule -> per-layer factors -> unfreezing masks,
     with the frozen parameters given no optimizer state and exactly zero updates."""
-    schedule = learning_rate(plan_, optimizer, settings, total_steps)
+    schedule = learning_rate(plan_, optimizer, settings, total_steps, points)
     chain = [optax.clip_by_global_norm(optimizer["clip_norm"])] if optimizer["clip_norm"] > 0 else []
     if plan_.unfreeze_steps is not None:
         chain.insert(0, _unfrozen_only(_tree_of(params, plan_.unfreeze_steps)))  # frozen groups: no gradient

@@ -11,8 +11,12 @@ peak learning rate are *members* of one sweep:
                                   (`trainer.task_functions` + `train_step.make_step`)
     the learning rate             a per-member hyperparameter in the optimizer state
                                   (`optax.inject_hyperparams` around `methods.make_optimizer`)
+    the run's length              the schedule's breakpoints (`methods.schedule_points`),
+                                  hyperparameters too: one program trains any number
+                                  of steps (a 5% split and the whole one alike)
     the batches                   each member reads its own seed's stream; members of
-                                  one seed read the same batches
+                                  one seed read the same batches, packed once for
+                                  every row
     evaluation                    one vmapped forward pass over the dev and test batches
 
 so a cell costs its FLOPs plus one compilation, and the compiled programs are
@@ -33,7 +37,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -72,11 +76,32 @@ class TaskData:
         self.steps_per_epoch = encoding.batches_per_epoch(task, tokenizer, seq_len=seq_len, batch_size=batch_size,
                                                           packed=packed, segments=self.segments)
 
-    def stream(self, seed: int):
-        """The endless training batches of `seed` (the order `pretrain.finetune` reads)."""
-        return iter(encoding.training_stream(self.task, self.tokenizer, seq_len=self.seq_len,
-                                             batch_size=self.batch_size, seed=seed, packed=self.packed,
-                                             segments=self.segments))
+        self._replays: dict[int, _Replay] = {}
+
+    def stream(self, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        """The endless training batches of `seed` (the order `pretrain.finetune` reads),
+        packed once: every row of the comparison reads the same batches again."""
+        if seed not in self._replays:
+            self._replays[seed] = _Replay(iter(encoding.training_stream(
+                self.task, self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size, seed=seed,
+                packed=self.packed, segments=self.segments)))
+        return self._replays[seed].read()
+
+
+class _Replay:
+    """One seed's training batches, kept as they are first packed; each reader starts at
+    the first batch (readers copy what they take: `np.stack` in `train_members`)."""
+
+    def __init__(self, source: Iterator[dict[str, np.ndarray]]):
+        self.source, self.batches = source, []
+
+    def read(self) -> Iterator[dict[str, np.ndarray]]:
+        index = 0
+        while True:
+            if index == len(self.batches):
+                self.batches.append(next(self.source))
+            yield self.batches[index]
+            index += 1
 
 
 @dataclasses.dataclass
@@ -90,8 +115,8 @@ class Compiled:
 
 class ProgramCache:
     """Compiled sweep programs by everything that changes them, so cells of one shape
-    (rows with the same body shape and layout, the same task, method and steps)
-    compile once."""
+    (rows with the same body shape and layout, the same task and method, any label
+    fraction and length) compile once."""
 
     def __init__(self) -> None:
         self.programs: dict[str, Compiled] = {}
@@ -119,16 +144,20 @@ def _stack(trees: Sequence[Any]) -> Any:
 
 
 def _member_optimizer(plan: methods.Plan, params: nnx.State, config: Any, total_steps: int
-                      ) -> optax.GradientTransformation:
-    """The method's optimizer with the peak learning rate held in its state, so members
-    of one sweep can differ in it (every other setting is the config's)."""
+                      ) -> tuple[optax.GradientTransformation, dict[str, int]]:
+    """The method's optimizer with the peak learning rate and the schedule's breakpoints
+    held in its state, so members of one sweep can differ in rate and one compiled
+    program serves runs of any length (every other setting is the config's); and this
+    run's breakpoints."""
     settings = config.optimizer.to_dict()
+    points = methods.schedule_points(plan, settings, config.methods, total_steps)
 
-    def build(learning_rate):
+    def build(learning_rate, total, warmup=0, cut=0):  # (named: inject_hyperparams binds the signature)
+        breakpoints = {"total": total, **({"cut": cut} if "cut" in points else {"warmup": warmup})}
         return methods.make_optimizer(plan, params, {**settings, "learning_rate": learning_rate}, config.methods,
-                                      total_steps)
+                                      total_steps, breakpoints)
 
-    return optax.inject_hyperparams(build)(learning_rate=settings["learning_rate"])
+    return optax.inject_hyperparams(build)(learning_rate=settings["learning_rate"], **points), points
 
 
 @jax.jit
@@ -175,7 +204,10 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     if plan.aux is not None:
         raise ValueError(f"config.method={config.method!r}: aux_lm is not swept (it mixes language-model rows into "
                          "the task's batches); fine-tune it with pretrain.finetune")
-    optimizer = _member_optimizer(plan, models[0], config, total_steps)
+    optimizer, points = _member_optimizer(plan, models[0], config, total_steps)
+    # the run's length is in the optimizer state, except where gradual unfreezing's
+    # default pace (a share of the steps) is built into the update
+    length_key = total_steps if plan.unfreeze_steps is not None else "any"
 
     def step(state, batch, rest):  # the rest is an argument, so a compiled program serves any row of its shape
         loss_fn, totals_fn, _ = task_functions(graphdef, rest, task.kind, 1, plan, total_steps)
@@ -186,17 +218,20 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
 
     rest = _stack(rests)
 
-    def initial(params, learning_rate):
+    def initial(params, learning_rate, breakpoints):  # (cached: everything that varies is an argument)
         opt_state = optimizer.init(params)
         opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+        for name, value in breakpoints.items():
+            opt_state.hyperparams[name] = jnp.asarray(value, jnp.int32)
         return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
     settings = {k: v for k, v in config.optimizer.to_dict().items() if k != "learning_rate"}
     shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), models[0])
     init_key = _program_key(graphdef, shapes, len(members), config.method, json.dumps(config.methods.to_dict(),
-                            sort_keys=True), settings, total_steps)
-    state = cache.initializer(init_key, lambda: jax.jit(jax.vmap(initial)))(
-        _stack(models), jnp.asarray([m.learning_rate for m in members], jnp.float32))
+                            sort_keys=True), settings, length_key)
+    state = cache.initializer(init_key, lambda: jax.jit(jax.vmap(initial, in_axes=(0, 0, None))))(
+        _stack(models), jnp.asarray([m.learning_rate for m in members], jnp.float32),
+        {name: jnp.asarray(value, jnp.int32) for name, value in points.items()})
     streams = {seed: task_data.stream(seed) for seed in dict.fromkeys(m.seed for m in members)}
 
     def next_batch() -> dict[str, np.ndarray]:
@@ -217,7 +252,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
         return Compiled(compiled_step, compiled_eval, time.perf_counter() - started)
 
     key = _program_key(graphdef, jax.tree.map(lambda x: (x.shape, str(x.dtype)), (state, first)), task.kind,
-                       config.method, json.dumps(config.methods.to_dict(), sort_keys=True), settings, total_steps,
+                       config.method, json.dumps(config.methods.to_dict(), sort_keys=True), settings, length_key,
                        config.accumulation_steps, jax.tree.map(lambda x: (x.shape, str(x.dtype)), rest))
     program = cache.get(key, build)
 
