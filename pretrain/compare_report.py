@@ -190,8 +190,8 @@ def _budget_line(config: ml_collections.ConfigDict, runs: Sequence[Run]) -> str:
             f"{model.num_heads} heads, {runs[0].evaluation['parameters']:,} parameters), data "
             f"`{config.budget.data.kind}`, one SentencePiece tokenizer of {config.budget.tokenizer.vocab_size:,} "
             f"pieces, {first.total_steps:,} steps x {first.batch_size} rows x {first.seq_len} tokens = "
-            f"{slots:,} token slots, AdamW at peak learning rate {config.budget.optimizer.learning_rate:g} "
-            f"({config.budget.optimizer.warmup_steps} warmup steps, {config.budget.optimizer.schedule} decay).")
+            f"{slots:,} token slots, AdamW at peak learning rate {first.optimizer.learning_rate:g} "
+            f"({first.optimizer.warmup_steps:,} warmup steps, {first.optimizer.schedule} decay).")  # as the runs ran
 
 
 def _task_baselines(downstream: Mapping[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """The comparison tool: two runs of a few steps give report.md with the matrix and PNG
 plots; a rerun trains nothing; config mistakes are named before anything trains."""
 
+import copy
 import json
 import os
 import shutil
@@ -205,3 +206,19 @@ def test_pretraining_seeds_become_one_row_with_mean_and_std():
               for (name, run), evaluation in zip(runs.items(), evaluations)]
     assert compare_report.matrix_table(seeded, "loss", lower_is_better=True).splitlines()[2] == \
         "| mlm | `mlm` | 6.100 ± 0.141 | 5.200 ± 0.283 |"  # one row: nothing to be best against
+
+
+def test_the_report_states_the_schedule_the_runs_ran_not_the_unresolved_budget():
+    """With steps derived from tokens per parameter the budget holds warmup 0 ('a tenth');
+    the report's budget line gives the runs' resolved warmup."""
+    import types
+
+    from pretrain import compare_report
+
+    config = get_config("preset=objectives,size=tiny")
+    assert config.budget.optimizer.warmup_steps == 0
+    run_config = copy.deepcopy(config.budget)
+    run_config.total_steps, run_config.optimizer.warmup_steps = 3643, 364
+    run = types.SimpleNamespace(config=run_config, evaluation={"parameters": 372992})
+    line = compare_report._budget_line(config, [run])
+    assert "3,643 steps x 16 rows x 128 tokens" in line and "(364 warmup steps, cosine decay)" in line
