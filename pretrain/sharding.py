@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "heads": "tensor",
     "head_dim": None,
+    "layers": None,  # the stacked layer axis of config.model.scan_layers: every device holds every layer's slice
 }
 
 
