@@ -342,14 +342,14 @@ def to_layout(tree: Any, scan: bool, axis: int = 0) -> Any:
     def convert(node: Any) -> Any:
         if not _holds_blocks(node):
             return node
-        blocks = node[BLOCKS]
-        layers = _loop_layers(blocks)
+        items = _plain(node)
+        layers = _loop_layers(items[BLOCKS])
         if scan and layers is not None:
-            blocks = _stacked(layers, axis)
+            items[BLOCKS] = _stacked(layers, axis)
         elif not scan and layers is None:
-            count = jax.tree.leaves(blocks)[0].shape[axis]
-            blocks = _container(blocks, {index: _layer(blocks, index, axis) for index in range(count)})
-        return _container(node, {**node, BLOCKS: blocks})
+            count = jax.tree.leaves(items[BLOCKS])[0].shape[axis]
+            items[BLOCKS] = {index: _layer(items[BLOCKS], index, axis) for index in range(count)}
+        return nnx.State(items, _copy=False) if isinstance(node, nnx.State) else items
 
     return jax.tree.map(convert, tree, is_leaf=_holds_blocks)
 
@@ -389,9 +389,9 @@ def _loop_layers(blocks: Mapping) -> list | None:
     return [blocks[key] for key in order]
 
 
-def _container(like: Mapping, items: Mapping) -> Mapping:
-    """`items` in a mapping of the kind of `like` (an nnx.State stays one)."""
-    return nnx.State(items) if isinstance(like, nnx.State) else dict(items)
+def _plain(node: Mapping) -> dict:
+    """A mapping as nested dicts (an nnx.State keeps dicts inside, as here)."""
+    return {key: _plain(value) if isinstance(value, nnx.State) else value for key, value in node.items()}
 
 
 def _is_variable(leaf: Any) -> bool:

@@ -51,6 +51,7 @@ from pretrain.errors import UserError
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import build_input_pipeline
+from pretrain.layers import layout_alternatives
 from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from pretrain.model import TransformerConfig, attention_kernel, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
@@ -496,8 +497,11 @@ class Trainer:
             self.close()
 
     def _restore(self, iterator: Any) -> int:
-        """Restores the newest good checkpoint, if any; returns its step (0: none)."""
-        restored = self.checkpointer.restore(self.abstract_state)
+        """Restores the newest good checkpoint, if any (written in either layer layout,
+        `config.model.scan_layers`); returns its step (0: none)."""
+        layer_axis = 1 if self.config.parallelism == "pmap" else 0  # after pmap's device axis
+        restored = self.checkpointer.restore(self.abstract_state, alternatives=layout_alternatives(
+            self.abstract_state, layer_axis))
         if restored is None:
             return 0
         start, self.state, data_state = restored
