@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 
@@ -312,16 +311,8 @@ class Trainer:
             return
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.mesh = mesh
-        param_shardings = sharding.tree_shardings(nnx.get_partition_spec(params), params, mesh)
-        abstract_opt = jax.eval_shape(self.optimizer.init, params)
-        shardings = {
-            "params": param_shardings,
-            "opt_state": optax.tree_map_params(
-                self.optimizer, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract_opt,
-                param_shardings, transform_non_params=lambda _: sharding.replicated(mesh),
-                is_leaf=lambda leaf: isinstance(leaf, optax.MaskedNode)),  # frozen parameters have no state
-            "step": sharding.replicated(mesh),
-        }
+        shardings = sharding.train_state_shardings(params, self.optimizer, mesh)
+        param_shardings = shardings["params"]
         self.state = jax.jit(self._initial_state, out_shardings=shardings)(params)
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
