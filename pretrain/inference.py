@@ -169,8 +169,13 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Transfor
 
     Its attention is the dense path: a trained model may be scored, prompted or
     fine-tuned under any objective's layout, and only the dense mask runs every
-    layout (`pretrain.attention.has_key_ranges`); the parameters are the same."""
-    fields = {field.name for field in dataclasses.fields(TransformerConfig)} - {"vocab_size", "attention"}
+    layout (`pretrain.attention.has_key_ranges`); the parameters are the same. Its
+    blocks are a list (`scan_layers=False`) whatever layout trained them: what reads a
+    trained body walks its layers one by one (fine-tuning's layer-wise learning rates
+    and unfreezing, `pretrain.transfer.heads.parameter_depths`), and `restore_params`
+    converts a scan run's checkpoint; the numbers are the same."""
+    fields = {field.name for field in dataclasses.fields(TransformerConfig)} - {"vocab_size", "attention",
+                                                                                "scan_layers"}
     return TransformerConfig(**{k: v for k, v in config.model.items() if k in fields}, vocab_size=vocab_size)
 
 

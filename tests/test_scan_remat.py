@@ -371,6 +371,7 @@ def test_a_checkpoint_restores_into_a_model_of_the_other_layout(runs):
     for run in ("loop", "scan"):
         for scan in (False, True):
             shape = model_config(read_run_config(runs[run]), run_tokenizer(runs[run]).vocab_size)
+            assert shape.scan_layers is False  # what reads a trained body gets a list of blocks
             model = create_model(dataclasses.replace(shape, scan_layers=scan), seed=9)
             assert restore_params(runs[run], model)[0] == STEPS
             logits[run, scan] = np.asarray(compiled(model, "logits", compiled(model, "__call__", BATCH_OF_ALL)))
@@ -413,6 +414,9 @@ def test_the_other_layout_is_offered_to_restore_only_for_model_states():
 
 
 def test_hugging_face_export_and_import_of_a_scan_model_are_the_loops(runs, tmp_path):
+    """A scan run exports the loop run's files (at a step where both hold the same
+    numbers), and a scan model's parameters cross the Hugging Face boundary in the
+    loop layout, both ways, bit for bit."""
     pytest.importorskip("safetensors")
     from safetensors.numpy import load_file
 
