@@ -394,7 +394,10 @@ class Trainer:
                                                    if len(self.names) > 1 else "")),
             ("model", f"{preset_name(config.model)}: {model.num_layers} layers, width {model.model_dim}, "
                       f"{model.num_heads} heads, MLP {model.mlp_dim}, {'pre' if model.pre_layer_norm else 'post'}-LN, "
-                      f"{model.dtype}, {model.attention} attention; {self.parameters:,} parameters"),
+                      f"{model.dtype}, {model.attention} attention"
+                      + (", scan over layers" if model.scan_layers else "")
+                      + (f", remat {model.remat}" if model.remat != "none" else "")
+                      + f"; {self.parameters:,} parameters"),
             ("data", f"{config.data.kind}; vocabulary {self.pipeline.tokenizer.vocab_size:,}; batch "
                      f"{config.batch_size} rows x seq_len {config.seq_len} = {config.batch_size * config.seq_len:,} "
                      "token slots per step"),
