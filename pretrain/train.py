@@ -46,7 +46,7 @@ from pretrain import cli, distributed, sharding
 from pretrain.attention import choose_attention
 from pretrain.baseline import unigram_baseline
 from pretrain.checkpoint import Checkpointer
-from pretrain.config_checks import needed_token_types, validate_config
+from pretrain.config_checks import declared_heads, needed_token_types, validate_config
 from pretrain.errors import UserError
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
@@ -163,16 +163,17 @@ class SkipCounter:
 
 
 def summarize(stats: dict[str, np.ndarray], names: tuple[str, ...], prefix: str = "") -> dict[str, float]:
-    """Per-objective loss and accuracy (and NSP) from summed statistics."""
+    """Per-objective loss and accuracy, and each loss term's, from summed statistics."""
     out = {}
     weights = stats["weight_sum"]
     for index, name in enumerate(names):
         if weights[index] > 0:
             out[f"{prefix}loss/{name}"] = float(stats["loss_sum"][index] / weights[index])
             out[f"{prefix}accuracy/{name}"] = float(stats["correct_sum"][index] / weights[index])
-    if "nsp_weight_sum" in stats and stats["nsp_weight_sum"] > 0:
-        out[f"{prefix}loss/nsp"] = float(stats["nsp_loss_sum"] / stats["nsp_weight_sum"])
-        out[f"{prefix}accuracy/nsp"] = float(stats["nsp_correct_sum"] / stats["nsp_weight_sum"])
+    for term, sums in stats.get("terms", {}).items():
+        if sums["weight_sum"] > 0:
+            out[f"{prefix}loss/{term}"] = float(sums["loss_sum"] / sums["weight_sum"])
+            out[f"{prefix}accuracy/{term}"] = float(sums["correct_sum"] / sums["weight_sum"])
     return out
 
 
@@ -214,6 +215,10 @@ class Trainer:
                                 "grown (pretrain.hf.models.grow_token_types)", needed, config.init.hf,
                                 config.model.num_token_types)
                     config.model.num_token_types = needed
+        try:
+            config.model.heads = declared_heads(config)
+        except (ValueError, TypeError):  # validate_config names the problem
+            pass
         validate_config(config, jax.device_count())
 
     def _build(self) -> None:
@@ -239,9 +244,12 @@ class Trainer:
             check_free_space(workdir, copies * checkpoint_bytes(jax.eval_shape(self._initial_state, abstract)))
         model = create_model(self.model_config, seed=config.seed)
         if config.init.hf:  # a fresh start begins from the imported weights; a resume then restores its own
-            from pretrain.hf.models import grow_token_types, hf_params, set_flat_params
+            from pretrain.hf.models import flat_params, grow_token_types, hf_params, set_flat_params
 
             imported = hf_params(config.init.hf, self.model_config.num_heads)[1]
+            fresh = flat_params(model)  # heads the imported model lacks start from their initialisation
+            imported.update({name: value for name, value in fresh.items()
+                             if name.startswith("heads.") and name not in imported})
             imported["type_embedding"] = grow_token_types(imported["type_embedding"],
                                                           self.model_config.num_token_types)
             set_flat_params(model, imported)
@@ -288,9 +296,10 @@ class Trainer:
 
     def _step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
         """(train step, evaluation step) before compilation: the pretraining loss's."""
+        terms = self.pipeline.mixture.loss_terms
         step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
-                                  self.config.accumulation_steps, axis_name=axis_name)
-        return step_fn, make_eval_step(self.graphdef, self.rest, len(self.names))
+                                  self.config.accumulation_steps, axis_name=axis_name, terms=terms)
+        return step_fn, make_eval_step(self.graphdef, self.rest, len(self.names), terms)
 
     def _setup_parallelism(self, params) -> None:
         config = self.config

@@ -56,7 +56,7 @@ FIELDS: dict[str, tuple[type, float]] = {
     "weights": (np.float32, 0), "positions": (np.int32, 0), "attention_kind": (np.int32, 0),
     "attention_kind_causal": (np.int32, 0), "token_types": (np.int32, 0), "objective_id": (np.int32, 0),
     "task_labels": (np.int32, NO_LABEL), "task_values": (np.float32, 0), "task_example": (np.int32, NO_LABEL),
-    "task_word": (np.int32, NO_LABEL), "segment_ids": (np.int32, 0), "nsp_labels": (np.int32, NO_LABEL)}
+    "task_word": (np.int32, NO_LABEL), "segment_ids": (np.int32, 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _encode_tagging(example: TaskExample, index: int, tokenizer: Tokenizer, seq_
 
 def _skeleton(length: int) -> dict[str, np.ndarray]:
     fields = {name: np.full(length, fill, dtype) for name, (dtype, fill) in FIELDS.items()
-              if name not in ("segment_ids", "nsp_labels")}
+              if name != "segment_ids"}
     fields["positions"] = np.arange(length, dtype=np.int32)
     fields["attention_kind"][:] = PREFIX
     fields["attention_kind_causal"][:] = L2R
@@ -150,10 +150,11 @@ def _skeleton(length: int) -> dict[str, np.ndarray]:
 
 def from_objective(example: objectives.Example, objective_offset: int) -> Encoded:
     """A pretraining objective's example as a segment of a task batch (the auxiliary LM):
-    the same arrays in both views, objective ids shifted past the task's."""
+    the same arrays in both views, objective ids shifted past the task's. The auxiliary
+    LM trains the token loss only, so the fields of the objective's loss terms stay behind."""
     fields = _skeleton(len(example))
-    for name, values in example.fields().items():
-        fields[name] = values
+    for name in objectives.TOKEN_FIELDS:
+        fields[name] = getattr(example, name)
     fields["inputs_causal"] = example.inputs
     fields["attention_kind_causal"] = example.attention_kind
     fields["objective_id"] = example.objective_id + objective_offset
@@ -197,7 +198,7 @@ class TaskSegments:
             tokens = tokens[: objective.text_budget(self.seq_len)]
             if len(tokens) >= objective.min_text_tokens:
                 other = None
-                if objective.needs_other_document:  # NSP negatives: another training example's text
+                if objective.needs_other_document:  # negatives: another training example's text
                     train = self.task.splits["train"]
                     other = self.tokenizer.encode(_text(train[int(rng.integers(len(train)))]))
                 chunk = objectives.TextChunk(tokens, None, other)

@@ -47,7 +47,7 @@ from pretrain.workdir import check_free_space, checkpoint_bytes
 log = logging.getLogger("pretrain.train")
 RESULT_FILENAME = "result.json"
 # pooling='auto': the mean of the example's tokens for every layout. An MLM body without
-# NSP never trains its [CLS] and a causal body never reads its [EOS] as input, so
+# a sentence-pair term never trains its [CLS] and a causal body never reads its [EOS] as input, so
 # 'first' and 'last' read a position the body never trained (README, Fine-tune).
 AUTO_POOLING = "mean"
 EVAL_SPLITS = ("dev", "test")  # what a sweep scores; a fine-tuning run scores `Task.evaluation_splits`
