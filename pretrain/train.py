@@ -46,7 +46,7 @@ from pretrain import cli, distributed, sharding
 from pretrain.attention import choose_attention
 from pretrain.baseline import unigram_baseline
 from pretrain.checkpoint import Checkpointer
-from pretrain.config_checks import declared_heads, needed_token_types, validate_config
+from pretrain.config_checks import validate_config
 from pretrain.errors import UserError
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
@@ -55,6 +55,7 @@ from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_devi
 from pretrain.model import TransformerConfig, attention_kernel, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.peers import PeerWatch, any_process
+from pretrain.resolve import resolve_config
 from pretrain.stopping import StopRequest
 from pretrain.train_step import make_eval_step, make_train_step
 from pretrain.workdir import (
@@ -185,7 +186,7 @@ class Trainer:
         builds data, model, optimizer and sharded state; nothing is compiled for
         training until `run`. Use as a context manager, or call `close`, when not
         calling `run` (which closes)."""
-        self.config = config
+        self.config = config = self._resolve(config)
         self._validate(config)
         self.primary = jax.process_index() == 0
         self.workdir = prepare_workdir(workdir)
@@ -198,27 +199,14 @@ class Trainer:
             self.close()
             raise
 
-    def _validate(self, config: Any) -> None:
-        """Raises ValueError naming every problem of the config (a subclass checks its
-        own). A run starting from a Hugging Face model takes that model's shape first."""
-        if "init" in config and config.init.hf:
-            from pretrain.hf.models import adopt_shape, hf_directory_problems
+    def _resolve(self, config: Any) -> Any:
+        """The config this run trains with (`pretrain.resolve.resolve_config`): a new
+        one, the given one untouched. A subclass resolves its own."""
+        return resolve_config(config)
 
-            if not hf_directory_problems(config.init.hf):  # else validate_config names the problem
-                adopt_shape(config.model, config.init.hf)
-                try:
-                    needed = needed_token_types(config)
-                except ValueError:  # validate_config names it
-                    needed = 0
-                if needed > config.model.num_token_types:  # grown on import, as UniLM's code grows BERT's
-                    log.warning("config.init.hf: the objectives use %d token types and %s embeds %d; the table is "
-                                "grown (pretrain.hf.models.grow_token_types)", needed, config.init.hf,
-                                config.model.num_token_types)
-                    config.model.num_token_types = needed
-        try:
-            config.model.heads = declared_heads(config)
-        except (ValueError, TypeError):  # validate_config names the problem
-            pass
+    def _validate(self, config: Any) -> None:
+        """Raises ValueError naming every problem of the resolved config (a subclass
+        checks its own); it changes nothing."""
         validate_config(config, jax.device_count())
 
     def _build(self) -> None:

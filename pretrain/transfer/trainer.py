@@ -319,6 +319,11 @@ def small_test_warning(task: tasks.Task, config: Any, pretraining_data: Any) -> 
 class FinetuneTrainer(Trainer):
     """The pretraining trainer with a task program (see module docstring)."""
 
+    def _resolve(self, config: Any) -> Any:
+        """A fine-tuning config is used as given: what it derives (each body's shape) comes
+        from the bodies' own runs."""
+        return config
+
     def _validate(self, config: Any) -> None:
         """Checks the config, then reads what is cheap to read: each body's config.json and
         tokenizer, and the task (`self.task`). A misspelt run directory, a missing task
