@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The task (pretrain/transfer/tasks.py).
     config.task = variants["task"]
     config.task_path = ""  # task='files': a directory with train/dev/test .jsonl or .tsv files
-    config.task_kind = "auto"  # task='files': 'auto', 'classification', 'pair', 'tagging' or 'regression'
+    config.task_kind = "auto"  # task='files': 'auto' (the rows tell) or a kind of pretrain/transfer/kinds/ (pair, ...)
     config.task_metric = ""  # the dev metric that selects the step; '' = the task's own (accuracy, span_f1, ...)
     config.task_tfds_name = ""  # task='tfds': e.g. 'glue/sst2', prepared as ArrayRecord
     config.task_tfds_data_dir = ""  # task='tfds': where it was prepared

@@ -82,7 +82,7 @@ def test_the_body_is_restored_bit_for_bit_and_the_head_is_new(tmp_path_factory, 
     for path, value in expected.items():
         np.testing.assert_array_equal(state[path], value, err_msg=str(path))
     fresh = heads.TaskModel([create_model(model_config(read_run_config(run), 400), seed=5)], ["bidirectional"],
-                            ["first"], head.shape[1], tagging=False, seed=0)
+                            ["first"], head.shape[1], per_token=False, seed=0)
     np.testing.assert_array_equal(head, np.asarray(fresh.head_kernel[...]))  # the head depends on the seed alone
     assert head.shape == (64, len(trainer.task.labels)) and np.abs(head).max() < 0.2
 
@@ -286,6 +286,8 @@ CLI_CASES = {
                           r"aux_lm trains one body with its language-model loss, so it cannot be combined with "
                           r"probe"),
     "misspelt field": (["--config.learning_rate=1"], r"config has no field 'learning_rate'; its fields: "),
+    "unknown task kind": (["--config.task_kind=sentiment"], r"config.task_kind='sentiment' is not a task kind; known "
+                                                             r"kinds: auto, classification, pair, "),
 }
 
 

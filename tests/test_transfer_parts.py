@@ -10,12 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import sentencepiece as spm
 from flax import nnx
 
 from pretrain.model import create_model, preset
-from pretrain.tokenizer import load_tokenizer
-from pretrain.transfer import encoding, heads, methods, pydocs_tasks, scores, tasks
+from pretrain.transfer import encoding, heads, kinds, methods, pydocs_tasks, scores, tasks
 
 SETTINGS = {"discriminative": {"decay": 0.5, "head_gap": 0}, "stlr": {"cut_frac": 0.1, "ratio": 32.0},
             "gradual_unfreezing": {"every_steps": 3}, "aux_lm": {"objective": "", "start": 0.2, "end": 0.1,
@@ -70,7 +68,7 @@ def test_slanted_triangular_and_warmup_linear_rates():
 @pytest.fixture(scope="module")
 def task_params():
     model = heads.TaskModel([create_model(preset("tiny", vocab_size=64))], ["bidirectional"], ["first"], 3,
-                            tagging=False)
+                            per_token=False)
     params = nnx.state(model, nnx.Param)
     return params, heads.parameter_depths(params, [2])
 
@@ -163,20 +161,6 @@ def test_the_fusion_gate_weighs_bodies_per_example():
     mixed = sum(weights[..., i : i + 1] * (np.asarray(f) @ np.asarray(p[...]))
                 for i, (f, p) in enumerate(zip(features, gate.projections)))
     np.testing.assert_allclose(np.asarray(gate(features)), mixed, rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory):
-    """A tiny SentencePiece model trained on a fixed text (independent of the Python version)."""
-    directory = tmp_path_factory.mktemp("words")
-    text = ["Call os.path.join on the parts, then open the file now.", "The join of two paths is a path.",
-            "Every module has a name; some have docstrings, quick or verbose.", "Zip, map and filter take functions!",
-            "Keys, values and items: 0123456789 (x) [y] {z} <w> - + * / = ~ ^ % $ # @ ` ' \" | \\ ?"] * 40
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(directory / "sp"), vocab_size=100,
-                                   pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="[PAD]", unk_piece="[UNK]",
-                                   bos_piece="[BOS]", eos_piece="[EOS]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
-                                   minloglevel=2, num_threads=1)
-    return load_tokenizer(directory / "sp.model")
 
 
 def test_tags_sit_on_each_words_first_piece(word_tokenizer):
@@ -431,7 +415,7 @@ def test_a_small_test_split_is_warned_about_once_by_a_stated_rule():
         example = tasks.TaskExample("text", "other" if kind == "pair" else None, 0) if kind != "tagging" else \
             tasks.TaskExample(words=("w",), tags=(0,))
         return tasks.Task(name, kind, labels, {"train": (example,), "dev": (example,), "test": (example,) * test},
-                          tasks.METRICS[kind][0], "literal")
+                          kinds.lookup(kind).default_metric, "literal")
 
     config, pydocs = finetune_config(), pretrain_config().data
     assert small_test_warning(task("pydocs_topic", "classification", 54, 129), config, pydocs) == (
