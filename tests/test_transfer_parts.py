@@ -291,6 +291,16 @@ def test_a_task_holds_further_test_sets_named_test_something():
         tasks.Task("t", "classification", ("neg", "pos"), {**splits, "test_other": ()}, "accuracy", "literal")
 
 
+
+def test_answers_enter_the_fingerprint_only_when_set():
+    """A field added after the first five (answers) is hashed only when an example sets
+    it, so every task made before it keeps its fingerprint (the literal above)."""
+    plain, answered = tasks.TaskExample("q", "a passage"), tasks.TaskExample("q", "a passage", answers=((2, 9),))
+    assert plain.hashed() == ("q", "a passage", 0, (), ())
+    assert answered.hashed() == ("q", "a passage", 0, (), (), ((2, 9),))
+    assert tasks.fingerprint((), {"train": (plain,)}) != tasks.fingerprint((), {"train": (answered,)})
+
+
 MNLI = ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")
 
 

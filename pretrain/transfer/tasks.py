@@ -133,13 +133,13 @@ def split_names(splits: Mapping[str, Any]) -> tuple[str, ...]:
 
 def fingerprint(labels: Sequence[str], splits: Mapping[str, Sequence[TaskExample]]) -> str:
     """A short hash of the label set and every example (a task without further test
-    sets hashes as it did before they existed)."""
+    sets, or examples without answers, hashes as it did before they existed)."""
     digest = hashlib.sha256(json.dumps(list(labels)).encode())
     for split in split_names(splits):
         if split not in SPLITS:
             digest.update(split.encode())
         for example in splits.get(split, ()):
-            digest.update(repr(dataclasses.astuple(example)).encode("utf-8", "surrogatepass"))
+            digest.update(repr(example.hashed()).encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:12]
 
 
