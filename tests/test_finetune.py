@@ -239,6 +239,34 @@ def test_regression_and_pair_files_train_and_report_their_metrics(tmp_path_facto
     assert set(summary["test"]) == {"pearson", "spearman", "loss"} and summary["metric"] == "pearson"
 
 
+QA_ROWS = [  # two questions on one passage: the question, not the passage, tells the answer
+    ("What is fun of onkey?", "fun -- a function with no arguments. key -- a string naming the key.",
+     "a function with no arguments"),
+    ("What is key of onkey?", "fun -- a function with no arguments. key -- a string naming the key.",
+     "a string naming the key"),
+    ("What is t of ontimer?", "fun -- the function to call. t -- a number of milliseconds.", "a number of milliseconds"),
+    ("What is size of resize?", "size -- the new size in pixels. bg -- the colour to fill with.",
+     "the new size in pixels")]
+
+
+def test_a_tiny_model_learns_a_handful_of_qa_examples_to_exact_match(tmp_path_factory, tmp_path):
+    """Extractive QA from a `files` task in SQuAD's fields, end to end: the start and end
+    logits of four examples are learnt until every answer is read back exactly."""
+    run = pretrained(tmp_path_factory)
+    for split in ("train", "dev", "test"):
+        with open(tmp_path / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for question, context, answer in QA_ROWS:
+                handle.write(json.dumps({"question": question, "context": context,
+                                         "answers": [{"text": answer, "answer_start": context.index(answer)}]}) + "\n")
+    config = config_for(run, task="files", task_path=str(tmp_path), seq_len=128, batch_size=8, total_steps=120,
+                        eval_every=120, checkpoint_every=120, log_every=40,
+                        **{"optimizer.learning_rate": 3e-3, "optimizer.weight_decay": 0.0})
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    assert summary["metric"] == "exact_match"
+    assert summary["test"]["exact_match"]["mean"] == 1.0 and summary["test"]["answer_f1"]["mean"] == 1.0
+    assert summary["test"]["loss"]["mean"] < 0.05
+
+
 def test_finetuning_resumes_bit_identically_after_sigkill(tmp_path_factory, tmp_path):
     run = pretrained(tmp_path_factory)
     fields = dict(init=run, seq_len=64, batch_size=8, total_steps=24, log_every=1, eval_every=12, checkpoint_every=6,
