@@ -4,8 +4,8 @@
         --config.init=runs/mlm --workdir=runs/mlm-topic
 
 Variants (comma-separated `key=value`):
-  task    pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans
-          (built in), files (set
+  task    pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans,
+          pydocs_qa (built in), files (set
           --config.task_path) or tfds (set --config.task_tfds_name, e.g. glue/sst2).
   method  full, probe, discriminative, stlr, gradual_unfreezing, aux_lm, or several
           joined by '+' (ULMFiT: discriminative+stlr+gradual_unfreezing).

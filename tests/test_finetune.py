@@ -178,7 +178,7 @@ def test_fused_bodies_are_probed_frozen_or_fine_tuned_jointly_and_the_gate_mixes
     assert not np.array_equal(after[("gate", "kernel")], before[("gate", "kernel")])
 
 
-@pytest.mark.parametrize("task", ["pydocs_topic", "pydocs_same_module", "pydocs_code_spans"])
+@pytest.mark.parametrize("task", ["pydocs_topic", "pydocs_same_module", "pydocs_code_spans", "pydocs_qa"])
 def test_packed_and_unpacked_rows_give_the_same_predictions(tmp_path_factory, tmp_path, task):
     run = pretrained(tmp_path_factory)
     results = []
@@ -265,6 +265,22 @@ def test_a_tiny_model_learns_a_handful_of_qa_examples_to_exact_match(tmp_path_fa
     assert summary["metric"] == "exact_match"
     assert summary["test"]["exact_match"]["mean"] == 1.0 and summary["test"]["answer_f1"]["mean"] == 1.0
     assert summary["test"]["loss"]["mean"] < 0.05
+
+
+def test_the_builtin_qa_task_fine_tunes_end_to_end(tmp_path_factory, tmp_path):
+    """pydocs_qa through the command's own path (seeds, evaluation, result.json): the
+    rows hold answers to learn from, and the scores are SQuAD's."""
+    run = pretrained(tmp_path_factory)
+    config = config_for(run, task="pydocs_qa", seq_len=256)
+    with transfer.FinetuneTrainer(config, str(tmp_path / "rows")) as trainer:
+        assert trainer.task.kind == "span_qa" and trainer.task.num_outputs == 2
+        starts = sum(float(trainer.task.kind_spec.count(batch)) for batch in trainer.eval_data["dev"])
+        assert starts >= 0.5 * len(trainer.task.splits["dev"])  # most dev answers lie inside their rows
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    assert summary["metric"] == "exact_match" and set(summary["test"]) == {"exact_match", "answer_f1", "loss"}
+    result = json.loads((tmp_path / "ft" / "seed_0" / "result.json").read_text())
+    assert result["baselines"] == {} and 0.0 <= result["test"]["answer_f1"] <= 1.0
+    assert np.isfinite(result["test"]["loss"])
 
 
 def test_finetuning_resumes_bit_identically_after_sigkill(tmp_path_factory, tmp_path):

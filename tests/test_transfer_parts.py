@@ -181,6 +181,36 @@ def test_tags_sit_on_each_words_first_piece(word_tokenizer):
     assert cut["task_word"].tolist() == [-1, 0, -1, -1, -1, -1]  # the second word does not fit: it and the rest go
 
 
+def test_pydocs_qa_asks_for_each_definition_in_a_docstring():
+    """Each entry of a docstring's definition lists is a question on the docstring (its
+    whitespace collapsed) whose answer is the entry's description; a long docstring's
+    passage is one of its lists alone."""
+    docstring = """Move the turtle.
+
+    Arguments:
+        distance -- a number, how far
+            to go
+        speed -- an integer
+
+    Returns:
+        The new position.
+
+    :raises ValueError: if distance is negative
+    """
+    passage = ("Move the turtle. Arguments: distance -- a number, how far to go speed -- an integer Returns: The new "
+               "position. :raises ValueError: if distance is negative")
+    examples = pydocs_tasks.qa_examples("turtle.Turtle.forward", docstring)
+    assert [(e.text, e.text_b, [e.text_b[a:b] for a, b in e.answers]) for e in examples] == [
+        ("What is distance of forward?", passage, ["a number, how far to go"]),
+        ("What is speed of forward?", passage, ["an integer"]),
+        ("What does forward return?", passage, ["The new position."]),
+        ("When does forward raise ValueError?", passage, ["if distance is negative"])]
+    long = "Word " * 160 + "\n\n  Args:\n    a: the first.\n    b (int): the second.\n\n  c -- alone\n"
+    assert [(e.text, e.text_b) for e in pydocs_tasks.qa_examples("m.C.__init__", long)] == [
+        ("What is a of C.__init__?", "a: the first. b (int): the second."),
+        ("What is b of C.__init__?", "a: the first. b (int): the second.")]  # a list of one entry is no passage
+
+
 def test_code_spans_become_bio_tags():
     words, tags = pydocs_tasks.code_span_words('The simple form, "assert expression", is equivalent to "x".')
     assert words == ("The", "simple", "form,", "assert", "expression", ",", "is", "equivalent", "to", "x", ".")
@@ -261,8 +291,12 @@ def test_the_pydocs_test_split_is_the_pretraining_heldout_split():
     flat = lambda documents: "\n".join(" ".join(d.text.split()) for d in documents)  # noqa: E731
     train_text, heldout_text = flat(source.split("train")), flat(source.split("heldout"))
     for name, least in (("pydocs_topic", 300), ("pydocs_sentence_topic", 300), ("pydocs_same_module", 300),
-                        ("pydocs_code_spans", 100)):
+                        ("pydocs_code_spans", 100), ("pydocs_qa", 15)):
         assert len(pydocs_tasks.build(name, config, pretraining).splits["test"]) >= least, name
+    qa = pydocs_tasks.build("pydocs_qa", config, pretraining)  # its passages are unmasked docstrings too
+    assert sum(len(examples) for examples in qa.splits.values()) >= 500
+    assert not [e.text_b for e in qa.splits["test"] if e.text_b in train_text]
+    assert not {e.text_b for e in qa.splits["test"]} & {e.text_b for e in qa.splits["train"] + qa.splits["dev"]}
     pairs = pydocs_tasks.build("pydocs_same_module", config, pretraining)
     texts = [text for example in pairs.splits["test"] for text in (example.text, example.text_b)]
     assert not [text for text in texts if text in train_text]

@@ -6,7 +6,7 @@ regression, ...: how rows are read, encoded, trained, decoded and scored) is the
 kind's (`pretrain.transfer.kinds`); this module asks it. Tasks come from three
 places, chosen by `config.task`:
 
-  pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans
+  pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans, pydocs_qa
           built in and offline, derived from the Python documentation
           (`pretrain.transfer.pydocs_tasks`);
   files   a directory of the user's `train`, `dev` (or `validation`) and `test`
@@ -50,7 +50,7 @@ SPLITS = ("train", "dev", "test")
 # A further labelled test set of a task is `test_<name>` (MNLI's mismatched validation
 # split: `test_mismatched`); `test` is the headline one.
 EXTRA_TEST_PREFIX = "test_"
-BUILTIN = ("pydocs_topic", "pydocs_sentence_topic", "pydocs_same_module", "pydocs_code_spans")
+BUILTIN = ("pydocs_topic", "pydocs_sentence_topic", "pydocs_same_module", "pydocs_code_spans", "pydocs_qa")
 SOURCES = (*BUILTIN, "files", "tfds")
 # GLUE's own primary metric where it is not accuracy (its paper, table 1).
 GLUE_METRICS = {"cola": "mcc", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
