@@ -15,7 +15,8 @@ rest of `pretrain.transfer` asks the kind and never names one:
   decoding  each example's prediction from the positions its rows name (`decode`)
             and its gold value (`gold`);
   metrics   every metric it reports by name, the first selecting the step on dev
-            (`metrics`; the formulas are `pretrain.transfer.scores`').
+            (`metrics`; formulas several kinds share live in `pretrain.transfer.scores`,
+            a kind's own, such as SQuAD's exact match, in its module).
 
 Metric names are one namespace over all kinds (a table column means one thing), so
 `score` finds a metric by its name alone; two kinds may share a metric only as the
