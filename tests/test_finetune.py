@@ -244,7 +244,8 @@ QA_ROWS = [  # two questions on one passage: the question, not the passage, tell
      "a function with no arguments"),
     ("What is key of onkey?", "fun -- a function with no arguments. key -- a string naming the key.",
      "a string naming the key"),
-    ("What is t of ontimer?", "fun -- the function to call. t -- a number of milliseconds.", "a number of milliseconds"),
+    ("What is t of ontimer?", "fun -- the function to call. t -- a number of milliseconds.",
+     "a number of milliseconds"),
     ("What is size of resize?", "size -- the new size in pixels. bg -- the colour to fill with.",
      "the new size in pixels")]
 

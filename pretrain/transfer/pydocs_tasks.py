@@ -28,12 +28,13 @@ version). Four kinds, like a small GLUE + NER + SQuAD suite:
                       more, at most that long), whitespace collapsed. The passage's
                       other entries are the distractors.
 
-Splits are fixed by hashes (all the questions on one passage share its split). The test split is the pydocs pretraining held-out
+Splits are fixed by hashes. The test split is the pydocs pretraining held-out
 split: an example is a test example when the pydocs document holding its text is
 held out from pretraining (at the pretraining run's `heldout_fraction`) and its
 text occurs in no pretraining document (the standard library repeats some
 docstrings; such a repeat is dropped), so no test text is ever pretrained on. Dev
-is `config.dev_fraction` of the rest, by the hash of the example's text.
+is `config.dev_fraction` of the rest, by the hash of the example's text (a QA
+example's text is its passage, so all the questions on one passage share a split).
 """
 
 from __future__ import annotations

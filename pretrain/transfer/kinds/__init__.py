@@ -26,6 +26,7 @@ from pretrain.transfer.kinds.registry import (
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):  # registers every kind
     importlib.import_module(f"{__name__}.{_module}")
+del _module
 
 __all__ = ["Found", "Kind", "Metric", "detect", "label_index", "lookup", "register", "registered_names", "score",
            "values_metric"]

@@ -126,7 +126,8 @@ def answer_f1_of(predicted: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _best_over_answers(score_one: Callable[[str, str], float], gold: Sequence[Sequence[str]], predicted: Sequence[str]) -> float:
+def _best_over_answers(score_one: Callable[[str, str], float], gold: Sequence[Sequence[str]],
+                       predicted: Sequence[str]) -> float:
     """The mean over examples of the best score against any of an example's answers."""
     scored = [max(score_one(p, g) for g in answers) for answers, p in zip(gold, predicted, strict=True)]
     return float(np.mean(scored)) if scored else 0.0

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -21,7 +21,7 @@ import jax
 from pretrain.transfer import encoding, scores
 from pretrain.transfer.example import Record, TaskExample
 from pretrain.transfer.kinds.classification import categorical_loss
-from pretrain.transfer.kinds.registry import Found, Kind, label_index, register, score
+from pretrain.transfer.kinds.registry import Found, Kind, Metric, label_index, register, score
 
 if TYPE_CHECKING:
     from pretrain.tokenizer import Tokenizer
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 OUTSIDE = "O"  # the tag of a word in no span: the default prediction and the majority baseline
 
 
-def _by_name(formula: Any) -> Any:
+def _by_name(formula: Callable[[Sequence[Sequence[str]], Sequence[Sequence[str]]], float]) -> Metric:
     """A tag metric (over tag names) of tag-index lists, through the task's label names."""
 
     def metric(gold: Sequence[Sequence[int]], predicted: Sequence[Sequence[int]], labels: Sequence[str]) -> float:
