@@ -5,7 +5,7 @@
 
 Part 1 times, alternately in rounds: the stack's forward pass, its forward and
 backward pass (also with two baselines swapped in while it compiles: attention
-through `jax.nn.dot_product_attention`, and `model.dense` with plain autodiff),
+through `jax.nn.dot_product_attention`, and `layers.dense` with plain autodiff),
 the whole training step, the same step with the loss taken from full [B, L, V]
 logits (`pretrain.loss.full_logits_statistics`, the loss without the chunked
 head), and the float32 matmul peak; then the step's page faults and the share
@@ -35,12 +35,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 import harness
-from pretrain import model as model_lib
+from pretrain import layers
 from pretrain.loss import full_logits_statistics, weighted_token_statistics
 from pretrain.model import PRESETS, TransformerConfig, preset
 
 
-def _library_attend(self: model_lib.Attention, q: jax.Array, k: jax.Array, v: jax.Array,
+def _library_attend(self: layers.Attention, q: jax.Array, k: jax.Array, v: jax.Array,
                     mask: jax.Array) -> jax.Array:
     """`Attention.attend` through `jax.nn.dot_product_attention` (the baseline)."""
     dtype = self.config.compute_dtype
@@ -49,7 +49,7 @@ def _library_attend(self: model_lib.Attention, q: jax.Array, k: jax.Array, v: ja
 
 
 def _autodiff_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`model.dense` without its custom backward pass (the baseline)."""
+    """`layers.dense` without its custom backward pass (the baseline)."""
     return jnp.tensordot(x, kernel, axes=1)
 
 
@@ -72,9 +72,9 @@ def timed_parts(ours: harness.OurStep, config: TransformerConfig, num_objectives
     stack = lambda p: nnx.merge(ours.graphdef, p, ours.rest)(batch).sum()
     forward = jax.jit(stack).lower(params).compile()
     backward = jax.jit(jax.grad(stack)).lower(params).compile()
-    with _swapped(model_lib.Attention, "attend", _library_attend):
+    with _swapped(layers.Attention, "attend", _library_attend):
         library_attention = jax.jit(jax.grad(stack)).lower(params).compile()
-    with _swapped(model_lib, "dense", _autodiff_dense):
+    with _swapped(layers, "dense", _autodiff_dense):
         autodiff_dense = jax.jit(jax.grad(stack)).lower(params).compile()
     full = harness.OurStep(config, num_objectives, jax.device_get(ours.batches), statistics=full_logits_statistics)
     peak = harness.MatmulPeak()

@@ -17,7 +17,9 @@ checksums, is damaged: it is reported with its step and skipped. The checksums
 matter: Orbax restores an array file with bytes overwritten inside it without
 complaint. A checkpoint written by a different model, optimizer structure or
 tokenizer is not damaged but foreign: restoring stops with `CheckpointMismatch`,
-which names the differences. Nothing is ever deleted; `set_aside_newer_than` moves
+which names the differences. One whose arrays are another arrangement of the same
+state (the other layer layout, `pretrain.layers.layout_alternatives`) is restored
+in that arrangement, verified, and converted. Nothing is ever deleted; `set_aside_newer_than` moves
 damaged steps out of the way of the saves that will replace them.
 """
 
@@ -31,7 +33,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -120,10 +122,14 @@ class Checkpointer:
                 f"writing the checkpoint of step {failed} to {self.directory} failed: {cause}. The checkpoints "
                 f"of steps {intact} are intact; {fix}{resume}") from None
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    def restore(self, abstract_state: Any, step: int | None = None,
+                alternatives: Sequence[tuple[Any, Callable[[Any], Any]]] = ()) -> tuple[int, Any, dict] | None:
         """(step, state, data_state) of the newest good checkpoint (or of `step` alone,
         when given), or None when there is none. `abstract_state` gives shapes, dtypes
-        and shardings.
+        and shardings. `alternatives` are other arrangements of the same state, each
+        (its abstract state, a function from such a state to `abstract_state`'s
+        arrangement): a checkpoint whose arrays are those of one is read in it,
+        verified against its checksums, converted and placed as `abstract_state` says.
 
         Raises:
           CheckpointMismatch: the newest readable checkpoint was written for another
@@ -131,7 +137,7 @@ class Checkpointer:
           NoGoodCheckpoint: checkpoints exist but every one is damaged (none is deleted).
         """
         with _quiet_abandoned_reads():
-            return self._restore(abstract_state, step)
+            return self._restore(abstract_state, step, alternatives)
 
     def unfinished_saves(self) -> list[str]:
         """Orbax's temporary directories of saves that never finished (a process that
@@ -139,7 +145,8 @@ class Checkpointer:
         names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
         return sorted(name for name in names if TEMPORARY_MARK in name)
 
-    def _restore(self, abstract_state: Any, only: int | None) -> tuple[int, Any, dict] | None:
+    def _restore(self, abstract_state: Any, only: int | None,
+                 alternatives: Sequence[tuple[Any, Callable[[Any], Any]]]) -> tuple[int, Any, dict] | None:
         unfinished = self.unfinished_saves()
         if unfinished:
             log.warning("%s holds unfinished saves (%s) of a run stopped while writing them: they are ignored and "
@@ -156,13 +163,17 @@ class Checkpointer:
         for step in candidates:
             try:
                 body = self._read_meta(step)
+                stored, convert = abstract_state, None
                 if body is None:
                     log.warning("checkpoint at step %d in %s has no checksum item (written by an older version of "
                                 "this project): restored without verifying its arrays and data state", step,
                                 self.directory)
                 else:
-                    self._check_compatible(step, body, abstract_state)
-                state, data_state = self._read_state(step, body, abstract_state)
+                    stored, convert = _arrangement(body["arrays"], abstract_state, alternatives)
+                    self._check_compatible(step, body, stored)
+                state, data_state = self._read_state(step, body, stored)
+                if convert is not None:
+                    state = _placed(convert(state), abstract_state)
             except _Damaged as error:
                 log.warning("checkpoint at step %d in %s is damaged (%s); trying the previous one",
                             step, self.directory, error)
@@ -307,6 +318,31 @@ def _quiet_abandoned_reads() -> Iterator[None]:
         gc.collect()  # abandoned tasks report when collected: while the filters are on
         sys.unraisablehook = previous_hook
         logger.removeFilter(quiet)
+
+
+def _arrangement(arrays: Mapping[str, list], abstract_state: Any,
+                 alternatives: Sequence[tuple[Any, Callable[[Any], Any]]]) -> tuple[Any, Callable | None]:
+    """(the abstract state to read a checkpoint with these `arrays` into, the conversion
+    to `abstract_state` or None): the first alternative whose arrays they are, else
+    `abstract_state` itself (whose differences `_check_compatible` then names)."""
+    if array_signature(abstract_state) != arrays:
+        for abstract, convert in alternatives:
+            if array_signature(abstract) == arrays:
+                return abstract, convert
+    return abstract_state, None
+
+
+def _placed(state: Any, abstract_state: Any) -> Any:
+    """`state`'s arrays in `abstract_state`'s tree (matched by path, as in
+    `array_signature`) and on its shardings."""
+    arrays = dict(zip(array_signature(state), jax.tree.leaves(state)))
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    leaves = []
+    for path, want in paths:
+        array = arrays[jax.tree_util.keystr(path, simple=True, separator="/")]
+        sharding = getattr(want, "sharding", None)
+        leaves.append(jax.device_put(array, sharding) if sharding is not None else array)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def array_signature(tree: Any) -> dict[str, list]:

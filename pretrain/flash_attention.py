@@ -1,6 +1,6 @@
 """Fused attention over per-query key ranges, through tokamax's kernels.
 
-The dense path (`pretrain.model.Attention.attend`) writes out an [B, H, L, L]
+The dense path (`pretrain.layers.Attention.attend`) writes out an [B, H, L, L]
 score array; this one hands `tokamax` the queries, keys, values and the O(L)
 integers of `pretrain.attention.key_ranges`, and its kernels skip every block
 outside a query's range: memory linear in L, and work in proportion to what is

@@ -28,6 +28,7 @@ from flax import nnx
 
 from objectives import parse_mixture_spec, registered_names
 from pretrain.checkpoint import Checkpointer
+from pretrain.layers import to_layout
 from pretrain.model import Transformer, TransformerConfig, create_model, parameter_count
 from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_workdir_tokenizer
 
@@ -244,7 +245,7 @@ def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: i
 
 def restore_params(workdir: str | os.PathLike, model: Transformer, step: int | None = None) -> tuple[int, dict]:
     """Loads the newest loadable checkpoint's parameters (or those of `step`) into
-    `model` (in place).
+    `model` (in place), whichever layer layout wrote them (`pretrain.layers.to_layout`).
 
     Returns (step, data_state). A damaged newest checkpoint falls back to an
     older one (pretrain.checkpoint reports it); a damaged `step` is an error.
@@ -263,7 +264,9 @@ def restore_params(workdir: str | os.PathLike, model: Transformer, step: int | N
     directory = checkpointer.directory
     params = nnx.state(model, nnx.Param)
     expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
-    nnx.replace_by_pure_dict(params, _strip_variable_boxes(state["params"]))
+    stored = _strip_variable_boxes(state["params"])
+    replicas = stored["token_embedding"].ndim - model.token_embedding.ndim  # 1: pmap's leading device axis
+    nnx.replace_by_pure_dict(params, to_layout(stored, model.config.scan_layers, axis=max(replicas, 0)))
 
     def unreplicate(want: jax.ShapeDtypeStruct, got: jax.Array) -> jax.Array:
         if got.shape != want.shape and got.shape[1:] == want.shape:  # pmap: a leading device axis

@@ -2,7 +2,8 @@
 
 Flax NNX. Token, learned-position and token-type embeddings; pre-LayerNorm blocks
 (post-LN for BERT fidelity); multi-head softmax attention under the mask of
-`pretrain.attention`; GELU MLP; an
+`pretrain.attention`; GELU MLP (the layers and how they run, loop or scan, with
+rematerialisation: `pretrain.layers`); an
 output projection tied to the token embedding, with an optional bias (with an optional
 BERT MLM transform head in front); the auxiliary heads its objectives' loss terms train
 (`pretrain.heads`, e.g. BERT's sentence-pair classifier); and a KV cache for incremental
@@ -25,9 +26,10 @@ from flax import nnx
 
 from pretrain.attention import ATTENTION_CHOICES, attention_mask, key_ranges, visibility
 from pretrain.errors import raise_problems
-
-INIT_STDDEV = 0.02  # BERT's and GPT-2's initializer range
-_HIDDEN_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # the score of a key a query may not see
+from pretrain.layers import GELU_FORMS, REMAT_POLICIES, KeyRanges, gelu, make_blocks, run_blocks
+from pretrain.layers import layer_norm as _layer_norm
+from pretrain.layers import param as _param
+from pretrain.layers import Attention, Block, MLP, dense  # noqa: F401 (the model's layers, importable from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,12 @@ class TransformerConfig:
     output_bias: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention: str = "dense"  # 'dense' (the written-out mask), 'flash' (key ranges, fused kernel), 'auto'
+    # the blocks' parameters stacked on a leading 'layers' axis and run by one jax.lax.scan (compile time flat in
+    # depth); False: a list of blocks, traced one after another. The same numbers either way (pretrain.layers)
+    scan_layers: bool = False
+    # jax.checkpoint of each block: 'none'; 'full' (nothing saved, the forward pass recomputed in the backward);
+    # 'dots' (the weight matmuls' outputs saved, attention scores and the rest recomputed)
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, (list, tuple)):
@@ -87,6 +95,13 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
                         "approximation GPT-2 uses; 'exact': the erf form BERT uses)")
     if "output_bias" in fields and not isinstance(fields["output_bias"], bool):
         problems.append(f"config.model.output_bias={fields['output_bias']!r} must be True or False")
+    if "scan_layers" in fields and not isinstance(fields["scan_layers"], bool):
+        problems.append(f"config.model.scan_layers={fields['scan_layers']!r} must be True (the blocks stacked and "
+                        "run by one scan) or False (a list of blocks)")
+    if "remat" in fields and fields["remat"] not in REMAT_POLICIES:
+        problems.append(f"config.model.remat={fields['remat']!r} must be one of {tuple(REMAT_POLICIES)} ('none': "
+                        "keep every activation; 'full': recompute each block in the backward pass; 'dots': keep "
+                        "only the weight matmuls' outputs)")
     if "attention" in fields and fields["attention"] not in ATTENTION_CHOICES:
         problems.append(f"config.model.attention={fields['attention']!r} must be one of {ATTENTION_CHOICES} "
                         "('dense': the written-out mask; 'flash': a fused kernel over per-query key ranges; "
@@ -97,7 +112,7 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
         except TypeError:
             problems.append(f"config.model.dtype={fields['dtype']!r} is not a JAX dtype (e.g. 'float32', 'bfloat16')")
     if "heads" in fields:
-        from pretrain.heads import head_names  # the heads build on this module's parameters
+        from pretrain.heads import head_names  # a head imports the loss, which imports this module
 
         given = fields["heads"]
         if not (isinstance(given, (list, tuple)) and all(isinstance(name, str) for name in given)):
@@ -108,14 +123,6 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
                 problems.append(f"config.model.heads={tuple(given)!r}: each head once, among {head_names()}; "
                                 "an objective's loss terms add the heads they need")
     return problems
-
-
-GELU_FORMS = ("tanh", "exact")
-
-
-def gelu(config: TransformerConfig, x: jax.Array) -> jax.Array:
-    """GELU in the form `config.gelu` names (the tanh approximation or the exact erf)."""
-    return jax.nn.gelu(x, approximate=config.gelu == "tanh")
 
 
 # Size presets. `small` is the benchmark shape of the performance issue; `base`
@@ -144,68 +151,6 @@ def preset_name(model_fields: Mapping[str, Any]) -> str:
     return "custom"
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], init=None) -> nnx.Param:
-    """A float32 parameter with logical axis names for sharding."""
-    init = init or jax.nn.initializers.normal(INIT_STDDEV)
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=axes, eager_sharding=False)
-
-
-_LOGICAL_EMBED = {"out_sharding": ("embed",), "eager_sharding": False}
-
-
-def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., D] times kernel [D, *O] -> [..., *O].
-
-    On CPU through `_cpu_dense` (a custom backward pass measured to help XLA CPU,
-    README, Performance); on accelerators the plain product, whose gradient XLA
-    derives itself: the trick is unmeasured there. Decided when the step is traced.
-    """
-    if jax.default_backend() == "cpu":
-        return _cpu_dense(x, kernel)
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-@jax.custom_vjp
-def _cpu_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`dense` with the kernel gradient written as one product of x and the output
-    gradient over all token axes.
-
-    The same numbers as `jnp.einsum`. The custom backward pass only changes
-    which operand XLA CPU transposes for the kernel gradient (a sum over
-    tokens, which its matmul library takes in one orientation only): x, D
-    wide, instead of the output gradient, 3D (QKV) or F (MLP) wide: a
-    narrower transposed copy on every step (README, Performance).
-    """
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _dense_forward(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _cpu_dense(x, kernel), (x, kernel)
-
-
-def _dense_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, kernel = residuals
-    outputs = tuple(range(1, kernel.ndim))
-    d_x = jax.lax.dot_general(grad, kernel, ((tuple(range(x.ndim - 1, grad.ndim)), outputs), ((), ())))
-    tokens = tuple(range(x.ndim - 1))
-    d_kernel = jax.lax.dot_general(x, grad, ((tokens, tokens), ((), ())))
-    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
-
-
-_cpu_dense.defvjp(_dense_forward, _dense_backward)
-
-
-def _layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        config.model_dim,
-        epsilon=config.layer_norm_epsilon,
-        dtype=jnp.float32,
-        scale_metadata=_LOGICAL_EMBED,
-        bias_metadata=_LOGICAL_EMBED,
-        rngs=rngs,
-    )
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeCache:
@@ -223,16 +168,6 @@ class DecodeCache:
     segment_ids: jax.Array
     attention_kind: jax.Array
     length: jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KeyRanges:
-    """int32 [B, L] first (inclusive) and last (exclusive) key of every query: the
-    attention rule in the form a fused kernel takes (`pretrain.attention.key_ranges`)."""
-
-    start: jax.Array
-    end: jax.Array
 
 
 def uses_flash(config: TransformerConfig) -> bool:
@@ -255,113 +190,6 @@ def attention_kernel(config: TransformerConfig) -> str:
     if backend not in CHOSEN:
         raise RuntimeError(f"no flash attention has been traced on {backend} yet: ask after the first step")
     return CHOSEN[backend]
-
-
-class Attention(nnx.Module):
-    """Multi-head self-attention with one fused QKV projection."""
-
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
-        d, h, k = config.model_dim, config.num_heads, config.head_dim
-        self.config = config
-        zeros = jax.nn.initializers.zeros
-        self.qkv_kernel = _param(rngs, (d, 3, h, k), ("embed", None, "heads", "head_dim"))
-        self.qkv_bias = _param(rngs, (3, h, k), (None, "heads", "head_dim"), zeros)
-        self.out_kernel = _param(rngs, (h, k, d), ("heads", "head_dim", "embed"))
-        self.out_bias = _param(rngs, (d,), ("embed",), zeros)
-
-    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q, k, v [B, L, H, K] of x [B, L, D]."""
-        dtype = self.config.compute_dtype
-        # [B, L, 3, H, K]: the token axes stay in front, so the product is one
-        # [B*L, D] x [D, 3*H*K] matmul with no transposed copies.
-        qkv = dense(x, self.qkv_kernel[...].astype(dtype)) + self.qkv_bias[...].astype(dtype)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | KeyRanges) -> jax.Array:
-        """Attention output [B, Lq, D] for queries q over keys k and values v.
-
-        `visible` is a bool mask [B, 1, Lq, Lk] (the dense path) or the key ranges
-        of every query (the fused kernel, `pretrain.flash_attention`).
-        """
-        if isinstance(visible, KeyRanges):
-            from pretrain.flash_attention import flash_attention
-
-            context = flash_attention(q, k, v, visible.start, visible.end)
-        else:
-            context = self._dense_context(q, k, v, visible)
-        dtype = self.config.compute_dtype
-        out = jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype))
-        return out + self.out_bias[...].astype(dtype)
-
-    @staticmethod
-    def _dense_context(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """softmax(q k^T / sqrt(K)) v [B, Lq, H, K] with hidden keys set to a large
-        negative score, written out rather than through `jax.nn.dot_product_attention`:
-        its XLA implementation (the one a dense mask gets) vmaps over head groups,
-        which on CPU adds transposes and a slow reduction to the backward pass
-        (README, Performance). A query that sees nothing (padding) spreads its
-        weight uniformly, so it carries no NaN. Scores and softmax are float32.
-        """
-        scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), _HIDDEN_SCORE)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqt,bthk->bqhk", weights, v)
-
-
-class MLP(nnx.Module):
-    """Position-wise GELU feed-forward block."""
-
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
-        zeros = jax.nn.initializers.zeros
-        self.config = config
-        self.wi = _param(rngs, (config.model_dim, config.mlp_dim), ("embed", "mlp"))
-        self.bi = _param(rngs, (config.mlp_dim,), ("mlp",), zeros)
-        self.wo = _param(rngs, (config.mlp_dim, config.model_dim), ("mlp", "embed"))
-        self.bo = _param(rngs, (config.model_dim,), ("embed",), zeros)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.config.compute_dtype
-        hidden = gelu(self.config, dense(x, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype))
-        return hidden @ self.wo[...].astype(dtype) + self.bo[...].astype(dtype)
-
-
-class Block(nnx.Module):
-    """One Transformer layer, pre-LN (`x + f(LN(x))`) or post-LN (`LN(x + f(x))`)."""
-
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
-        self.config = config
-        self.attention = Attention(config, rngs)
-        self.mlp = MLP(config, rngs)
-        self.attention_norm = _layer_norm(config, rngs)
-        self.mlp_norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-
-    def _norm(self, norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
-        return norm(x).astype(self.config.compute_dtype)
-
-    def __call__(
-        self,
-        x: jax.Array,
-        mask: jax.Array | KeyRanges,
-        *,
-        deterministic: bool,
-        cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x [B, L, D] -> (x', (k, v)). With `cache=(keys, values, start)` the new
-        keys and values are written at slot `start` and the queries attend over
-        the whole cache; (k, v) are then the updated cache arrays."""
-        pre = self.config.pre_layer_norm
-        q, k, v = self.attention.project(self._norm(self.attention_norm, x) if pre else x)
-        if cache is not None:
-            cached_keys, cached_values, start = cache
-            k = jax.lax.dynamic_update_slice_in_dim(cached_keys, k.astype(cached_keys.dtype), start, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cached_values, v.astype(cached_values.dtype), start, 1)
-        attended = self.dropout(self.attention.attend(q, k, v, mask), deterministic=deterministic)
-        x = x + attended if pre else self._norm(self.attention_norm, x + attended)
-        transformed = self.mlp(self._norm(self.mlp_norm, x) if pre else x)
-        transformed = self.dropout(transformed, deterministic=deterministic)
-        x = x + transformed if pre else self._norm(self.mlp_norm, x + transformed)
-        return x, (k, v)
 
 
 def tied_logits(hidden: jax.Array, embedding: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -422,7 +250,7 @@ class Transformer(nnx.Module):
         self.type_embedding = _param(rngs, (config.num_token_types, d), (None, "embed"))
         self.embedding_norm = None if config.pre_layer_norm else _layer_norm(config, rngs)
         self.embedding_dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.blocks = make_blocks(config, rngs)  # a list, or one block of stacked layers (config.scan_layers)
         self.final_norm = _layer_norm(config, rngs) if config.pre_layer_norm else None
         if config.mlm_transform_head:
             self.head_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
@@ -431,7 +259,7 @@ class Transformer(nnx.Module):
         if config.output_bias:
             self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
         if config.heads:  # absent, not empty, without heads: the parameter tree of such models is unchanged
-            from pretrain.heads import build_head  # the heads build on this module's parameters
+            from pretrain.heads import build_head  # a head imports the loss, which imports this module
 
             self.heads = nnx.Dict({name: build_head(name, config, rngs) for name in config.heads})
 
@@ -468,15 +296,12 @@ class Transformer(nnx.Module):
             mask = KeyRanges(*key_ranges(batch["segment_ids"], batch["attention_kind"]))
         else:
             mask = attention_mask(batch["segment_ids"], batch["attention_kind"])
-        x = self.embed(batch["inputs"], batch["positions"], batch["token_types"],
-                       deterministic=deterministic)
-        layers = [x] if keep_layers else []
-        for block in self.blocks:
-            x, _ = block(x, mask, deterministic=deterministic)
-            if keep_layers:
-                layers.append(x)
+        embedded = self.embed(batch["inputs"], batch["positions"], batch["token_types"],
+                              deterministic=deterministic)
+        x, layers, _ = run_blocks(self.blocks, self.config, embedded, mask, deterministic=deterministic,
+                                  keep_layers=keep_layers)
         finished = self._finish(x)
-        return layers[:-1] + [finished] if keep_layers else [finished]
+        return [embedded, *layers[:-1], finished] if keep_layers else [finished]
 
     # -- heads -----------------------------------------------------------------------
 
@@ -530,13 +355,9 @@ class Transformer(nnx.Module):
         mask = visibility(tokens["segment_ids"], tokens["attention_kind"], query_slots,
                           segment_ids, kinds, key_slots)[:, None]
         x = self.embed(tokens["inputs"], tokens["positions"], tokens["token_types"], deterministic=True)
-        keys, values = [], []
-        for layer, block in enumerate(self.blocks):
-            x, (k, v) = block(x, mask, deterministic=True,
-                              cache=(cache.keys[layer], cache.values[layer], start))
-            keys.append(k)
-            values.append(v)
-        new_cache = DecodeCache(jnp.stack(keys), jnp.stack(values), segment_ids, kinds, start + new_len)
+        x, _, (keys, values) = run_blocks(self.blocks, self.config, x, mask, deterministic=True,
+                                          cache=(cache.keys, cache.values, start))
+        new_cache = DecodeCache(keys, values, segment_ids, kinds, start + new_len)
         return self._finish(x), new_cache
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pretrain.errors import raise_problems
@@ -29,6 +31,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "heads": "tensor",
     "head_dim": None,
+    "layers": None,  # the stacked layer axis of config.model.scan_layers: every device holds every layer's slice
 }
 
 
@@ -83,6 +86,19 @@ def tree_shardings(logical_specs: Any, abstract: Any, mesh: Mesh) -> Any:
     return jax.tree.map(
         lambda spec, leaf: NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh)),
         logical_specs, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def train_state_shardings(params: nnx.State, optimizer: optax.GradientTransformation, mesh: Mesh) -> dict:
+    """NamedShardings of a training state {'params', 'opt_state', 'step'}: each
+    parameter by its logical axis names, the optimizer's per-parameter state like
+    its parameter (none for a frozen one), everything else replicated. The state the
+    trainer creates sharded, and what its compiled step takes and returns."""
+    param_shardings = tree_shardings(nnx.get_partition_spec(params), params, mesh)
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)  # noqa: E731 (frozen parameters have no state)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda leaf, s: leaf if masked(leaf) else s, jax.eval_shape(optimizer.init, params),
+        param_shardings, transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
+    return {"params": param_shardings, "opt_state": opt_shardings, "step": replicated(mesh)}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

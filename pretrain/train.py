@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 
@@ -51,6 +50,7 @@ from pretrain.errors import UserError
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import build_input_pipeline
+from pretrain.layers import layout_alternatives
 from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from pretrain.model import TransformerConfig, attention_kernel, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
@@ -308,16 +308,8 @@ class Trainer:
             return
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.mesh = mesh
-        param_shardings = sharding.tree_shardings(nnx.get_partition_spec(params), params, mesh)
-        abstract_opt = jax.eval_shape(self.optimizer.init, params)
-        shardings = {
-            "params": param_shardings,
-            "opt_state": optax.tree_map_params(
-                self.optimizer, lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s, abstract_opt,
-                param_shardings, transform_non_params=lambda _: sharding.replicated(mesh),
-                is_leaf=lambda leaf: isinstance(leaf, optax.MaskedNode)),  # frozen parameters have no state
-            "step": sharding.replicated(mesh),
-        }
+        shardings = sharding.train_state_shardings(params, self.optimizer, mesh)
+        param_shardings = shardings["params"]
         self.state = jax.jit(self._initial_state, out_shardings=shardings)(params)
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings)
@@ -493,8 +485,11 @@ class Trainer:
             self.close()
 
     def _restore(self, iterator: Any) -> int:
-        """Restores the newest good checkpoint, if any; returns its step (0: none)."""
-        restored = self.checkpointer.restore(self.abstract_state)
+        """Restores the newest good checkpoint, if any (written in either layer layout,
+        `config.model.scan_layers`); returns its step (0: none)."""
+        layer_axis = 1 if self.config.parallelism == "pmap" else 0  # after pmap's device axis
+        restored = self.checkpointer.restore(self.abstract_state, alternatives=layout_alternatives(
+            self.abstract_state, layer_axis))
         if restored is None:
             return 0
         start, self.state, data_state = restored

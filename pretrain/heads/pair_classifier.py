@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from pretrain.heads import register_head
-from pretrain.model import _param as parameter
+from pretrain.layers import param as parameter
 
 
 @register_head("pair_classifier")

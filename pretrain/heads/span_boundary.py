@@ -20,9 +20,8 @@ from flax import nnx
 
 from pretrain.heads import register_head
 from pretrain.loss import vocabulary_statistics
-from pretrain.model import _layer_norm as layer_norm
-from pretrain.model import _param as parameter
-from pretrain.model import gelu
+from pretrain.layers import gelu, layer_norm
+from pretrain.layers import param as parameter
 
 POSITION_WIDTH = 200  # SpanBERT's --pair-positional-embedding-size
 

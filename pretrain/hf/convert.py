@@ -3,7 +3,9 @@
 NumPy only (no torch): a conversion is transposes and reshapes, so HF -> project -> HF
 gives bit-identical weights. Parameters are flat dicts keyed by dotted paths
 (`blocks.0.attention.qkv_kernel` here, `bert.encoder.layer.0.attention.self.query.weight`
-there). The kernels of this project multiply as `x @ kernel` ([in, out]); torch's
+there), the blocks always in the loop layout: a model that scans stacked layers
+(`config.model.scan_layers`) is converted at the boundary, `pretrain.hf.models.flat_params`
+and `set_flat_params`. The kernels of this project multiply as `x @ kernel` ([in, out]); torch's
 `Linear` stores [out, in] (BERT), GPT-2's `Conv1D` [in, out].
 
 What maps to what:

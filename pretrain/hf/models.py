@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from pretrain.hf import convert
+from pretrain.layers import layout_of, to_layout
 from pretrain.model import Transformer, TransformerConfig, create_model
 
 GELU_NAMES = {"tanh": "gelu_new", "exact": "gelu"}  # model.gelu -> transformers' activation name
@@ -86,16 +87,21 @@ def transformer_config(described: Mapping[str, Any], path: str) -> tuple[str, Tr
 
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
-    """A model's parameters as float32 NumPy arrays keyed by dotted paths."""
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    """A model's parameters as float32 NumPy arrays keyed by dotted paths, its blocks
+    in the loop layout (`blocks.0.mlp.wi`) whichever layout it runs: the paths
+    `pretrain.hf.convert` maps."""
+    pure = to_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), scan=False)
+    leaves = jax.tree_util.tree_flatten_with_path(pure)[0]
     return {_dotted(path): np.asarray(leaf, np.float32) for path, leaf in leaves}
 
 
 def set_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None:
-    """Puts `params` (dotted paths, as `flat_params` gives them) into `model`; every
-    parameter must be given, with its shape."""
+    """Puts `params` (dotted paths in the loop layout, as `flat_params` gives them)
+    into `model`, in the model's own layer layout; every parameter must be given,
+    with its shape."""
     state = nnx.state(model, nnx.Param)
-    pure = nnx.to_pure_dict(state)
+    own = nnx.to_pure_dict(state)
+    pure = to_layout(own, scan=False)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
     missing = [_dotted(path) for path, _ in leaves if _dotted(path) not in params]
     extra = sorted(set(params) - {_dotted(path) for path, _ in leaves})
@@ -107,7 +113,8 @@ def set_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None
         if value.shape != leaf.shape:
             raise ValueError(f"parameter {_dotted(path)} has shape {value.shape}, the model wants {leaf.shape}")
         values.append(value)
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, values))
+    filled = jax.tree_util.tree_unflatten(treedef, values)
+    nnx.replace_by_pure_dict(state, to_layout(filled, scan=bool(layout_of(own))))
     nnx.update(model, state)
 
 
