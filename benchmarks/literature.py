@@ -43,8 +43,7 @@ FEW_POINTS = 0.03
 
 
 def _p(summary_a: Mapping[str, Any], summary_b: Mapping[str, Any], task: tasks.Task) -> float:
-    gold = [list(e.tags) if task.kind == "tagging" else e.label for e in task.splits["test"]]
-    return significance.paired_bootstrap(task.metric, task.labels, gold, summary_a["test_predictions"],
+    return significance.paired_bootstrap(task.metric, task.labels, task.gold("test"), summary_a["test_predictions"],
                                          summary_b["test_predictions"])["p"]
 
 
@@ -65,7 +64,7 @@ def checks(results: Mapping[str, Mapping[str, Any]], tasks_by_name: Mapping[str,
             ok = all(d > 0 and p < 0.05 for _, d, p in rows)
             detail = ", ".join(f"{n} {d:+.3f} (p {p:.3f})" for n, d, p in rows)
             lines.append(f"(a) {'reproduced' if ok else 'NOT reproduced'} on {column}: against {CONTROL} {detail}")
-        if task.kind in ("classification", "pair") and CAUSAL in present and all(d in present for d in DENOISERS):
+        if task.kind_spec.classes(task.labels) and CAUSAL in present and all(d in present for d in DENOISERS):
             rows = [(n, _mean(present[n]) - _mean(present[CAUSAL]), _p(present[n], present[CAUSAL], task))
                     for n in DENOISERS]
             ok = all(d >= 0 or p >= 0.05 for _, d, p in rows)

@@ -4,8 +4,8 @@
         --config.init=runs/mlm --workdir=runs/mlm-topic
 
 Variants (comma-separated `key=value`):
-  task    pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans
-          (built in), files (set
+  task    pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans,
+          pydocs_qa (built in), files (set
           --config.task_path) or tfds (set --config.task_tfds_name, e.g. glue/sst2).
   method  full, probe, discriminative, stlr, gradual_unfreezing, aux_lm, or several
           joined by '+' (ULMFiT: discriminative+stlr+gradual_unfreezing).
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The task (pretrain/transfer/tasks.py).
     config.task = variants["task"]
     config.task_path = ""  # task='files': a directory with train/dev/test .jsonl or .tsv files
-    config.task_kind = "auto"  # task='files': 'auto', 'classification', 'pair', 'tagging' or 'regression'
+    config.task_kind = "auto"  # task='files': 'auto' (the rows tell) or a kind of pretrain/transfer/kinds/ (pair, ...)
     config.task_metric = ""  # the dev metric that selects the step; '' = the task's own (accuracy, span_f1, ...)
     config.task_tfds_name = ""  # task='tfds': e.g. 'glue/sst2', prepared as ArrayRecord
     config.task_tfds_data_dir = ""  # task='tfds': where it was prepared

@@ -20,7 +20,6 @@ from objectives import (  # noqa: F401  (registers them)
 from objectives.example import (
     ENCODER_ONLY,
     L2R,
-    NO_NSP_LABEL,
     PREFIX,
     R2L,
     TOKEN_FIELDS,
@@ -29,6 +28,7 @@ from objectives.example import (
     TextChunk,
     make_example,
 )
+from objectives.terms import LossTerm
 from objectives.mixture import Mixture, build_mixture, parse_mixture_spec
 from objectives.registry import (
     ARCHITECTURE_OBJECTIVES,
@@ -42,8 +42,8 @@ from objectives.registry import (
 from objectives.vocab import SPECIAL_TOKENS, Vocabulary
 
 __all__ = [
-    "ARCHITECTURE_OBJECTIVES", "ENCODER_ONLY", "L2R", "NO_NSP_LABEL", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
-    "AttentionKind", "Example", "Mixture", "Objective", "TextChunk", "Vocabulary",
+    "ARCHITECTURE_OBJECTIVES", "ENCODER_ONLY", "L2R", "PREFIX", "R2L", "SPECIAL_TOKENS", "TOKEN_FIELDS",
+    "AttentionKind", "Example", "LossTerm", "Mixture", "Objective", "TextChunk", "Vocabulary",
     "build_mixture", "default_settings", "lookup", "make_example", "make_settings",
     "parse_mixture_spec", "register", "registered_names",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -48,7 +49,6 @@ TOKEN_FIELDS = (
     "objective_id",
 )
 
-NO_NSP_LABEL = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +93,8 @@ class TextChunk:
 class Example:
     """One training example: parallel arrays of length n (see module docstring).
 
-    `nsp_label` is example-level: 1 when the second segment is a random one from
-    another document, 0 when it is the true continuation, `NO_NSP_LABEL` when the
-    example carries no sentence-pair classification.
+    `extras` holds the int32 per-token fields its objective's loss terms read
+    (`objectives.terms`), also of length n; empty for an objective without terms.
     """
 
     inputs: np.ndarray
@@ -105,13 +104,15 @@ class Example:
     attention_kind: np.ndarray
     token_types: np.ndarray
     objective_id: np.ndarray
-    nsp_label: int = NO_NSP_LABEL
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in TOKEN_FIELDS:
             dtype = np.float32 if name == "weights" else np.int32
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
+        object.__setattr__(self, "extras", {name: np.asarray(values, np.int32) for name, values in self.extras.items()})
         lengths = {name: getattr(self, name).shape for name in TOKEN_FIELDS}
+        lengths.update({f"extras[{name!r}]": values.shape for name, values in self.extras.items()})
         if len(set(lengths.values())) != 1 or len(self.inputs.shape) != 1:
             raise ValueError(f"Example fields must be 1-D arrays of one length, got {lengths}")
 
@@ -119,8 +120,8 @@ class Example:
         return int(self.inputs.shape[0])
 
     def fields(self) -> dict[str, np.ndarray]:
-        """The per-token arrays by name."""
-        return {name: getattr(self, name) for name in TOKEN_FIELDS}
+        """The per-token arrays by name, its extras included."""
+        return {**{name: getattr(self, name) for name in TOKEN_FIELDS}, **self.extras}
 
 
 def make_example(
@@ -132,7 +133,7 @@ def make_example(
     attention_kind: np.ndarray | int,
     token_types: np.ndarray | int,
     objective_id: int,
-    nsp_label: int = NO_NSP_LABEL,
+    extras: Mapping[str, np.ndarray] | None = None,
 ) -> Example:
     """Builds an Example, broadcasting scalar kinds, token types and the objective id."""
     n = len(inputs)
@@ -144,7 +145,7 @@ def make_example(
         attention_kind=np.broadcast_to(np.asarray(attention_kind, np.int32), (n,)),
         token_types=np.broadcast_to(np.asarray(token_types, np.int32), (n,)),
         objective_id=np.full((n,), objective_id, np.int32),
-        nsp_label=nsp_label,
+        extras=extras or {},
     )
 
 

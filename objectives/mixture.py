@@ -15,6 +15,7 @@ import numpy as np
 
 from objectives.example import Example, TextChunk
 from objectives.registry import Objective, lookup, make_settings
+from objectives.terms import LossTerm, merged_terms, term_fields
 from objectives.vocab import Vocabulary
 
 
@@ -35,6 +36,7 @@ class Mixture:
         self.rates = np.asarray([rate / total for _, rate in leaves], np.float64)
         self._cumulative = np.cumsum(self.rates)
         self._cumulative[-1] = 1.0
+        self._loss_terms = merged_terms(term for objective in self.objectives for term in objective.loss_terms)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -44,6 +46,16 @@ class Mixture:
     @property
     def needs_other_document(self) -> bool:
         return any(objective.needs_other_document for objective in self.objectives)
+
+    @property
+    def loss_terms(self) -> tuple[LossTerm, ...]:
+        """The loss terms its leaves declare, each once (`objectives.terms.merged_terms`)."""
+        return self._loss_terms
+
+    @property
+    def term_fields(self) -> dict[str, int]:
+        """The per-token fields its loss terms read, with fill values: what packing adds."""
+        return term_fields(self.loss_terms)
 
     @property
     def attention_kinds(self) -> frozenset[int]:

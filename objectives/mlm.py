@@ -15,8 +15,9 @@ import dataclasses
 import numpy as np
 
 from objectives import layout, noise
-from objectives.example import NO_NSP_LABEL, PREFIX, Example, TextChunk, make_example
+from objectives.example import PREFIX, Example, TextChunk, make_example
 from objectives.registry import Objective, register
+from objectives.terms import LossTerm
 from objectives.vocab import Vocabulary
 
 
@@ -48,6 +49,18 @@ def bidirectional_prediction_positions(
     if whole_word:
         return noise.choose_whole_words(noise.word_groups(tokens, candidates, vocab), count, rng)
     return noise.choose_positions(candidates, count, rng)
+
+
+# BERT's next-sentence prediction: a 2-way classifier (IsNext 0, NotNext 1) through the
+# pooler on the pair's first token ([CLS]), one labelled position per pair.
+NSP_TERM = LossTerm("nsp", head="pair_classifier", fields=(("nsp_labels", -1),))
+
+
+def nsp_fields(label: int, length: int) -> dict[str, np.ndarray]:
+    """NSP's field for an example of `length` tokens: `label` at its first token."""
+    labels = NSP_TERM.empty(length)
+    labels["nsp_labels"][0] = label
+    return labels
 
 
 def sentence_pair(
@@ -82,7 +95,8 @@ class MaskedLM(Objective):
         super().__init__(name, objective_id, vocab)
         self.config = config
         self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
-        self.needs_other_document = self.needs_nsp_head = self.whole_sentences = config.nsp
+        self.needs_other_document = self.whole_sentences = config.nsp
+        self.loss_terms = (NSP_TERM,) if config.nsp else ()
         self.min_text_tokens = 2 if config.nsp else 1
         self.token_types = frozenset({0, 1}) if config.nsp else frozenset({0})
 
@@ -104,7 +118,6 @@ class MaskedLM(Objective):
                 [np.zeros(len(first) + 2, np.int32), np.ones(len(second) + 1, np.int32)]
             )
         else:
-            nsp_label = NO_NSP_LABEL
             tokens = np.concatenate([[self.vocab.cls], chunk.tokens, [self.vocab.sep]])
             token_types = np.zeros(len(tokens), np.int32)
         tokens = tokens.astype(np.int32)
@@ -122,7 +135,7 @@ class MaskedLM(Objective):
             attention_kind=PREFIX,
             token_types=token_types,
             objective_id=self.objective_id,
-            nsp_label=nsp_label,
+            extras=nsp_fields(nsp_label, len(tokens)) if config.nsp else None,
         )
 
 

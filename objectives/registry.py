@@ -17,6 +17,7 @@ import numpy as np
 
 from objectives.example import Example, TextChunk
 from objectives.layout import Prompt
+from objectives.terms import LossTerm, check_extras
 from objectives.vocab import Vocabulary
 
 
@@ -34,7 +35,8 @@ class Objective(abc.ABC):
         every example against it; kernels that need key ranges read it).
       token_types: the token types its examples use (checked against the model's
         `num_token_types` before training).
-      needs_nsp_head: whether its examples carry sentence-pair labels for an NSP head.
+      loss_terms: the losses it trains beside the token loss (`objectives.terms`); its
+        examples carry exactly their fields in `extras`.
       special_tokens: the named special tokens its examples and prompts use ('[MASK]',
         '[BOS]', ...); building it against a vocabulary without one of them is refused
         with one message naming the objective and the token.
@@ -51,7 +53,7 @@ class Objective(abc.ABC):
     whole_sentences: bool = False
     attention_kinds: frozenset[int] = frozenset()
     token_types: frozenset[int] = frozenset({0})
-    needs_nsp_head: bool = False
+    loss_terms: tuple[LossTerm, ...] = ()
     special_tokens: frozenset[str] = frozenset()
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary):
@@ -77,10 +79,12 @@ class Objective(abc.ABC):
             )
         if self.needs_other_document and chunk.other_document is None:
             raise ValueError(
-                f"objective {self.name!r} draws NSP negatives and needs chunks with "
+                f"objective {self.name!r} draws negatives from another document and needs chunks with "
                 "other_document set"
             )
-        return self.make_example(chunk, rng)
+        example = self.make_example(chunk, rng)
+        check_extras(example.extras, self.loss_terms, len(example), f"objective {self.name!r}")
+        return example
 
     def generation_modes(self) -> tuple[str, ...]:
         """The generation modes (`objectives.layout.MODES`) this objective's layout offers."""

@@ -1,4 +1,4 @@
-"""SpanBERT's span masking (Joshi et al., 2020), without the span boundary objective.
+"""SpanBERT's span masking and span boundary objective (Joshi et al., 2020).
 
 As SpanBERT's `PairWithSpanMaskingScheme` does it, for a text of n tokens:
 - a budget of ceil(n mask_ratio) tokens is masked;
@@ -9,15 +9,22 @@ As SpanBERT's `PairWithSpanMaskingScheme` does it, for a text of n tokens:
   token, stopping when the budget is spent or the text ends;
 - spans that overlap or touch are merged, and each merged span is corrupted as a
   whole by the 80/10/10 rule (one draw per span);
-- every masked token is predicted, with the plain MLM loss.
+- every masked token is predicted, with the plain MLM loss;
+- with `sbo` (the paper's default), the span boundary objective too: the first
+  `sbo_max_targets` tokens of each merged span that neither starts at the text's
+  first token nor ends at its last (both boundaries are text tokens, as SpanBERT's
+  `span_masking` with `endpoints='external'` requires) are predicted again from the
+  states of the two tokens just outside the span and their position in it
+  (`pretrain.heads.span_boundary`); loss = MLM loss over its tokens + `sbo_weight` x
+  SBO loss over its own tokens, as SpanBERT's `span_bert_loss` sums them.
 
 The example is `[CLS] text [SEP]`, all PREFIX, type 0, like MLM without NSP
 (SpanBERT drops NSP and trains on single segments). Deviations (README): random
 replacements are uniform over ordinary tokens (SpanBERT draws them by corpus
-frequency), and the span boundary objective (SBO), a second head predicting each
-masked token from the span's boundary tokens and its relative position, is left out:
-it is a head, not a layout, and the paper finds most of the gain comes from span
-masking itself (its ablation, Table 6).
+frequency); the SBO denominator is the number of SBO targets (SpanBERT's code adds 1
+to it, against division by zero, which the step's floor at 1 does here); the SBO
+position table has `max_positions` rows rather than 15 (rows past 15 are never read).
+`sbo=False` gives span masking alone (the paper's Table 6 ablation).
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import math
 import numpy as np
 
 from objectives import noise
-from objectives.example import NO_NSP_LABEL, PREFIX, Example, TextChunk, make_example
+from objectives.example import PREFIX, Example, TextChunk, make_example
 from objectives.mlm import bert_row
 from objectives.registry import Objective, register
+from objectives.terms import LossTerm
 from objectives.vocab import Vocabulary
 
 
@@ -44,6 +52,31 @@ class SpanBERTConfig:
     mask_token_rate: float = 0.8  # of spans: every token [MASK]
     random_token_rate: float = 0.1  # ... every token random (the rest stay)
     whole_word: bool = True  # spans count and cover whole SentencePiece words
+    sbo: bool = True  # the span boundary objective (the paper's; False: span masking alone)
+    sbo_max_targets: int = 15  # SBO targets per span, from its start (SpanBERT's --max-pair-targets)
+    sbo_weight: float = 1.0  # SBO loss coefficient (SpanBERT's --pair-loss-weight)
+
+
+def sbo_term(config: SpanBERTConfig) -> LossTerm:
+    """The SBO loss term: at each SBO target, its distances to the span's left and right
+    boundary tokens (0 elsewhere)."""
+    return LossTerm("sbo", head="span_boundary", fields=(("sbo_left", 0), ("sbo_right", 0)),
+                    weight=config.sbo_weight)
+
+
+def sbo_fields(spans: list[tuple[int, int]], text_length: int, max_targets: int, offset: int = 1
+               ) -> dict[str, np.ndarray]:
+    """The SBO fields of an example whose text starts at `offset` ([CLS]) and is
+    `text_length` tokens long, for merged [start, end) text spans."""
+    left = np.zeros(text_length + 2 * offset, np.int32)
+    right = np.zeros_like(left)
+    for start, end in spans:
+        if start == 0 or end == text_length:  # a boundary would lie outside the text
+            continue
+        targets = np.arange(start, min(end, start + max_targets))
+        left[targets + offset] = targets - start + 1  # the left boundary is text token start - 1
+        right[targets + offset] = end - targets  # the right boundary is text token end
+    return {"sbo_left": left, "sbo_right": right}
 
 
 def span_length_probabilities(p: float, max_words: int) -> np.ndarray:
@@ -78,6 +111,9 @@ class SpanBERT(Objective):
             raise ValueError(f"spanbert.geometric_p={config.geometric_p} must lie in (0, 1] (the paper: 0.2)")
         if config.max_span_words < 1:
             raise ValueError(f"spanbert.max_span_words={config.max_span_words} must be >= 1 (the paper: 10)")
+        if config.sbo_max_targets < 1:
+            raise ValueError(f"spanbert.sbo_max_targets={config.sbo_max_targets} must be >= 1 (the paper: 15)")
+        self.loss_terms = (sbo_term(config),) if config.sbo else ()
         self.config = config
         self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
         self.probabilities = span_length_probabilities(config.geometric_p, config.max_span_words)
@@ -115,7 +151,8 @@ class SpanBERT(Objective):
     def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
         text = chunk.tokens
         masked, spans = self.spans(text, rng)
-        corrupted = noise.replace_spans(text, merge_spans(spans), rng, self.vocab, self.rule)
+        merged = merge_spans(spans)
+        corrupted = noise.replace_spans(text, merged, rng, self.vocab, self.rule)
         row = bert_row(self.vocab, corrupted)
         return make_example(
             inputs=row["inputs"],
@@ -125,7 +162,7 @@ class SpanBERT(Objective):
             attention_kind=row["attention_kind"],
             token_types=row["token_types"],
             objective_id=self.objective_id,
-            nsp_label=NO_NSP_LABEL,
+            extras=sbo_fields(merged, len(text), self.config.sbo_max_targets) if self.config.sbo else None,
         )
 
     def generation_modes(self) -> tuple[str, ...]:

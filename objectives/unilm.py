@@ -22,9 +22,9 @@ import dataclasses
 import numpy as np
 
 from objectives import layout, noise
-from objectives.example import L2R, NO_NSP_LABEL, PREFIX, R2L, Example, TextChunk, make_example
+from objectives.example import L2R, PREFIX, R2L, Example, TextChunk, make_example
 from objectives.layout import Prompt
-from objectives.mlm import sentence_pair
+from objectives.mlm import NSP_TERM, nsp_fields, sentence_pair
 from objectives.registry import Objective, register
 from objectives.vocab import Vocabulary
 
@@ -79,7 +79,8 @@ class UniLMMode(Objective):
         self.config = config
         self.rule = noise.ReplacementRule(config.mask_token_rate, config.random_token_rate)
         self.with_nsp = config.nsp and mode == "bidirectional"
-        self.needs_other_document = self.needs_nsp_head = self.whole_sentences = self.with_nsp
+        self.needs_other_document = self.whole_sentences = self.with_nsp
+        self.loss_terms = (NSP_TERM,) if self.with_nsp else ()
         self.min_text_tokens = 2 if self.layout.pair else 1
         self.mode = mode
         self.attention_kinds = frozenset({self.layout.first_kind, self.layout.second_kind})
@@ -110,11 +111,11 @@ class UniLMMode(Objective):
 
     def make_example(self, chunk: TextChunk, rng: np.random.Generator) -> Example:
         layout, config = self.layout, self.config
-        nsp_label = NO_NSP_LABEL
+        nsp_label = None
         if layout.pair:
             negative_rate = config.nsp_negative_rate if self.with_nsp else 0.0
             first, second, label = sentence_pair(chunk, rng, negative_rate)
-            nsp_label = label if self.with_nsp else NO_NSP_LABEL
+            nsp_label = label if self.with_nsp else None
             second = np.concatenate([second, [self.vocab.eos]])
         else:
             first, second = chunk.tokens, np.zeros(0, np.int32)
@@ -137,7 +138,7 @@ class UniLMMode(Objective):
                 [np.full(len(first), layout.first_type), np.full(len(second), layout.second_type)]
             ),
             objective_id=self.objective_id,
-            nsp_label=nsp_label,
+            extras=None if nsp_label is None else nsp_fields(nsp_label, len(tokens)),
         )
 
 

@@ -81,6 +81,16 @@ def planned_mixture(config: Any) -> objectives.Mixture:
     return objectives.build_mixture(config.objective, vocab, config.objectives)
 
 
+def declared_heads(config: Any) -> tuple[str, ...]:
+    """`config.model.heads` with every head the objectives' loss terms train added, in
+    order: the heads a run's model is built with."""
+    heads = list(config.model.heads)
+    for term in planned_mixture(config).loss_terms:
+        if term.head not in heads:
+            heads.append(term.head)
+    return tuple(heads)
+
+
 def needed_token_types(config: Any) -> int:
     """How many token types the run's objectives use (the highest type + 1)."""
     return 1 + max(t for leaf in planned_mixture(config).objectives for t in leaf.token_types)
@@ -103,14 +113,16 @@ def _objective_problems(config: Any) -> list[str]:
 
 
 def _coupling_problems(mixture: objectives.Mixture, model_config: Any) -> list[str]:
-    """What the objectives declare they need from the model: an NSP head for their
-    sentence-pair labels, and a token-type table that holds every type they use."""
+    """What the objectives declare they need from the model: the head of each loss term
+    they train, and a token-type table that holds every type they use."""
     problems = []
+    heads = tuple(model_config.heads) if isinstance(model_config.heads, (list, tuple)) else ()
     for leaf in mixture.objectives:
-        if leaf.needs_nsp_head and model_config.nsp_head is not True:
-            problems.append(f"objective {leaf.name!r} trains next-sentence prediction (its nsp setting) but "
-                            "config.model.nsp_head is False, so no NSP loss would be trained; set "
-                            "config.model.nsp_head=True, or turn the objective's nsp off")
+        for term in leaf.loss_terms:
+            if term.head not in heads:
+                problems.append(f"objective {leaf.name!r} trains loss term {term.name!r} with head {term.head!r}, "
+                                f"which config.model.heads={heads} lacks; add it (the trainer adds the heads "
+                                "the objectives declare itself: `declared_heads`)")
     types = sorted({t for leaf in mixture.objectives for t in leaf.token_types})
     table = model_config.num_token_types
     if types and isinstance(table, int) and types[-1] >= table:

@@ -26,7 +26,7 @@ import numpy as np
 
 from objectives import Example, Mixture, TextChunk
 from pretrain.errors import raise_problems
-from pretrain.packing import pack_row, strategy_problems
+from pretrain.packing import pack_row, packer, strategy_problems
 
 Tokenize = Callable[[str], np.ndarray]
 ExampleKey = tuple[int, int]  # (stream position of the document, example number within it)
@@ -49,7 +49,7 @@ class DocumentExamples:
     real tokens, where ending at sentence boundaries left ~9% padding.
 
     The exception is an objective that reads whole sentences
-    (`Objective.whole_sentences`, BERT's NSP): its chunk starts at a sentence start
+    (`Objective.whole_sentences`, sentence pairs): its chunk starts at a sentence start
     and ends at the last sentence end that fits the budget, as BERT's
     create_pretraining_data accumulates whole sentences. Only a sentence longer than
     the budget is cut; and where the previous chunk ended mid-sentence (a cut
@@ -59,7 +59,7 @@ class DocumentExamples:
     Each chunk knows whether it opens its document and the token that follows it,
     so a causal LM continues across chunks. A tail shorter than the drawn
     objective's minimum is counted, not hidden (`dropped_tokens`). Objectives that
-    need NSP negatives get a window of another document of the same split, from a
+    need negatives from another document get a window of another document of the same split, from a
     sentence start when they read whole sentences.
     """
 
@@ -97,7 +97,7 @@ class DocumentExamples:
                 else:
                     start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
                 return tokens[start : start + length]
-        raise ValueError("NSP negatives need at least two non-empty documents in the split")
+        raise ValueError("objectives that draw negatives from another document need at least two non-empty documents in the split")
 
     def __call__(self, position: int, document: HasSentences) -> tuple[int, list[Example], int]:
         """(position, examples, dropped_tokens) of the document at stream `position`."""
@@ -430,7 +430,8 @@ def training_batches(
     make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
     return endless_batches(documents, make_examples, seq_len=seq_len, global_batch_size=global_batch_size,
                            seed=seed, process_index=process_index, process_count=process_count, packing=packing,
-                           open_rows=open_rows, num_threads=num_threads, barren_limit=len(documents), shards=shards)
+                           open_rows=open_rows, num_threads=num_threads, barren_limit=len(documents), shards=shards,
+                           pack=packer(mixture.term_fields))
 
 
 PREFETCH_DOCUMENTS = 64  # documents a host's threads make ahead, shared out over the shards it runs
@@ -473,7 +474,8 @@ def evaluation_batches(
     filled with empty rows (all weights 0) so every host sees the same count."""
     make_examples = DocumentExamples(documents, tokenize, mixture, seq_len, seed)
     batches = fixed_batches(documents, make_examples, seq_len=seq_len, global_batch_size=global_batch_size,
-                            process_index=process_index, process_count=process_count, packing=packing)
+                            process_index=process_index, process_count=process_count, packing=packing,
+                            pack=packer(mixture.term_fields))
     if not batches:
         raise ValueError("the held-out split yields no examples")
     return batches

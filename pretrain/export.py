@@ -6,13 +6,14 @@ The newest good checkpoint's parameters (or those of step N) become `model.safet
 NumPy; no torch needed), the model's shape `config.json`, and the run's SentencePiece
 tokenizer `tokenizer.json` / `tokenizer_config.json` with the same ids. A pre-LN run
 maps to `GPT2LMHeadModel`; a post-LN run with BERT's MLM transform head to
-`BertForMaskedLM`, or `BertForPreTraining` when it has the NSP head. A run with no
+`BertForMaskedLM`, or `BertForPreTraining` when it has the pair-classifier head. A run with no
 exact counterpart is refused with the option that prevents it and what to set.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from pretrain.hf.imported_tokenizer import ImportedTokenizer, ensure_imported
 from pretrain.hf.models import architecture_of, flat_params, hf_config
 from pretrain.inference import model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.model import TransformerConfig, create_model
+
+log = logging.getLogger(__name__)
 
 
 def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> list[str]:
@@ -47,9 +50,6 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
             problems.append("config.model.mlm_transform_head=True: GPT-2 has no MLM transform head; train with "
                             "config.model.mlm_transform_head=False, or post-LN (config.model.pre_layer_norm=False) "
                             "for a BERT export")
-        if config.nsp_head:
-            problems.append("config.model.nsp_head=True: GPT-2 has no NSP head; train without it, or post-LN "
-                            "(config.model.pre_layer_norm=False) for a BERT export")
     elif not config.mlm_transform_head:
         problems.append("config.model.mlm_transform_head=False: BertForMaskedLM reads logits through BERT's MLM "
                         "transform head; train with config.model.mlm_transform_head=True (or pre-LN, "
@@ -73,6 +73,10 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
     model = create_model(config)
     step, _ = restore_params(workdir, model, step)
     architecture = architecture_of(config)
+    for head in config.heads:
+        if head not in convert.EXPORTED_HEADS[architecture]:
+            log.warning("the model's %r head has no counterpart in %s and stays behind (a pretraining head; the "
+                        "body and the vocabulary head export)", head, architecture)
     state = convert.to_hf(flat_params(model), architecture)
     os.makedirs(out, exist_ok=True)
     # Written by open(), so its mode is the umask's like every other file here (save_file writes 0600).

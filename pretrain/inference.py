@@ -232,14 +232,14 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 
 # The TransformerConfig fields that decide parameter shapes.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
-                "pre_layer_norm", "mlm_transform_head", "nsp_head", "output_bias")
+                "pre_layer_norm", "mlm_transform_head", "heads", "output_bias")
 
 
 def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: int, config: TransformerConfig) -> None:
     """Refuses a model whose shape differs from the one that wrote the checkpoint of
     `step` (as its meta item records it), naming each differing field."""
     stored = (checkpointer.written_by(step) or {}).get("model") or {}
-    wanted = dataclasses.asdict(config)
+    wanted = json.loads(json.dumps(dataclasses.asdict(config)))  # as stored: tuples are lists
     changed = [f"model.{field} is {stored[field]!r} there and {wanted[field]!r} here" for field in SHAPE_FIELDS
                if field in stored and stored[field] != wanted[field]]
     if changed:

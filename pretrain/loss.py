@@ -1,4 +1,4 @@
-"""The pretraining loss: weighted token cross-entropy, plus NSP when the batch has it.
+"""The pretraining loss: weighted token cross-entropy, plus the objectives' loss terms.
 
 The model owns the loss; objectives only say where it is taken (`weights`) and
 which objective made each token (`objective_id`), so per-objective loss and
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from objectives.terms import LossTerm
 from pretrain.model import Transformer, tied_logits
 
 Batch = Mapping[str, jax.Array]
@@ -124,19 +125,42 @@ def weighted_token_statistics(
     sharded over devices compacts each device's rows where they are (one group
     on a single device).
     """
-    rows, length = weights.shape
-    groups = math.gcd(rows, jax.device_count())
-    grouped = lambda x: x.reshape(groups, rows // groups * length, *x.shape[2:])
     head = model.output_head()
     if head.transform is None:
         transform, transform_state = None, {}
     else:
         graphdef, transform_state = nnx.split(head.transform)
         transform = lambda state, h: nnx.merge(graphdef, state)(h)
+    return vocabulary_statistics(transform, transform_state, head.token_embedding[...], head.bias(), hidden, targets,
+                                 weights, objective_id, num_objectives, model.config.compute_dtype, chunk_tokens,
+                                 every_position)
+
+
+def vocabulary_statistics(
+    transform: Callable | None,
+    transform_state: nnx.State | dict,
+    embedding: jax.Array,  # [V, D], the tied output projection
+    bias: jax.Array,  # [V]
+    hidden: jax.Array,  # [B, L, D]
+    targets: jax.Array,  # int [B, L]
+    weights: jax.Array,  # float [B, L]
+    objective_id: jax.Array,  # int [B, L]
+    num_objectives: int,
+    dtype: jnp.dtype,
+    chunk_tokens: int = 512,
+    every_position: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`weighted_token_statistics` for any vocabulary head: `transform(transform_state,
+    h)` (or none) then the tied projection `embedding` plus `bias`. A loss term that
+    predicts tokens from its own representations (SpanBERT's span boundary head) takes
+    its loss through this too, with the same chunked head and hand-written gradient."""
+    rows, length = weights.shape
+    groups = math.gcd(rows, jax.device_count())
+    grouped = lambda x: x.reshape(groups, rows // groups * length, *x.shape[2:])
     chunk = min(rows // groups * length, max(1, chunk_tokens // groups))
-    head_loss = _head_loss(transform, model.config.compute_dtype, num_objectives, chunk, every_position)
-    total, stats = head_loss(transform_state, head.token_embedding[...], head.bias(), grouped(hidden),
-                             grouped(targets), grouped(weights), grouped(objective_id))
+    head_loss = _head_loss(transform, dtype, num_objectives, chunk, every_position)
+    total, stats = head_loss(transform_state, embedding, bias, grouped(hidden), grouped(targets), grouped(weights),
+                             grouped(objective_id))
     return total, jax.lax.stop_gradient(stats)
 
 
@@ -233,59 +257,55 @@ def _head_loss(transform: Callable | None, dtype: jnp.dtype, num_objectives: int
     return head_loss
 
 
-def nsp_statistics(nsp_logits: jax.Array, nsp_labels: jax.Array) -> dict[str, jax.Array]:
-    """Scalar sums of the NSP loss and accuracy over tokens whose label is >= 0
-    (each sentence-pair example's first token)."""
-    labelled = (nsp_labels >= 0).astype(jnp.float32)
-    labels = jnp.maximum(nsp_labels, 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels)
-    correct = (jnp.argmax(nsp_logits, axis=-1) == labels).astype(jnp.float32)
-    return {
-        "nsp_loss_sum": (losses * labelled).sum(),
-        "nsp_correct_sum": (correct * labelled).sum(),
-        "nsp_weight_sum": labelled.sum(),
-    }
+def term_statistics(model: Transformer, hidden: jax.Array, batch: Batch, terms: Sequence[LossTerm]
+                    ) -> dict[str, dict[str, jax.Array]]:
+    """{term name: scalar sums `loss_sum`, `correct_sum`, `weight_sum`} of each declared
+    loss term, from the head it names (`pretrain.heads`)."""
+    return {term.name: model.head(term.head).statistics(model, hidden, batch, term) for term in terms}
 
 
-def counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(total token weight, number of NSP-labelled pairs) of a batch: the sums a step
-    adds across devices before it divides by them."""
-    return batch["weights"].sum(), (batch["nsp_labels"] >= 0).sum().astype(jnp.float32)
+def counts(batch: Batch, terms: Sequence[LossTerm] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total token weight, {term name: positions where it is taken}) of a batch: the
+    sums a step adds across devices before it divides by them."""
+    taken = {term.name: (batch[term.marker[0]] != term.marker[1]).sum().astype(jnp.float32) for term in terms}
+    return batch["weights"].sum(), taken
 
 
-def denominators(batch: Batch) -> tuple[jax.Array, jax.Array]:
+def denominators(batch: Batch, terms: Sequence[LossTerm] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`counts` of a batch, each at least 1: the loss's denominators for this batch alone."""
-    return tuple(jnp.maximum(total, 1.0) for total in counts(batch))
+    return jax.tree.map(lambda total: jnp.maximum(total, 1.0), counts(batch, terms))
 
 
 def batch_loss(
     model: Transformer,
     batch: Batch,
     num_objectives: int,
-    totals: tuple[jax.Array, jax.Array] | None = None,
+    totals: tuple[jax.Array, dict[str, jax.Array]] | None = None,
     *,
+    terms: Sequence[LossTerm] = (),
     deterministic: bool = True,
     statistics: Callable = weighted_token_statistics,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, statistics sums) of a packed batch: the one loss of the project, which
     training, evaluation and the tests all take.
 
-    loss = sum of weighted token cross-entropies / token_total, plus the summed NSP
-    cross-entropy / nsp_total when the model has an NSP head. `totals` are the
-    global denominators (`denominators` of the whole global batch) when this batch
-    is one micro-batch or one device's share, so the shares add up to the loss of
-    the global batch; by default they are this batch's own. `statistics` computes
-    the token loss from the hidden states: vocabulary logits at the weighted
-    positions only (`weighted_token_statistics`), or `full_logits_statistics`, the
-    reference. The statistics are sums, so they add up across devices and
-    accumulation steps.
+    loss = sum of weighted token cross-entropies / token_total, plus for each of the
+    objectives' loss `terms` (`objectives.terms`) its weight x its summed loss / its
+    own total (under `stats['terms'][name]`). `totals` are the global denominators
+    (`denominators` of the whole global batch) when this batch is one micro-batch or
+    one device's share, so the shares add up to the loss of the global batch; by
+    default they are this batch's own. `statistics` computes the token loss from the
+    hidden states: vocabulary logits at the weighted positions only
+    (`weighted_token_statistics`), or `full_logits_statistics`, the reference. The
+    statistics are sums, so they add up across devices and accumulation steps.
     """
-    token_total, nsp_total = denominators(batch) if totals is None else totals
+    token_total, term_totals = denominators(batch, terms) if totals is None else totals
     hidden = model(batch, deterministic=deterministic)
     loss_sum, stats = statistics(model, hidden, batch["targets"], batch["weights"], batch["objective_id"],
                                  num_objectives)
     loss = loss_sum / token_total
-    if model.config.nsp_head:
-        stats.update(nsp_statistics(model.nsp_logits(hidden), batch["nsp_labels"]))
-        loss = loss + stats["nsp_loss_sum"] / nsp_total
+    if terms:
+        stats["terms"] = term_statistics(model, hidden, batch, terms)
+        for term in terms:
+            loss = loss + term.weight * stats["terms"][term.name]["loss_sum"] / term_totals[term.name]
     return loss, stats

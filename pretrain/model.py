@@ -5,8 +5,9 @@ Flax NNX. Token, learned-position and token-type embeddings; pre-LayerNorm block
 `pretrain.attention`; GELU MLP (the layers and how they run, loop or scan, with
 rematerialisation: `pretrain.layers`); an
 output projection tied to the token embedding, with an optional bias (with an optional
-BERT MLM transform head in front); an NSP head on each example's first token; and a KV cache for
-incremental left-to-right decoding.
+BERT MLM transform head in front); the auxiliary heads its objectives' loss terms train
+(`pretrain.heads`, e.g. BERT's sentence-pair classifier); and a KV cache for incremental
+left-to-right decoding.
 
 Parameters are float32 and carry logical axis names (`nnx.with_partitioning`),
 which `pretrain.sharding` maps to mesh axes; `dtype` sets the compute precision.
@@ -45,7 +46,7 @@ class TransformerConfig:
     dropout_rate: float = 0.0  # on embeddings, attention output and MLP output
     pre_layer_norm: bool = True  # False: BERT's post-LN blocks with an embedding LayerNorm
     mlm_transform_head: bool = False  # BERT's dense + GELU + LayerNorm before the output
-    nsp_head: bool = False  # sentence-pair classifier on each example's first token
+    heads: tuple[str, ...] = ()  # auxiliary heads (pretrain.heads) the objectives' loss terms train
     layer_norm_epsilon: float = 1e-6
     gelu: str = "tanh"  # 'tanh': the tanh approximation (GPT-2's gelu_new); 'exact': the erf form (BERT's gelu)
     # a bias on the vocabulary logits: off, as in GPT-2, so the default pre-LN model exports exactly to
@@ -61,6 +62,8 @@ class TransformerConfig:
     remat: str = "none"
 
     def __post_init__(self) -> None:
+        if isinstance(self.heads, (list, tuple)):
+            object.__setattr__(self, "heads", tuple(self.heads))  # a stored config's JSON list
         raise_problems(config_problems(dataclasses.asdict(self)))
 
     @property
@@ -108,6 +111,17 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
             jnp.dtype(fields["dtype"])
         except TypeError:
             problems.append(f"config.model.dtype={fields['dtype']!r} is not a JAX dtype (e.g. 'float32', 'bfloat16')")
+    if "heads" in fields:
+        from pretrain.heads import head_names  # a head imports the loss, which imports this module
+
+        given = fields["heads"]
+        if not (isinstance(given, (list, tuple)) and all(isinstance(name, str) for name in given)):
+            problems.append(f"config.model.heads={given!r} must be a tuple of head names from {head_names()}")
+        else:
+            unknown = [name for name in given if name not in head_names()]
+            if unknown or len(set(given)) != len(given):
+                problems.append(f"config.model.heads={tuple(given)!r}: each head once, among {head_names()}; "
+                                "an objective's loss terms add the heads they need")
     return problems
 
 
@@ -244,11 +258,10 @@ class Transformer(nnx.Module):
             self.head_norm = _layer_norm(config, rngs)
         if config.output_bias:
             self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
-        if config.nsp_head:
-            self.pooler_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
-            self.pooler_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
-            self.nsp_kernel = _param(rngs, (d, 2), ("embed", None))
-            self.nsp_bias = _param(rngs, (2,), (None,), jax.nn.initializers.zeros)
+        if config.heads:  # absent, not empty, without heads: the parameter tree of such models is unchanged
+            from pretrain.heads import build_head  # a head imports the loss, which imports this module
+
+            self.heads = nnx.Dict({name: build_head(name, config, rngs) for name in config.heads})
 
     # -- the stack -------------------------------------------------------------------
 
@@ -301,14 +314,12 @@ class Transformer(nnx.Module):
         (the loss differentiates it apart from the stack)."""
         return OutputHead(self)
 
-    def nsp_logits(self, hidden: jax.Array) -> jax.Array:
-        """Sentence-pair logits [..., 2] (float32) through BERT's pooler (dense +
-        tanh); the loss reads them at each example's first token."""
-        if not self.config.nsp_head:
-            raise ValueError("this model has no NSP head; set model.nsp_head=True to train NSP")
-        dtype = self.config.compute_dtype
-        pooled = jnp.tanh(hidden @ self.pooler_kernel[...].astype(dtype) + self.pooler_bias[...].astype(dtype))
-        return (pooled @ self.nsp_kernel[...].astype(dtype)).astype(jnp.float32) + self.nsp_bias[...]
+    def head(self, name: str) -> nnx.Module:
+        """The auxiliary head `name` (`pretrain.heads`), or a message naming the model's heads."""
+        if name not in self.config.heads:
+            raise ValueError(f"this model has no {name!r} head (it has {list(self.config.heads) or 'none'}); "
+                             "the heads come from the objectives' loss terms when a run is configured")
+        return self.heads[name]
 
     # -- incremental decoding ----------------------------------------------------------
 

@@ -3,20 +3,22 @@
 Each row holds whole examples one after another; `segment_ids` numbers them
 1, 2, ... and marks padding 0, which is all the attention rule needs to keep
 examples apart. Positions already restart at 0 in every example (the objectives
-write them). The example-level `nsp_label` travels as `nsp_labels`: the label at
-the example's first token, -1 everywhere else.
+write them). The per-token fields of the objectives' loss terms (`objectives.terms`)
+travel the same way: every row has every field the mixture declares, filled with the
+field's fill value where an example does not carry it and in the padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from objectives.example import NO_NSP_LABEL, TOKEN_FIELDS, Example
+from objectives.example import TOKEN_FIELDS, Example
 from pretrain.errors import raise_problems
 
-PACKED_FIELDS = TOKEN_FIELDS + ("segment_ids", "nsp_labels")
+PACKED_FIELDS = TOKEN_FIELDS + ("segment_ids",)  # and the fields of the loss terms
 STRATEGIES = ("first_fit", "best_fit")
 
 
@@ -46,26 +48,38 @@ def assign_rows(lengths: Sequence[int], seq_len: int, strategy: str = "best_fit"
     return rows
 
 
-def pack_row(examples: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
-    """One row [seq_len] per field from examples that fit together."""
-    row = {name: np.zeros(seq_len, np.float32 if name == "weights" else np.int32)
-           for name in PACKED_FIELDS}
-    row["nsp_labels"][:] = NO_NSP_LABEL
+def pack_row(examples: Sequence[Example], seq_len: int, term_fields: Mapping[str, int] | None = None
+             ) -> dict[str, np.ndarray]:
+    """One row [seq_len] per field from examples that fit together; `term_fields` are
+    the loss terms' fields with their fill values (`Mixture.term_fields`)."""
+    term_fields = dict(term_fields or {})
+    row = {name: np.zeros(seq_len, np.float32 if name == "weights" else np.int32) for name in PACKED_FIELDS}
+    row.update({name: np.full(seq_len, fill, np.int32) for name, fill in term_fields.items()})
     offset = 0
     for segment, example in enumerate(examples, start=1):
         end = offset + len(example)
         if end > seq_len:
             raise ValueError(f"examples of {end} tokens do not fit in seq_len={seq_len}")
+        unknown = sorted(set(example.extras) - set(term_fields))
+        if unknown:
+            raise ValueError(f"an example carries fields {unknown} that no loss term of the packed mixture reads "
+                             f"(declared: {sorted(term_fields)})")
         for name, values in example.fields().items():
             row[name][offset:end] = values
         row["segment_ids"][offset:end] = segment
-        row["nsp_labels"][offset] = example.nsp_label
         offset = end
     return row
 
 
-def pack(examples: Sequence[Example], seq_len: int, strategy: str = "best_fit") -> dict[str, np.ndarray]:
+def packer(term_fields: Mapping[str, int]) -> Callable[[Sequence[Example], int], dict[str, np.ndarray]]:
+    """`pack_row` for a mixture whose loss terms read `term_fields`."""
+    return functools.partial(pack_row, term_fields=dict(term_fields))
+
+
+def pack(examples: Sequence[Example], seq_len: int, strategy: str = "best_fit",
+         term_fields: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """All examples packed into [rows, seq_len] arrays per field."""
-    rows = [pack_row([examples[i] for i in members], seq_len)
+    rows = [pack_row([examples[i] for i in members], seq_len, term_fields)
             for members in assign_rows([len(e) for e in examples], seq_len, strategy)]
-    return {name: np.stack([row[name] for row in rows]) for name in PACKED_FIELDS}
+    names = (*PACKED_FIELDS, *(term_fields or {}))
+    return {name: np.stack([row[name] for row in rows]) for name in names}

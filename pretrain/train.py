@@ -45,7 +45,7 @@ from pretrain import cli, distributed, sharding
 from pretrain.attention import choose_attention
 from pretrain.baseline import unigram_baseline
 from pretrain.checkpoint import Checkpointer
-from pretrain.config_checks import needed_token_types, validate_config
+from pretrain.config_checks import validate_config
 from pretrain.errors import UserError
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
@@ -55,6 +55,7 @@ from pretrain.metrics import MetricsWriter, flops_per_token, peak_flops_per_devi
 from pretrain.model import TransformerConfig, attention_kernel, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.peers import PeerWatch, any_process
+from pretrain.resolve import resolve_config
 from pretrain.stopping import StopRequest
 from pretrain.train_step import make_eval_step, make_train_step
 from pretrain.workdir import (
@@ -163,16 +164,17 @@ class SkipCounter:
 
 
 def summarize(stats: dict[str, np.ndarray], names: tuple[str, ...], prefix: str = "") -> dict[str, float]:
-    """Per-objective loss and accuracy (and NSP) from summed statistics."""
+    """Per-objective loss and accuracy, and each loss term's, from summed statistics."""
     out = {}
     weights = stats["weight_sum"]
     for index, name in enumerate(names):
         if weights[index] > 0:
             out[f"{prefix}loss/{name}"] = float(stats["loss_sum"][index] / weights[index])
             out[f"{prefix}accuracy/{name}"] = float(stats["correct_sum"][index] / weights[index])
-    if "nsp_weight_sum" in stats and stats["nsp_weight_sum"] > 0:
-        out[f"{prefix}loss/nsp"] = float(stats["nsp_loss_sum"] / stats["nsp_weight_sum"])
-        out[f"{prefix}accuracy/nsp"] = float(stats["nsp_correct_sum"] / stats["nsp_weight_sum"])
+    for term, sums in stats.get("terms", {}).items():
+        if sums["weight_sum"] > 0:
+            out[f"{prefix}loss/{term}"] = float(sums["loss_sum"] / sums["weight_sum"])
+            out[f"{prefix}accuracy/{term}"] = float(sums["correct_sum"] / sums["weight_sum"])
     return out
 
 
@@ -184,7 +186,7 @@ class Trainer:
         builds data, model, optimizer and sharded state; nothing is compiled for
         training until `run`. Use as a context manager, or call `close`, when not
         calling `run` (which closes)."""
-        self.config = config
+        self.config = config = self._resolve(config)
         self._validate(config)
         self.primary = jax.process_index() == 0
         self.workdir = prepare_workdir(workdir)
@@ -197,23 +199,14 @@ class Trainer:
             self.close()
             raise
 
-    def _validate(self, config: Any) -> None:
-        """Raises ValueError naming every problem of the config (a subclass checks its
-        own). A run starting from a Hugging Face model takes that model's shape first."""
-        if "init" in config and config.init.hf:
-            from pretrain.hf.models import adopt_shape, hf_directory_problems
+    def _resolve(self, config: Any) -> Any:
+        """The config this run trains with (`pretrain.resolve.resolve_config`): a new
+        one, the given one untouched. A subclass resolves its own."""
+        return resolve_config(config)
 
-            if not hf_directory_problems(config.init.hf):  # else validate_config names the problem
-                adopt_shape(config.model, config.init.hf)
-                try:
-                    needed = needed_token_types(config)
-                except ValueError:  # validate_config names it
-                    needed = 0
-                if needed > config.model.num_token_types:  # grown on import, as UniLM's code grows BERT's
-                    log.warning("config.init.hf: the objectives use %d token types and %s embeds %d; the table is "
-                                "grown (pretrain.hf.models.grow_token_types)", needed, config.init.hf,
-                                config.model.num_token_types)
-                    config.model.num_token_types = needed
+    def _validate(self, config: Any) -> None:
+        """Raises ValueError naming every problem of the resolved config (a subclass
+        checks its own); it changes nothing."""
         validate_config(config, jax.device_count())
 
     def _build(self) -> None:
@@ -239,9 +232,12 @@ class Trainer:
             check_free_space(workdir, copies * checkpoint_bytes(jax.eval_shape(self._initial_state, abstract)))
         model = create_model(self.model_config, seed=config.seed)
         if config.init.hf:  # a fresh start begins from the imported weights; a resume then restores its own
-            from pretrain.hf.models import grow_token_types, hf_params, set_flat_params
+            from pretrain.hf.models import flat_params, grow_token_types, hf_params, set_flat_params
 
             imported = hf_params(config.init.hf, self.model_config.num_heads)[1]
+            fresh = flat_params(model)  # heads the imported model lacks start from their initialisation
+            imported.update({name: value for name, value in fresh.items()
+                             if name.startswith("heads.") and name not in imported})
             imported["type_embedding"] = grow_token_types(imported["type_embedding"],
                                                           self.model_config.num_token_types)
             set_flat_params(model, imported)
@@ -288,9 +284,10 @@ class Trainer:
 
     def _step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
         """(train step, evaluation step) before compilation: the pretraining loss's."""
+        terms = self.pipeline.mixture.loss_terms
         step_fn = make_train_step(self.graphdef, self.rest, self.optimizer, len(self.names),
-                                  self.config.accumulation_steps, axis_name=axis_name)
-        return step_fn, make_eval_step(self.graphdef, self.rest, len(self.names))
+                                  self.config.accumulation_steps, axis_name=axis_name, terms=terms)
+        return step_fn, make_eval_step(self.graphdef, self.rest, len(self.names), terms)
 
     def _setup_parallelism(self, params) -> None:
         config = self.config

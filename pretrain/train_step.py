@@ -2,7 +2,7 @@
 evaluation step that takes the same loss without gradients.
 
 The loss of a batch is a ratio of sums (weighted token cross-entropy over the total
-weight, plus NSP cross-entropy over the number of pairs), so the step computes the
+weight, plus each loss term's sum over the positions where it is taken), so the step computes the
 global denominators first and then differentiates sums divided by them. That makes
 gradient accumulation over k micro-batches, sharding over any mesh, and pmap's
 cross-device sum all give the gradient of the one loss of the whole global batch.
@@ -10,7 +10,8 @@ cross-device sum all give the gradient of the one loss of the whole global batch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from objectives.terms import LossTerm
 from pretrain.loss import batch_loss, counts, denominators, step_token_statistics
 
 Batch = Mapping[str, jax.Array]
@@ -25,27 +27,28 @@ TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int,
-                 statistics: Callable = step_token_statistics) -> LossFn:
+                 statistics: Callable = step_token_statistics, terms: Sequence[LossTerm] = ()) -> LossFn:
     """loss(params, batch, totals, step) -> (this batch's share of the global loss,
-    statistics sums): `pretrain.loss.batch_loss` over parameters; `totals` are the
-    global (token weight, NSP pairs)."""
+    statistics sums): `pretrain.loss.batch_loss` over parameters, with the objectives'
+    loss `terms`; `totals` are the global `pretrain.loss.counts`."""
 
     def loss_fn(params, batch, totals, step):
         del step  # the pretraining loss does not change over the run
-        return batch_loss(nnx.merge(graphdef, params, rest), batch, num_objectives, totals, statistics=statistics)
+        return batch_loss(nnx.merge(graphdef, params, rest), batch, num_objectives, totals, terms=terms,
+                          statistics=statistics)
 
     return loss_fn
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int, terms: Sequence[LossTerm] = ()
                    ) -> Callable[[nnx.State, Batch], dict[str, jax.Array]]:
-    """eval_step(params, batch) -> statistics sums (per objective, and NSP): the same
-    loss as training, forward only, vocabulary logits at the weighted positions only.
-    The trainer's held-out evaluation and `pretrain.evaluate` both use it."""
-    loss_fn = make_loss_fn(graphdef, rest, num_objectives)
+    """eval_step(params, batch) -> statistics sums (per objective, and per loss term):
+    the same loss as training, forward only, vocabulary logits at the weighted
+    positions only. The trainer's held-out evaluation and `pretrain.evaluate` both use it."""
+    loss_fn = make_loss_fn(graphdef, rest, num_objectives, terms=terms)
 
     def eval_step(params, batch):
-        return loss_fn(params, batch, denominators(batch), step=0)[1]
+        return loss_fn(params, batch, denominators(batch, terms), step=0)[1]
 
     return eval_step
 
@@ -100,9 +103,9 @@ def make_step(loss_fn: LossFn, totals_fn: Callable[[Batch], Any], optimizer: opt
 
 def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, optimizer: optax.GradientTransformation,
                     num_objectives: int, accumulation_steps: int = 1, axis_name: str | None = None,
-                    statistics: Callable = step_token_statistics):
-    """The pretraining step: `make_step` over the pretraining loss. With `axis_name`
-    (pmap), each device holds a slice of the batch and the sums are added across the
-    axis. `statistics`: see make_loss_fn."""
-    return make_step(make_loss_fn(graphdef, rest, num_objectives, statistics), counts, optimizer,
-                     accumulation_steps, axis_name)
+                    statistics: Callable = step_token_statistics, terms: Sequence[LossTerm] = ()):
+    """The pretraining step: `make_step` over the pretraining loss with the objectives'
+    loss `terms`. With `axis_name` (pmap), each device holds a slice of the batch and
+    the sums are added across the axis. `statistics`: see make_loss_fn."""
+    return make_step(make_loss_fn(graphdef, rest, num_objectives, statistics, terms),
+                     functools.partial(counts, terms=terms), optimizer, accumulation_steps, axis_name)

@@ -58,10 +58,13 @@ CONFIG_CASES = {
                                  r"config.model.num_heads=3", r"choose num_heads among \[1, 2, 4, 8, 16, 32, 64\]"),
     "unknown compute dtype": ({"model.dtype": "float12"}, r"model.dtype='float12' is not a JAX dtype",
                               r"e.g. 'float32', 'bfloat16'"),
-    "NSP without its head": ({"objectives.mlm.nsp": True},
-                             r"objective 'mlm' trains next-sentence prediction \(its nsp setting\) but "
-                             r"config.model.nsp_head is False, so no NSP loss would be trained",
-                             r"set config.model.nsp_head=True, or turn the objective's nsp off"),
+    "a loss term without its head": ({"objectives.mlm.nsp": True},
+                                     r"objective 'mlm' trains loss term 'nsp' with head 'pair_classifier', which "
+                                     r"config.model.heads=\(\) lacks",
+                                     r"add it \(the trainer adds the heads the objectives declare itself"),
+    "an unknown head": ({"model.heads": ("pair_classifier", "pooler")},
+                        r"config.model.heads=\('pair_classifier', 'pooler'\): each head once, among",
+                        r"an objective's loss terms add the heads they need"),
     "token types beyond the table": ({"objective": "unilm", "model.num_token_types": 4},
                                      r"config.model.num_token_types=4 is too small: objectives \['unilm/seq2seq'\] use "
                                      r"token types up to 5", r"set config.model.num_token_types=6 or more"),

@@ -82,7 +82,7 @@ def test_the_body_is_restored_bit_for_bit_and_the_head_is_new(tmp_path_factory, 
     for path, value in expected.items():
         np.testing.assert_array_equal(state[path], value, err_msg=str(path))
     fresh = heads.TaskModel([create_model(model_config(read_run_config(run), 400), seed=5)], ["bidirectional"],
-                            ["first"], head.shape[1], tagging=False, seed=0)
+                            ["first"], head.shape[1], per_token=False, seed=0)
     np.testing.assert_array_equal(head, np.asarray(fresh.head_kernel[...]))  # the head depends on the seed alone
     assert head.shape == (64, len(trainer.task.labels)) and np.abs(head).max() < 0.2
 
@@ -178,7 +178,7 @@ def test_fused_bodies_are_probed_frozen_or_fine_tuned_jointly_and_the_gate_mixes
     assert not np.array_equal(after[("gate", "kernel")], before[("gate", "kernel")])
 
 
-@pytest.mark.parametrize("task", ["pydocs_topic", "pydocs_same_module", "pydocs_code_spans"])
+@pytest.mark.parametrize("task", ["pydocs_topic", "pydocs_same_module", "pydocs_code_spans", "pydocs_qa"])
 def test_packed_and_unpacked_rows_give_the_same_predictions(tmp_path_factory, tmp_path, task):
     run = pretrained(tmp_path_factory)
     results = []
@@ -239,6 +239,51 @@ def test_regression_and_pair_files_train_and_report_their_metrics(tmp_path_facto
     assert set(summary["test"]) == {"pearson", "spearman", "loss"} and summary["metric"] == "pearson"
 
 
+QA_ROWS = [  # two questions on one passage: the question, not the passage, tells the answer
+    ("What is fun of onkey?", "fun -- a function with no arguments. key -- a string naming the key.",
+     "a function with no arguments"),
+    ("What is key of onkey?", "fun -- a function with no arguments. key -- a string naming the key.",
+     "a string naming the key"),
+    ("What is t of ontimer?", "fun -- the function to call. t -- a number of milliseconds.",
+     "a number of milliseconds"),
+    ("What is size of resize?", "size -- the new size in pixels. bg -- the colour to fill with.",
+     "the new size in pixels")]
+
+
+def test_a_tiny_model_learns_a_handful_of_qa_examples_to_exact_match(tmp_path_factory, tmp_path):
+    """Extractive QA from a `files` task in SQuAD's fields, end to end: the start and end
+    logits of four examples are learnt until every answer is read back exactly."""
+    run = pretrained(tmp_path_factory)
+    for split in ("train", "dev", "test"):
+        with open(tmp_path / f"{split}.jsonl", "w", encoding="utf-8") as handle:
+            for question, context, answer in QA_ROWS:
+                handle.write(json.dumps({"question": question, "context": context,
+                                         "answers": [{"text": answer, "answer_start": context.index(answer)}]}) + "\n")
+    config = config_for(run, task="files", task_path=str(tmp_path), seq_len=128, batch_size=8, total_steps=120,
+                        eval_every=120, checkpoint_every=120, log_every=40,
+                        **{"optimizer.learning_rate": 3e-3, "optimizer.weight_decay": 0.0})
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    assert summary["metric"] == "exact_match"
+    assert summary["test"]["exact_match"]["mean"] == 1.0 and summary["test"]["answer_f1"]["mean"] == 1.0
+    assert summary["test"]["loss"]["mean"] < 0.05
+
+
+def test_the_builtin_qa_task_fine_tunes_end_to_end(tmp_path_factory, tmp_path):
+    """pydocs_qa through the command's own path (seeds, evaluation, result.json): the
+    rows hold answers to learn from, and the scores are SQuAD's."""
+    run = pretrained(tmp_path_factory)
+    config = config_for(run, task="pydocs_qa", seq_len=256)
+    with transfer.FinetuneTrainer(config, str(tmp_path / "rows")) as trainer:
+        assert trainer.task.kind == "span_qa" and trainer.task.num_outputs == 2
+        starts = sum(float(trainer.task.kind_spec.count(batch)) for batch in trainer.eval_data["dev"])
+        assert starts >= 0.5 * len(trainer.task.splits["dev"])  # most dev answers lie inside their rows
+    summary = transfer.run_seeds(config, tmp_path / "ft")
+    assert summary["metric"] == "exact_match" and set(summary["test"]) == {"exact_match", "answer_f1", "loss"}
+    result = json.loads((tmp_path / "ft" / "seed_0" / "result.json").read_text())
+    assert result["baselines"] == {} and 0.0 <= result["test"]["answer_f1"] <= 1.0
+    assert np.isfinite(result["test"]["loss"])
+
+
 def test_finetuning_resumes_bit_identically_after_sigkill(tmp_path_factory, tmp_path):
     run = pretrained(tmp_path_factory)
     fields = dict(init=run, seq_len=64, batch_size=8, total_steps=24, log_every=1, eval_every=12, checkpoint_every=6,
@@ -286,6 +331,8 @@ CLI_CASES = {
                           r"aux_lm trains one body with its language-model loss, so it cannot be combined with "
                           r"probe"),
     "misspelt field": (["--config.learning_rate=1"], r"config has no field 'learning_rate'; its fields: "),
+    "unknown task kind": (["--config.task_kind=sentiment"], r"config.task_kind='sentiment' is not a task kind; known "
+                                                             r"kinds: auto, classification, pair, "),
 }
 
 

@@ -89,12 +89,14 @@ def mixed_batch(seed: int) -> dict[str, np.ndarray]:
                               VOCAB.ordinary_ids[draw.integers(0, len(VOCAB.ordinary_ids), 60)])
             made.append(leaf(chunk, draw))
     order = draw.permutation(len(made))
-    return pack([made[i] for i in order], SEQ_LEN), len(leaves)
+    fields = objectives.terms.term_fields(term for leaf in leaves for term in leaf.loss_terms)
+    return pack([made[i] for i in order], SEQ_LEN, term_fields=fields), len(leaves)
 
 
 def tiny_model(attention: str):
     """The tiny preset over this file's vocabulary; the same parameters whatever the path."""
-    return create_model(preset("tiny", attention=attention, vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True),
+    return create_model(preset("tiny", attention=attention, vocab_size=SIZE, max_positions=SEQ_LEN,
+                               heads=("pair_classifier",)),
                         seed=3)
 
 

@@ -30,8 +30,8 @@ from train_helpers import tiny_config, tokenizer_file, workdir_with  # noqa: E40
 LOGIT_TOLERANCE = 1e-4
 SHAPES = {"tiny": {}, "wider": {"model.num_layers": 3, "model.model_dim": 96, "model.num_heads": 3,
                                 "model.mlp_dim": 192}}
-BERT = {"model.pre_layer_norm": False, "model.mlm_transform_head": True, "model.nsp_head": True,
-        "objectives.mlm.nsp": True, "model.num_token_types": 2, "model.gelu": "exact",
+BERT = {"model.pre_layer_norm": False, "model.mlm_transform_head": True, "objectives.mlm.nsp": True,
+        "model.num_token_types": 2, "model.gelu": "exact",
         "model.layer_norm_epsilon": 1e-12, "model.output_bias": True}
 
 
@@ -131,7 +131,7 @@ def test_a_post_ln_bert_run_is_bert_for_pretraining_with_the_same_logits(tmp_pat
         row = {"inputs": ids, "positions": range(n), "token_types": types, "segment_ids": [1] * n,
                "attention_kind": [PREFIX] * n}
         [(logits, hidden)], _ = project_outputs(workdir, [row], trained)
-        nsp = np.asarray(trained.model.nsp_logits(jnp.asarray(hidden[:1])))[0]
+        nsp = np.asarray(trained.model.head("pair_classifier")(jnp.asarray(hidden[:1])))[0]
         with torch.no_grad():
             output = model(torch.tensor([ids]), token_type_ids=torch.tensor([types]))
         worst_mlm = max(worst_mlm, float(np.abs(output.prediction_logits[0].numpy() - logits).max()))
@@ -198,7 +198,7 @@ def assert_same_logits(model, reference, batch: dict) -> float:
         if isinstance(reference, transformers.BertForPreTraining):
             output = reference(ids, token_type_ids=torch.tensor(np.int64(batch["token_types"])))
             theirs = output.prediction_logits.numpy()
-            nsp = np.asarray(model.nsp_logits(hidden[:, :1]))[:, 0]
+            nsp = np.asarray(model.head("pair_classifier")(hidden[:, :1]))[:, 0]
             assert np.abs(output.seq_relationship_logits.numpy() - nsp).max() <= LOGIT_TOLERANCE
         else:
             theirs = reference(ids).logits.numpy()
@@ -271,7 +271,7 @@ def test_a_project_model_of_another_size_converts_to_transformers_logits(tmp_pat
     bert = architecture == "bert"
     config = TransformerConfig(vocab_size=90, num_layers=4, model_dim=32, num_heads=2, mlp_dim=64, max_positions=32,
                                num_token_types=2 if bert else 1, pre_layer_norm=not bert, mlm_transform_head=bert,
-                               nsp_head=bert, output_bias=bert, gelu="exact" if bert else "tanh",
+                               heads=("pair_classifier",) if bert else (), output_bias=bert, gelu="exact" if bert else "tanh",
                                layer_norm_epsilon=1e-12 if bert else 1e-5)
     model = create_model(config, seed=3)
     params = flat_params(model)

@@ -112,13 +112,16 @@ def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path)
     reference.save_pretrained(directory)
     config = tiny_config("unilm", total_steps=30, log_every=10, checkpoint_every=30, peak_flops_per_device=1e12,
                          **{"init.hf": str(directory), "optimizer.warmup_steps": 5})
+    given = config.to_dict()
     trainer = Trainer(config, str(tmp_path / "run"))
-    assert config.model.model_dim == 64 and not config.model.pre_layer_norm
+    assert config.to_dict() == given  # the run resolves a copy: the imported shape is the run's, not the caller's
+    resolved = trainer.config
+    assert resolved.model.model_dim == 64 and not resolved.model.pre_layer_norm
     model = nnx.merge(trainer.graphdef, jax.device_get(trainer.unreplicate(trainer.state["params"])), trainer.rest)
     # BERT's two token types grown to UniLM's six, as UniLM's code does: 2, 3, 4 from type 0; 5 from type 1
     types = np.asarray(model.type_embedding[...])
     bert_types = reference.bert.embeddings.token_type_embeddings.weight.detach().numpy()
-    assert config.model.num_token_types == 6 and np.array_equal(types[:2], bert_types)
+    assert resolved.model.num_token_types == 6 and np.array_equal(types[:2], bert_types)
     assert all(np.array_equal(types[row], bert_types[source]) for row, source in ((2, 0), (3, 0), (4, 0), (5, 1)))
 
     vocab = trainer.pipeline.tokenizer.vocabulary()

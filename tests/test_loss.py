@@ -24,14 +24,14 @@ VOCAB_SIZE, SEQ_LEN, ROWS = 96, 48, 6
 BERT_FORM = dict(pre_layer_norm=False, mlm_transform_head=True)
 
 
-def packed_batch(spec: str, seed: int = 0) -> tuple[dict, int]:
-    mixture = objectives.build_mixture(spec, objectives.Vocabulary(VOCAB_SIZE))
+def packed_batch(spec: str, seed: int = 0, settings=None) -> tuple[dict, int]:
+    mixture = objectives.build_mixture(spec, objectives.Vocabulary(VOCAB_SIZE), settings)
     rng = np.random.default_rng(seed)
     examples = []
     while len(examples) < 4 * ROWS:
         tokens = rng.integers(7, VOCAB_SIZE, size=int(rng.integers(6, 30)))
         examples.append(mixture(TextChunk(tokens, [0, len(tokens) // 2], tokens[::-1].copy()), rng))
-    packed = pack(examples, SEQ_LEN)
+    packed = pack(examples, SEQ_LEN, term_fields=mixture.term_fields)
     return {name: jnp.asarray(values[:ROWS]) for name, values in packed.items()}, len(mixture.names)
 
 
@@ -123,12 +123,25 @@ def test_rows_compacted_in_device_groups_agree():
     assert_same(*both_losses(batch, num_objectives, chunk_tokens=64))
 
 
-def test_batch_loss_is_the_mean_over_weighted_tokens_plus_nsp():
-    batch, num_objectives = packed_batch("unilm", seed=5)
-    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, **BERT_FORM, nsp_head=True))
-    loss, stats = jax.jit(lambda b: batch_loss(model, b, num_objectives))(batch)
-    reference = token_statistics(model.logits(model(batch)), batch["targets"], batch["weights"],
+def test_batch_loss_is_the_mean_over_weighted_tokens_plus_each_term_over_its_own_positions():
+    settings = {"unilm": {"nsp": True}}
+    batch, num_objectives = packed_batch("unilm", seed=5, settings=settings)
+    terms = objectives.build_mixture("unilm", objectives.Vocabulary(VOCAB_SIZE), settings).loss_terms
+    assert [term.name for term in terms] == ["nsp"]
+    model = create_model(preset("tiny", vocab_size=VOCAB_SIZE, **BERT_FORM, heads=("pair_classifier",)))
+    loss, stats = jax.jit(lambda b: batch_loss(model, b, num_objectives, terms=terms))(batch)
+    hidden = model(batch)
+    reference = token_statistics(model.logits(hidden), batch["targets"], batch["weights"],
                                  batch["objective_id"], num_objectives)
-    expected = reference["loss_sum"].sum() / reference["weight_sum"].sum()
-    expected += stats["nsp_loss_sum"] / max(float(stats["nsp_weight_sum"]), 1.0)
+    # NSP by hand: the pair classifier's 2-way cross-entropy at each labelled position (the
+    # pair's first token), averaged over those positions alone.
+    labels = np.asarray(batch["nsp_labels"])
+    where = np.nonzero(labels >= 0)
+    assert 0 < len(where[0]) < (np.asarray(batch["segment_ids"]) > 0).sum() / 4
+    logits = np.asarray(model.head("pair_classifier")(hidden), np.float64)[where]
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    nsp = -log_softmax[np.arange(len(logits)), labels[where]].mean()
+    expected = reference["loss_sum"].sum() / reference["weight_sum"].sum() + nsp
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(stats["terms"]["nsp"]["weight_sum"]) == len(where[0])
+    np.testing.assert_allclose(stats["terms"]["nsp"]["loss_sum"] / len(where[0]), nsp, rtol=1e-6)

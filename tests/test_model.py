@@ -81,7 +81,7 @@ def test_no_leakage_single_objective(name):
 
 @pytest.mark.parametrize("config", [
     dict(),
-    dict(pre_layer_norm=False, mlm_transform_head=True, nsp_head=True),
+    dict(pre_layer_norm=False, mlm_transform_head=True, heads=("pair_classifier",)),
 ], ids=["pre_ln", "post_ln_bert_heads"])
 def test_no_leakage_packed_mixture(config):
     examples = [example_of(name, n, seed=k) for k, (name, n) in enumerate(
@@ -175,9 +175,11 @@ def test_presets_and_config_errors():
         TransformerConfig(model_dim=100, num_heads=3)
     with pytest.raises(ValueError, match="model.dtype='float17'"):
         TransformerConfig(dtype="float17")
-    with pytest.raises(ValueError, match="no NSP head"):
-        model = create_model(tiny())
-        model.nsp_logits(jnp.zeros((1, 1, 64)))
+    with pytest.raises(ValueError, match=r"this model has no 'pair_classifier' head \(it has none\)"):
+        create_model(tiny()).head("pair_classifier")
+    with pytest.raises(ValueError, match=r"config.model.heads=\('pair_classifier', 'nope'\): each head once, among "
+                                         r"\('pair_classifier'"):
+        TransformerConfig(heads=("pair_classifier", "nope"))
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():

@@ -29,6 +29,7 @@ from flax import nnx
 import objectives
 from objectives.example import TextChunk
 from pretrain import generate as gen
+from pretrain import heads
 from pretrain.attention import attention_mask, choose_attention, has_key_ranges, key_ranges
 from pretrain.loss import batch_loss
 from pretrain.model import create_model, preset
@@ -104,22 +105,41 @@ def test_examples_use_only_the_declared_kinds_and_types(name, leaf):
         assert example.weights.sum() > 0 and (example.objective_id == 0).all()
 
 
+def packed(leaf: objectives.Objective, made: list) -> dict[str, np.ndarray]:
+    """`made` packed into rows of SEQ_LEN with the fields of the leaf's loss terms."""
+    return pack(made, SEQ_LEN, term_fields=objectives.terms.term_fields(leaf.loss_terms))
+
+
+@pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
+def test_examples_carry_exactly_the_fields_of_their_loss_terms(name, leaf):
+    fields = {field for term in leaf.loss_terms for field, _ in term.fields}
+    made = examples(leaf, 20)
+    for example in made:
+        assert set(example.extras) == fields, name
+    for term in leaf.loss_terms:  # each term is taken somewhere, and its head exists
+        marker, fill = term.marker
+        assert any((example.extras[marker] != fill).any() for example in made), (name, term.name)
+        assert term.head in heads.head_names(), (name, term.head)
+
+
 @pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
 def test_packed_rows_give_the_examples_back_intact(name, leaf):
     made = examples(leaf, 8)
-    batch = pack(made, SEQ_LEN)
+    fields = objectives.terms.term_fields(leaf.loss_terms)
+    batch = packed(leaf, made)
     found = []
     for row in range(len(batch["inputs"])):
         segments = batch["segment_ids"][row]
         for segment in range(1, segments.max() + 1):
             where = segments == segment
-            found.append({field: batch[field][row][where] for field in objectives.TOKEN_FIELDS})
-            assert batch["nsp_labels"][row][np.flatnonzero(where)[0]] in (-1, 0, 1)
+            found.append({field: batch[field][row][where] for field in (*objectives.TOKEN_FIELDS, *fields)})
+        for field, fill in fields.items():  # padding carries no term
+            assert (batch[field][row][segments == 0] == fill).all(), (name, field)
     assert len(found) == len(made)
     for example in made:
-        assert any(all(np.array_equal(f[field], getattr(example, field)) for field in objectives.TOKEN_FIELDS)
+        assert any(all(np.array_equal(f[field], values) for field, values in example.fields().items())
                    for f in found), name
-    assert set(PACKED_FIELDS) == set(batch)
+    assert set(PACKED_FIELDS) | set(fields) == set(batch)
 
 
 LAYERS = preset("tiny", vocab_size=SIZE).num_layers
@@ -127,14 +147,15 @@ LAYERS = preset("tiny", vocab_size=SIZE).num_layers
 
 @pytest.fixture(scope="module")
 def model():
-    return create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True), seed=1)
+    return create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, heads=heads.head_names()), seed=1)
 
 
 @pytest.fixture(scope="module")
 def hidden_of(model):
     """Hidden states under each attention path, with the same parameters."""
     graphdef, state = nnx.split(model)
-    flash = create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True, attention="flash"))
+    flash = create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, heads=heads.head_names(),
+                                attention="flash"))
     flash_graphdef = nnx.graphdef(flash)
     return {"dense": jax.jit(lambda batch: nnx.merge(graphdef, state)(batch)),
             "flash": jax.jit(lambda batch: nnx.merge(flash_graphdef, state)(batch))}
@@ -152,7 +173,7 @@ def test_key_ranges_are_the_rule_or_the_run_falls_back(name, leaf):
         return
     assert choose_attention("flash", leaf.attention_kinds) == ("flash", None)
     for seed in range(4):
-        batch = pack(examples(leaf, 8, seed=seed), SEQ_LEN)
+        batch = packed(leaf, examples(leaf, 8, seed=seed))
         segments, kinds = jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["attention_kind"])
         visible = np.asarray(attention_mask(segments, kinds))[:, 0]
         start, end = (np.asarray(x) for x in key_ranges(segments, kinds))
@@ -169,7 +190,7 @@ def test_nothing_leaks_through_the_model(name, leaf, attention, hidden_of):
     differs when a token it sees changes. Through L layers a query reaches what it sees,
     what those see, and so on L times (an ENCODER_ONLY token hidden from the decoder
     still reaches it through the source tokens that see it)."""
-    batch = {k: v[:1] for k, v in pack(examples(leaf, 3, seed=5), SEQ_LEN).items()}
+    batch = {k: v[:1] for k, v in packed(leaf, examples(leaf, 3, seed=5)).items()}
     visible = np.asarray(attention_mask(jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["attention_kind"])))[0, 0]
     reach = reach_through_layers(visible, LAYERS)
     real = np.flatnonzero(batch["segment_ids"][0] > 0)
@@ -199,23 +220,30 @@ def test_nothing_leaks_through_the_model(name, leaf, attention, hidden_of):
 
 @pytest.fixture(scope="module")
 def overfit_step():
-    model = create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, nsp_head=True), seed=2)
+    model = create_model(preset("tiny", vocab_size=SIZE, max_positions=SEQ_LEN, heads=heads.head_names()), seed=2)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adam(1e-2)
 
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: batch_loss(nnx.merge(graphdef, p, rest), batch, 1)[0])(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def step_of(terms):
+        """The step training the token loss and the objective's own loss terms."""
 
-    return params, optimizer, step
+        @jax.jit
+        def step(params, opt_state, batch):
+            loss_of = lambda p: batch_loss(nnx.merge(graphdef, p, rest), batch, 1, terms=terms)[0]  # noqa: E731
+            loss, grads = jax.value_and_grad(loss_of)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        return step
+
+    return params, optimizer, step_of
 
 
 @pytest.mark.parametrize("name, leaf", LEAVES, ids=IDS)
 def test_a_tiny_model_overfits_one_batch(name, leaf, overfit_step):
-    params, optimizer, step = overfit_step
-    batch = {k: v[:2] for k, v in pack(examples(leaf, 6, seed=3), SEQ_LEN).items()}
+    params, optimizer, step_of = overfit_step
+    step = step_of(leaf.loss_terms)
+    batch = {k: v[:2] for k, v in packed(leaf, examples(leaf, 6, seed=3)).items()}
     opt_state, losses = optimizer.init(params), []
     for _ in range(100):
         params, opt_state, loss = step(params, opt_state, batch)

@@ -163,7 +163,7 @@ def test_nsp_negative_rate():
     objective = build_mixture("mlm", vocab, {"mlm": {"nsp": True}}).objectives[0]
     chunk = TextChunk(np.arange(50, 70), sentence_starts=[0, 8], other_document=np.arange(80, 100))
     rng = np.random.default_rng(4)
-    labels = np.asarray([objective(chunk, rng).nsp_label for _ in range(DRAWS)])
+    labels = np.asarray([objective(chunk, rng).extras["nsp_labels"][0] for _ in range(DRAWS)])
     assert set(labels.tolist()) == {0, 1}
     assert_rate((labels == 1).sum(), DRAWS, 0.5, "NSP negatives")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import objectives
-from objectives import ENCODER_ONLY, L2R, NO_NSP_LABEL, PREFIX, R2L, TextChunk, Vocabulary, build_mixture
+from objectives import ENCODER_ONLY, L2R, PREFIX, R2L, TextChunk, Vocabulary, build_mixture
 from objectives.vocab import BOS_ID, CLS_ID, EOS_ID, MASK_ID, SEP_ID
 from pretrain.model import create_model, preset
 from pretrain.packing import pack
@@ -37,13 +37,16 @@ def rng(seed):
 
 
 def assert_example(ex, *, inputs, targets, weights, positions, attention_kind, token_types,
-                   objective_id, nsp_label=NO_NSP_LABEL):
+                   objective_id, nsp_label=None):
     expected = dict(inputs=inputs, targets=targets, weights=weights, positions=positions,
                     attention_kind=attention_kind, token_types=token_types,
                     objective_id=objective_id)
     for name, value in expected.items():
         np.testing.assert_array_equal(getattr(ex, name), value, err_msg=name)
-    assert ex.nsp_label == nsp_label
+    if nsp_label is None:
+        assert ex.extras == {}
+    else:  # NSP's field: the label at the pair's first token, -1 elsewhere
+        np.testing.assert_array_equal(ex.extras["nsp_labels"], [nsp_label] + [-1] * (len(ex) - 1))
     assert ex.inputs.dtype == np.int32 and ex.weights.dtype == np.float32
 
 
@@ -125,7 +128,7 @@ def test_mlm_nsp_single_sentence_chunk_splits_inside_it():
         assert ex.targets[0] == CLS and len(seps) == 2 and seps[1] == len(ex) - 1
         assert 2 <= seps[0] <= 20  # A and B both non-empty
         np.testing.assert_array_equal(ex.targets[1:seps[0]], TEXT[:seps[0] - 1])
-        expected_b = TEXT[seps[0] - 1:] if ex.nsp_label == 0 else np.arange(80, 80 + 21 - seps[0])
+        expected_b = TEXT[seps[0] - 1:] if ex.extras["nsp_labels"][0] == 0 else np.arange(80, 80 + 21 - seps[0])
         np.testing.assert_array_equal(ex.targets[seps[0] + 1:-1], expected_b)
         np.testing.assert_array_equal(ex.token_types, [0] * (seps[0] + 1) + [1] * (len(ex) - seps[0] - 1))
 
@@ -431,7 +434,7 @@ def test_unilm_structure_when_every_masked_token_is_masked(mode):
         np.testing.assert_array_equal(ex.attention_kind, [kind_a] * (split + 1) + [kind_b] * rest)
         np.testing.assert_array_equal(ex.token_types, [type_a] * (split + 1) + [type_b] * rest)
         assert (ex.objective_id == UNILM_MODES.index(mode)).all()
-        assert ex.nsp_label == NO_NSP_LABEL
+        assert ex.extras == {}
 
 
 def test_unilm_nsp_only_in_the_bidirectional_mode():
@@ -439,14 +442,14 @@ def test_unilm_nsp_only_in_the_bidirectional_mode():
     assert [o.needs_other_document for o in mixture.objectives] == [True, False, False, False]
     assert mixture.needs_other_document
     chunk = TextChunk(TEXT, sentence_starts=[0, 8], other_document=np.arange(80, 100))
-    labels = {mixture.objectives[0](chunk, rng(seed)).nsp_label for seed in range(40)}
+    labels = {mixture.objectives[0](chunk, rng(seed)).extras["nsp_labels"][0] for seed in range(40)}
     assert labels == {0, 1}
     for seed in range(40):
         ex = mixture.objectives[0](chunk, rng(seed))
-        expected_b = np.arange(58, 70) if ex.nsp_label == 0 else np.arange(80, 92)
+        expected_b = np.arange(58, 70) if ex.extras["nsp_labels"][0] == 0 else np.arange(80, 92)
         np.testing.assert_array_equal(ex.targets[10:22], expected_b)
         for other in mixture.objectives[1:]:
-            assert other(chunk, rng(seed)).nsp_label == NO_NSP_LABEL
+            assert other(chunk, rng(seed)).extras == {}
     with pytest.raises(ValueError, match="other_document"):
         mixture.objectives[0](UNILM_CHUNK, rng(0))
     mixture.objectives[1](UNILM_CHUNK, rng(0))  # seq2seq never needs it
@@ -612,7 +615,7 @@ def test_examples_are_a_function_of_the_generator_seed(spec):
     for a, b in zip(first, again):
         for name in objectives.TOKEN_FIELDS:
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
-        assert a.nsp_label == b.nsp_label
+        assert a.extras.keys() == b.extras.keys() and all(np.array_equal(a.extras[k], b.extras[k]) for k in a.extras)
     same = [len(a) == len(b) and np.array_equal(a.inputs, b.inputs) for a, b in zip(first, other)]
     if spec == "clm":  # nothing random: every seed gives the same examples
         assert all(same)

@@ -41,7 +41,8 @@ from train_helpers import read_metrics, restore_newest, shared_tokenizer, tiny_c
 
 TOLERANCE = dict(rtol=0, atol=1e-6)
 VOCAB_SIZE, SEQ_LEN, BATCH = 64, 32, 8
-POST_LN = dict(pre_layer_norm=False, mlm_transform_head=True, nsp_head=True, output_bias=True, gelu="exact")
+POST_LN = dict(pre_layer_norm=False, mlm_transform_head=True, heads=("pair_classifier",), output_bias=True,
+               gelu="exact")
 # (scan_layers, remat) of every layout compared with the loop without remat
 LAYOUTS = [(False, "full"), (False, "dots"), (True, "none"), (True, "full"), (True, "dots")]
 LAYOUT_IDS = [f"{'scan' if scan else 'loop'}-{remat}" for scan, remat in LAYOUTS]
@@ -59,11 +60,12 @@ def packed_batches(spec: str = "mlm:1,clm:1,mass:1,unilm:1", steps: int = 1) -> 
     while len(examples) < 60 * steps:
         tokens = rng.integers(7, VOCAB_SIZE, size=int(rng.integers(4, 14)))
         examples.append(mixture(TextChunk(tokens, [0, len(tokens) // 2], tokens[::-1].copy()), rng))
-    rows = pack(examples, SEQ_LEN, strategy="first_fit")
+    rows = pack(examples, SEQ_LEN, strategy="first_fit", term_fields=mixture.term_fields)
     return [{k: jnp.asarray(v[s * BATCH:(s + 1) * BATCH]) for k, v in rows.items()} for s in range(steps)]
 
 
 BATCH_OF_ALL = packed_batches()[0]
+TERMS = objectives.build_mixture("mlm", objectives.Vocabulary(VOCAB_SIZE), {"mlm": {"nsp": True}}).loss_terms
 NUM_OBJECTIVES = 7
 
 
@@ -89,7 +91,8 @@ def loss_and_gradients(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.A
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
-        return batch_loss(nnx.merge(graphdef, params, rest), batch, NUM_OBJECTIVES)[0]
+        merged = nnx.merge(graphdef, params, rest)
+        return batch_loss(merged, batch, NUM_OBJECTIVES, terms=TERMS if merged.config.heads else ())[0]
 
     @jax.jit
     def run(params):
@@ -295,7 +298,7 @@ def train_losses(model_config: TransformerConfig, parallelism: str, batches: lis
     if parallelism == "pmap":
         devices = jax.device_count()
         state = jax.tree.map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)), initial(params))
-        step = jax.pmap(make_train_step(graphdef, rest, OPTIMIZER, NUM_OBJECTIVES, axis_name="devices"),
+        step = jax.pmap(make_train_step(graphdef, rest, OPTIMIZER, NUM_OBJECTIVES, axis_name="devices", terms=TERMS),
                         axis_name="devices")
         place = lambda batch: {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}  # noqa: E731
     else:
@@ -305,7 +308,7 @@ def train_losses(model_config: TransformerConfig, parallelism: str, batches: lis
             OPTIMIZER, lambda _, s: s, jax.eval_shape(OPTIMIZER.init, params), param_shardings,
             transform_non_params=lambda _: sharding.replicated(mesh)), "step": sharding.replicated(mesh)}
         state = jax.jit(initial, out_shardings=shardings)(params)
-        step = jax.jit(make_train_step(graphdef, rest, OPTIMIZER, NUM_OBJECTIVES),
+        step = jax.jit(make_train_step(graphdef, rest, OPTIMIZER, NUM_OBJECTIVES, terms=TERMS),
                        in_shardings=(shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(shardings, sharding.replicated(mesh)))
         place = lambda batch: jax.device_put(batch, sharding.batch_sharding(mesh))  # noqa: E731
@@ -324,8 +327,8 @@ def train_losses(model_config: TransformerConfig, parallelism: str, batches: lis
 @pytest.mark.parametrize("parallelism", ["pjit", "pmap"])
 def test_sharded_and_replicated_training_steps_are_the_loops(parallelism):
     batches = packed_batches(steps=3)
-    losses, params = train_losses(config(nsp_head=True), parallelism, batches)
-    scan_losses, scan_params = train_losses(config(True, "full", nsp_head=True), parallelism, batches)
+    losses, params = train_losses(config(heads=("pair_classifier",)), parallelism, batches)
+    scan_losses, scan_params = train_losses(config(True, "full", heads=("pair_classifier",)), parallelism, batches)
     np.testing.assert_allclose(scan_losses, losses, **TOLERANCE)
     # AdamW turns last-bit gradient differences in near-zero coordinates into ~1e-6 parameter differences:
     # the parameters agree to tests/test_parallel.py's bound for the same reason

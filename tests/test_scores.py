@@ -13,7 +13,7 @@ from seqeval import metrics as seqeval
 from seqeval.metrics.sequence_labeling import get_entities
 from sklearn import metrics as sklearn
 
-from pretrain.transfer import scores
+from pretrain.transfer import kinds, scores
 
 SEEDS = (0, 1, 2, 3)
 SIZES = (2, 5, 40, 500)
@@ -180,15 +180,15 @@ def test_tagging_edge_cases_take_the_documented_values():
     assert scores.span_f1([["I-A", "I-A", "O"]], [["B-A", "I-A", "O"]]) == 1.0
 
 
-def test_score_dispatches_to_the_checked_metrics():
+def test_kinds_score_dispatches_to_the_checked_metrics():
     rng = np.random.default_rng(0)
     gold, predicted = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
-    out = scores.score(["accuracy", "macro_f1", "f1", "mcc"], ["no", "yes"], gold, predicted)
+    out = kinds.score(["accuracy", "macro_f1", "f1", "mcc"], ["no", "yes"], gold, predicted)
     assert out == {"accuracy": scores.accuracy(gold, predicted), "macro_f1": scores.macro_f1(gold, predicted),
                    "f1": scores.f1(gold, predicted), "mcc": scores.mcc(gold, predicted)}
     tag_gold = [rng.integers(0, len(TAGS), 8).tolist() for _ in range(5)]
     tag_predicted = [rng.integers(0, len(TAGS), 8).tolist() for _ in range(5)]
     names = lambda rows: [[TAGS[t] for t in row] for row in rows]  # noqa: E731
-    out = scores.score(["span_f1", "token_accuracy"], TAGS, tag_gold, tag_predicted)
+    out = kinds.score(["span_f1", "token_accuracy"], TAGS, tag_gold, tag_predicted)
     assert_close(out["span_f1"], seqeval.f1_score(names(tag_gold), names(tag_predicted), zero_division=0))
     assert_close(out["token_accuracy"], seqeval.accuracy_score(names(tag_gold), names(tag_predicted)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pretrain.transfer import scores, significance
+from pretrain.transfer import kinds, significance
 
 
 def test_welch_is_the_textbook_formula():
@@ -50,7 +50,7 @@ def test_resampled_scores_equal_the_metric_recomputed_on_each_resample(metric):
         predicted = [g if rng.random() < 0.6 else int(rng.integers(0, 4)) for g in gold]
     resamples = rng.integers(0, len(gold), size=(25, len(gold)))
     fast = significance.resampled_scores(metric, labels, gold, predicted, resamples)
-    slow = [scores.score((metric,), labels, [gold[i] for i in row], [predicted[i] for i in row])[metric]
+    slow = [kinds.score((metric,), labels, [gold[i] for i in row], [predicted[i] for i in row])[metric]
             for row in resamples]
     np.testing.assert_allclose(fast, slow, rtol=1e-12)
     assert len(set(np.round(fast, 9))) > 5  # the resamples differ, so the comparison can fail

@@ -8,7 +8,7 @@ import pytest
 
 import objectives
 from objectives.example import PREFIX, TextChunk
-from objectives.spanbert import merge_spans, span_length_probabilities
+from objectives.spanbert import merge_spans, sbo_fields, span_length_probabilities
 
 VOCAB = objectives.Vocabulary.reserved(300, sentinels=0, word_start=np.arange(300) % 3 == 0)
 CLS, SEP, MASK = VOCAB.cls, VOCAB.sep, VOCAB.mask
@@ -108,3 +108,72 @@ def test_bad_settings_name_the_field():
     with pytest.raises(ValueError, match="whole-word masking needs the vocabulary's word_start table"):
         objectives.build_mixture("spanbert", objectives.Vocabulary(300)).objectives[0](
             TextChunk(np.arange(200, 220)), np.random.default_rng(0))
+
+
+# -- the span boundary objective ------------------------------------------------------------
+
+
+def test_sbo_fields_give_each_target_its_distances_to_the_boundaries_literal():
+    # Text of 10 tokens at example positions 1..10 ([CLS] at 0, [SEP] at 11), merged
+    # spans [0, 2), [4, 7), [9, 10), at most 2 targets per span: [0, 2) starts the text
+    # and [9, 10) ends it (a boundary would be [CLS] / [SEP]), so only [4, 7) is a
+    # target span, and only its first two tokens 4 and 5 (positions 5 and 6); its
+    # boundaries are text tokens 3 and 7 (positions 4 and 8).
+    fields = sbo_fields([(0, 2), (4, 7), (9, 10)], text_length=10, max_targets=2)
+    assert fields["sbo_left"].tolist() == [0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0]
+    assert fields["sbo_right"].tolist() == [0, 0, 0, 0, 0, 3, 2, 0, 0, 0, 0, 0]
+
+
+def test_the_example_carries_the_sbo_fields_of_its_merged_spans_and_sbo_false_none():
+    text = np.arange(201, 241)
+    example = leaf()(TextChunk(text), np.random.default_rng(3))
+    left, right = example.extras["sbo_left"], example.extras["sbo_right"]
+    targets = np.flatnonzero(left)
+    assert len(targets) > 0 and (example.weights[targets] == 1).all()  # SBO targets are masked tokens
+    for position in targets:  # the boundaries are unmasked text tokens, the span between them masked
+        low, high = position - left[position], position + right[position]
+        assert example.weights[low] == 0 and example.weights[high] == 0 and 1 <= low and high <= len(text)
+        assert (example.weights[low + 1:high] == 1).all() and left[position] <= 15
+    assert leaf(sbo=False)(TextChunk(text), np.random.default_rng(3)).extras == {}
+    assert leaf().loss_terms[0].weight == 1.0 and leaf(sbo_weight=0.5).loss_terms[0].weight == 0.5
+
+
+def test_the_span_boundary_head_equals_a_numpy_reference_and_reads_only_the_boundaries():
+    import jax
+    import jax.numpy as jnp
+
+    from pretrain.model import create_model, preset
+
+    model = create_model(preset("tiny", vocab_size=300, max_positions=32, heads=("span_boundary",), gelu="exact"),
+                         seed=4)
+    head, term = model.head("span_boundary"), leaf().loss_terms[0]
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((1, 12, model.config.model_dim)), jnp.float32)
+    fields = sbo_fields([(4, 7)], text_length=10, max_targets=15)
+    batch = {"sbo_left": jnp.asarray(fields["sbo_left"])[None], "sbo_right": jnp.asarray(fields["sbo_right"])[None],
+             "targets": jnp.asarray(rng.integers(7, 300, 12), jnp.int32)[None]}
+    stats = head.statistics(model, hidden, batch, term)
+
+    def layer_norm(x):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + model.config.layer_norm_epsilon)
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+    p = {name: np.asarray(getattr(head, name)[...], np.float64) for name in
+         ("position_embedding", "kernel_1", "bias_1", "kernel_2", "bias_2", "output_bias")}
+    h, losses, correct = np.asarray(hidden[0], np.float64), [], 0
+    for position, inside in ((5, 0), (6, 1), (7, 2)):  # text tokens 4, 5, 6; boundaries at positions 4 and 8
+        x = np.concatenate([h[4], h[8], p["position_embedding"][inside]])
+        x = layer_norm(gelu(x @ p["kernel_1"] + p["bias_1"]))  # the norms start at scale 1, bias 0
+        x = layer_norm(gelu(x @ p["kernel_2"] + p["bias_2"]))
+        logits = x @ np.asarray(model.token_embedding[...], np.float64).T + p["output_bias"]
+        target = int(batch["targets"][0, position])
+        losses.append(np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[target])
+        correct += int(logits.argmax() == target)
+    assert float(stats["weight_sum"]) == 3 and float(stats["correct_sum"]) == correct
+    np.testing.assert_allclose(float(stats["loss_sum"]), sum(losses), rtol=1e-5)
+    # The loss reads the boundary states only, never a target's own state.
+    grad = jax.grad(lambda x: head.statistics(model, x, batch, term)["loss_sum"])(hidden)
+    touched = np.flatnonzero(np.abs(np.asarray(grad[0])).sum(axis=-1) > 0)
+    assert touched.tolist() == [4, 8]

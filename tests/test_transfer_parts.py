@@ -10,12 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import sentencepiece as spm
 from flax import nnx
 
 from pretrain.model import create_model, preset
-from pretrain.tokenizer import load_tokenizer
-from pretrain.transfer import encoding, heads, methods, pydocs_tasks, scores, tasks
+from pretrain.transfer import encoding, heads, kinds, methods, pydocs_tasks, scores, tasks
 
 SETTINGS = {"discriminative": {"decay": 0.5, "head_gap": 0}, "stlr": {"cut_frac": 0.1, "ratio": 32.0},
             "gradual_unfreezing": {"every_steps": 3}, "aux_lm": {"objective": "", "start": 0.2, "end": 0.1,
@@ -70,7 +68,7 @@ def test_slanted_triangular_and_warmup_linear_rates():
 @pytest.fixture(scope="module")
 def task_params():
     model = heads.TaskModel([create_model(preset("tiny", vocab_size=64))], ["bidirectional"], ["first"], 3,
-                            tagging=False)
+                            per_token=False)
     params = nnx.state(model, nnx.Param)
     return params, heads.parameter_depths(params, [2])
 
@@ -165,20 +163,6 @@ def test_the_fusion_gate_weighs_bodies_per_example():
     np.testing.assert_allclose(np.asarray(gate(features)), mixed, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory):
-    """A tiny SentencePiece model trained on a fixed text (independent of the Python version)."""
-    directory = tmp_path_factory.mktemp("words")
-    text = ["Call os.path.join on the parts, then open the file now.", "The join of two paths is a path.",
-            "Every module has a name; some have docstrings, quick or verbose.", "Zip, map and filter take functions!",
-            "Keys, values and items: 0123456789 (x) [y] {z} <w> - + * / = ~ ^ % $ # @ ` ' \" | \\ ?"] * 40
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(directory / "sp"), vocab_size=100,
-                                   pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="[PAD]", unk_piece="[UNK]",
-                                   bos_piece="[BOS]", eos_piece="[EOS]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
-                                   minloglevel=2, num_threads=1)
-    return load_tokenizer(directory / "sp.model")
-
-
 def test_tags_sit_on_each_words_first_piece(word_tokenizer):
     words = ("Call", "os.path.join", "now")
     pieces = [len(word_tokenizer.encode(w)) for w in words]
@@ -195,6 +179,36 @@ def test_tags_sit_on_each_words_first_piece(word_tokenizer):
     assert encoded["inputs_causal"][0] == 2 and encoded["inputs_causal"][-1] == 3  # [BOS] ... [EOS]
     cut = encoding.encode(tasks.TaskExample(words=words, tags=(2, 0, 2)), 7, task, word_tokenizer, 11).fields
     assert cut["task_word"].tolist() == [-1, 0, -1, -1, -1, -1]  # the second word does not fit: it and the rest go
+
+
+def test_pydocs_qa_asks_for_each_definition_in_a_docstring():
+    """Each entry of a docstring's definition lists is a question on the docstring (its
+    whitespace collapsed) whose answer is the entry's description; a long docstring's
+    passage is one of its lists alone."""
+    docstring = """Move the turtle.
+
+    Arguments:
+        distance -- a number, how far
+            to go
+        speed -- an integer
+
+    Returns:
+        The new position.
+
+    :raises ValueError: if distance is negative
+    """
+    passage = ("Move the turtle. Arguments: distance -- a number, how far to go speed -- an integer Returns: The new "
+               "position. :raises ValueError: if distance is negative")
+    examples = pydocs_tasks.qa_examples("turtle.Turtle.forward", docstring)
+    assert [(e.text, e.text_b, [e.text_b[a:b] for a, b in e.answers]) for e in examples] == [
+        ("What is distance of forward?", passage, ["a number, how far to go"]),
+        ("What is speed of forward?", passage, ["an integer"]),
+        ("What does forward return?", passage, ["The new position."]),
+        ("When does forward raise ValueError?", passage, ["if distance is negative"])]
+    long = "Word " * 160 + "\n\n  Args:\n    a: the first.\n    b (int): the second.\n\n  c -- alone\n"
+    assert [(e.text, e.text_b) for e in pydocs_tasks.qa_examples("m.C.__init__", long)] == [
+        ("What is a of C.__init__?", "a: the first. b (int): the second."),
+        ("What is b of C.__init__?", "a: the first. b (int): the second.")]  # a list of one entry is no passage
 
 
 def test_code_spans_become_bio_tags():
@@ -277,8 +291,12 @@ def test_the_pydocs_test_split_is_the_pretraining_heldout_split():
     flat = lambda documents: "\n".join(" ".join(d.text.split()) for d in documents)  # noqa: E731
     train_text, heldout_text = flat(source.split("train")), flat(source.split("heldout"))
     for name, least in (("pydocs_topic", 300), ("pydocs_sentence_topic", 300), ("pydocs_same_module", 300),
-                        ("pydocs_code_spans", 100)):
+                        ("pydocs_code_spans", 100), ("pydocs_qa", 15)):
         assert len(pydocs_tasks.build(name, config, pretraining).splits["test"]) >= least, name
+    qa = pydocs_tasks.build("pydocs_qa", config, pretraining)  # its passages are unmasked docstrings too
+    assert sum(len(examples) for examples in qa.splits.values()) >= 500
+    assert not [e.text_b for e in qa.splits["test"] if e.text_b in train_text]
+    assert not {e.text_b for e in qa.splits["test"]} & {e.text_b for e in qa.splits["train"] + qa.splits["dev"]}
     pairs = pydocs_tasks.build("pydocs_same_module", config, pretraining)
     texts = [text for example in pairs.splits["test"] for text in (example.text, example.text_b)]
     assert not [text for text in texts if text in train_text]
@@ -305,6 +323,16 @@ def test_a_task_holds_further_test_sets_named_test_something():
         tasks.Task("t", "classification", ("neg", "pos"), {**splits, "heldout": splits["test"]}, "accuracy", "literal")
     with pytest.raises(ValueError, match=r"task 't' has no test_other examples"):
         tasks.Task("t", "classification", ("neg", "pos"), {**splits, "test_other": ()}, "accuracy", "literal")
+
+
+
+def test_answers_enter_the_fingerprint_only_when_set():
+    """A field added after the first five (answers) is hashed only when an example sets
+    it, so every task made before it keeps its fingerprint (the literal above)."""
+    plain, answered = tasks.TaskExample("q", "a passage"), tasks.TaskExample("q", "a passage", answers=((2, 9),))
+    assert plain.hashed() == ("q", "a passage", 0, (), ())
+    assert answered.hashed() == ("q", "a passage", 0, (), (), ((2, 9),))
+    assert tasks.fingerprint((), {"train": (plain,)}) != tasks.fingerprint((), {"train": (answered,)})
 
 
 MNLI = ("train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched")
@@ -431,7 +459,7 @@ def test_a_small_test_split_is_warned_about_once_by_a_stated_rule():
         example = tasks.TaskExample("text", "other" if kind == "pair" else None, 0) if kind != "tagging" else \
             tasks.TaskExample(words=("w",), tags=(0,))
         return tasks.Task(name, kind, labels, {"train": (example,), "dev": (example,), "test": (example,) * test},
-                          tasks.METRICS[kind][0], "literal")
+                          kinds.lookup(kind).default_metric, "literal")
 
     config, pydocs = finetune_config(), pretrain_config().data
     assert small_test_warning(task("pydocs_topic", "classification", 54, 129), config, pydocs) == (

@@ -21,7 +21,7 @@ What maps to what:
 | final_norm (pre-LN)               | —                                             | ln_f                      |
 | head_kernel/bias/norm             | cls.predictions.transform                      | —                        |
 | output_bias                       | cls.predictions.bias                           | — (must be off or zero)  |
-| pooler, nsp                       | bert.pooler.dense, cls.seq_relationship        | —                        |
+| heads.pair_classifier             | bert.pooler.dense, cls.seq_relationship        | —                        |
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ import numpy as np
 
 Params = dict[str, np.ndarray]
 ARCHITECTURES = ("bert", "gpt2")
+# The auxiliary heads (`pretrain.heads`) each architecture has a counterpart for; the
+# others are pretraining heads that stay behind on export.
+EXPORTED_HEADS = {"bert": ("pair_classifier",), "gpt2": ()}
 
 
 def _norm(params: Mapping[str, np.ndarray], ours: str) -> tuple[np.ndarray, np.ndarray]:
@@ -95,11 +98,12 @@ def _to_bert(params: Mapping[str, np.ndarray]) -> Params:
         params, "head_norm")
     vocab = params["token_embedding"].shape[0]
     out["cls.predictions.bias"] = params.get("output_bias", np.zeros(vocab, np.float32))
-    if "pooler_kernel" in params:
-        out["bert.pooler.dense.weight"] = params["pooler_kernel"].T
-        out["bert.pooler.dense.bias"] = params["pooler_bias"]
-        out["cls.seq_relationship.weight"] = params["nsp_kernel"].T
-        out["cls.seq_relationship.bias"] = params["nsp_bias"]
+    pair = "heads.pair_classifier."
+    if f"{pair}pooler_kernel" in params:
+        out["bert.pooler.dense.weight"] = params[f"{pair}pooler_kernel"].T
+        out["bert.pooler.dense.bias"] = params[f"{pair}pooler_bias"]
+        out["cls.seq_relationship.weight"] = params[f"{pair}classifier_kernel"].T
+        out["cls.seq_relationship.bias"] = params[f"{pair}classifier_bias"]
     return {key: np.ascontiguousarray(value) for key, value in out.items()}
 
 
@@ -136,10 +140,11 @@ def _from_bert(state: Mapping[str, np.ndarray], num_heads: int) -> Params:
     params["head_norm.bias"] = state["cls.predictions.transform.LayerNorm.bias"]
     params["output_bias"] = state["cls.predictions.bias"]
     if "cls.seq_relationship.weight" in state:
-        params["pooler_kernel"] = state["bert.pooler.dense.weight"].T
-        params["pooler_bias"] = state["bert.pooler.dense.bias"]
-        params["nsp_kernel"] = state["cls.seq_relationship.weight"].T
-        params["nsp_bias"] = state["cls.seq_relationship.bias"]
+        pair = "heads.pair_classifier."
+        params[f"{pair}pooler_kernel"] = state["bert.pooler.dense.weight"].T
+        params[f"{pair}pooler_bias"] = state["bert.pooler.dense.bias"]
+        params[f"{pair}classifier_kernel"] = state["cls.seq_relationship.weight"].T
+        params[f"{pair}classifier_bias"] = state["cls.seq_relationship.bias"]
     return {key: np.ascontiguousarray(value) for key, value in params.items()}
 
 

@@ -44,7 +44,7 @@ def hf_config(config: TransformerConfig, special_ids: Mapping[str, int]) -> dict
                 "attn_pdrop": config.dropout_rate, "initializer_range": 0.02, "scale_attn_weights": True,
                 "tie_word_embeddings": True, "bos_token_id": special_ids["[BOS]"],
                 "eos_token_id": special_ids["[EOS]"], "pad_token_id": special_ids["[PAD]"], "dtype": "float32"}
-    return {"architectures": ["BertForPreTraining" if config.nsp_head else "BertForMaskedLM"], "model_type": "bert",
+    return {"architectures": ["BertForPreTraining" if "pair_classifier" in config.heads else "BertForMaskedLM"], "model_type": "bert",
             "vocab_size": config.vocab_size, "hidden_size": config.model_dim,
             "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
             "intermediate_size": config.mlp_dim, "hidden_act": GELU_NAMES[config.gelu],
@@ -81,7 +81,7 @@ def transformer_config(described: Mapping[str, Any], path: str) -> tuple[str, Tr
             model_dim=described["hidden_size"], num_heads=described["num_attention_heads"],
             mlp_dim=described["intermediate_size"], max_positions=described["max_position_embeddings"],
             num_token_types=described["type_vocab_size"], pre_layer_norm=False, mlm_transform_head=True,
-            nsp_head="BertForPreTraining" in classes, layer_norm_epsilon=described.get("layer_norm_eps", 1e-12),
+            heads=("pair_classifier",) if "BertForPreTraining" in classes else (), layer_norm_epsilon=described.get("layer_norm_eps", 1e-12),
             gelu=GELU_FROM_HF[activation], output_bias=True)
     return kind, config
 
@@ -119,7 +119,7 @@ def set_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None
 
 
 SHAPE_FIELDS = ("num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
-                "pre_layer_norm", "mlm_transform_head", "nsp_head", "layer_norm_epsilon", "gelu", "output_bias")
+                "pre_layer_norm", "mlm_transform_head", "heads", "layer_norm_epsilon", "gelu", "output_bias")
 
 
 def is_hf_directory(directory: str) -> bool:

@@ -281,7 +281,7 @@ def add_significance(results: dict[str, dict[str, Any]], tasks_by_column: Mappin
         if not present:
             continue
         metric = task.metric
-        gold = [list(e.tags) if task.kind == "tagging" else e.label for e in task.splits["test"]]
+        gold = task.gold("test")
         best = max(present, key=lambda name: present[name]["test"][metric]["mean"])
         for name, summary in present.items():
             for key, other in (("vs_control", CONTROL), ("vs_best", best)):

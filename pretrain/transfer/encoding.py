@@ -16,19 +16,21 @@ fusion of bodies of different layouts reads one batch. Token types are 0 for the
 first text and 1 for the second. Texts longer than the row are cut, the longer of
 a pair first (BERT's rule).
 
-Task fields, per token: `task_labels` (the class at the example's first token, or
-each word's tag at the word's first piece; -1 elsewhere), `task_values` (the
-regression target at the first token), `task_example` (the example's index in its
-split where a label sits, -1 elsewhere) and `task_word` (the word's index at a
-tag). A body's layout follows its pretraining: causal when every objective it was
-trained with is all left-to-right, else bidirectional (`layout_of`).
+Task fields, per token: `task_labels` (a label where the task's kind puts one: the
+class at the example's first token, each word's tag at the word's first piece, ...;
+-1 elsewhere), `task_values` (a real-valued target), `task_example` (the example's
+index in its split where a label sits, -1 elsewhere) and `task_word` (the word's
+index at a tag). What an example's segment holds is its kind's rule
+(`pretrain.transfer.kinds`); this module lays out its tokens (`lay_out`) and packs
+segments into rows. A body's layout follows its pretraining: causal when every
+objective it was trained with is all left-to-right, else bidirectional (`layout_of`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grain
 import numpy as np
@@ -37,7 +39,10 @@ import objectives
 from objectives.example import L2R, PREFIX
 from pretrain import data
 from pretrain.tokenizer import Tokenizer
-from pretrain.transfer.tasks import Task, TaskExample
+from pretrain.transfer.example import TaskExample
+
+if TYPE_CHECKING:  # tasks reads its kinds, whose rows this module lays out
+    from pretrain.transfer.tasks import Task
 
 LAYOUTS = ("bidirectional", "causal")
 
@@ -56,7 +61,7 @@ FIELDS: dict[str, tuple[type, float]] = {
     "weights": (np.float32, 0), "positions": (np.int32, 0), "attention_kind": (np.int32, 0),
     "attention_kind_causal": (np.int32, 0), "token_types": (np.int32, 0), "objective_id": (np.int32, 0),
     "task_labels": (np.int32, NO_LABEL), "task_values": (np.float32, 0), "task_example": (np.int32, NO_LABEL),
-    "task_word": (np.int32, NO_LABEL), "segment_ids": (np.int32, 0), "nsp_labels": (np.int32, NO_LABEL)}
+    "task_word": (np.int32, NO_LABEL), "segment_ids": (np.int32, 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +85,9 @@ def layout_of(objective_spec: str, settings: Any = None) -> str:
     return "causal" if causal else "bidirectional"
 
 
-def _truncate(first: np.ndarray, second: np.ndarray | None, room: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Cuts the longer of the two texts, one token at a time, until both fit in `room`."""
+def truncate(first: np.ndarray, second: np.ndarray | None, room: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cuts the longer of the two texts, one token at a time, until both fit in `room`
+    (BERT's rule); a single text is cut at its end."""
     if second is None:
         return first[:room], None
     first, second = list(first), list(second)
@@ -90,26 +96,25 @@ def _truncate(first: np.ndarray, second: np.ndarray | None, room: int) -> tuple[
     return np.asarray(first, np.int32), np.asarray(second, np.int32)
 
 
-def encode(example: TaskExample, index: int, task: Task, tokenizer: Tokenizer, seq_len: int) -> Encoded:
-    """The segment of one task example (both layouts' views; see module docstring)."""
-    if task.kind == "tagging":
-        return _encode_tagging(example, index, tokenizer, seq_len)
-    first = tokenizer.encode(example.text)
-    second = tokenizer.encode(example.text_b) if task.kind == "pair" else None
-    first, second = _truncate(first, second, seq_len - (3 if second is not None else 2))
-    parts = [first] if second is None else [first, second]
-    length = sum(len(p) for p in parts) + len(parts) + 1
+def lay_out(first: Sequence[int] | np.ndarray, second: Sequence[int] | np.ndarray | None,
+            vocab: objectives.Vocabulary) -> dict[str, np.ndarray]:
+    """The fields of a segment of one text (`[CLS] first [SEP]`) or two (`[CLS] first
+    [SEP] second [SEP]`), in both layouts' views (see the module docstring), token
+    types 1 from the second text on, and no task field set yet."""
+    length = len(first) + 2 + (len(second) + 1 if second is not None else 0)
     fields = _skeleton(length)
-    for layout, (opening, middle, closing) in specials(tokenizer.vocabulary()).items():
+    for layout, (opening, middle, closing) in specials(vocab).items():
         view = "inputs" if layout == "bidirectional" else "inputs_causal"
         pieces = [[opening], first] + ([[middle], second, [closing]] if second is not None else [[closing]])
         fields[view] = np.concatenate([np.asarray(p, np.int32) for p in pieces])
     if second is not None:
         fields["token_types"][len(first) + 2 :] = 1
-    fields["task_labels"][0] = 0 if task.kind == "regression" else int(example.label)
-    fields["task_values"][0] = float(example.label) if task.kind == "regression" else 0.0
-    fields["task_example"][0] = index
-    return Encoded(fields)
+    return fields
+
+
+def encode(example: TaskExample, index: int, task: Task, tokenizer: Tokenizer, seq_len: int) -> Encoded:
+    """The segment of one task example (both layouts' views), by its task's kind."""
+    return task.kind_spec.encode(example, index, tokenizer, seq_len)
 
 
 def word_pieces(words: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -118,30 +123,9 @@ def word_pieces(words: Sequence[str], tokenizer: Tokenizer) -> list[np.ndarray]:
     return [tokenizer.encode(word) for word in words]
 
 
-def _encode_tagging(example: TaskExample, index: int, tokenizer: Tokenizer, seq_len: int) -> Encoded:
-    """Tags at each word's first piece; words that do not fit are left out (scored as O)."""
-    pieces, firsts, room = [], [], seq_len - 2
-    for number, word in enumerate(word_pieces(example.words, tokenizer)):
-        if not len(word) or len(pieces) + len(word) > room:
-            if len(word):
-                break
-            continue
-        firsts.append((len(pieces) + 1, number))
-        pieces.extend(word.tolist())
-    fields = _skeleton(len(pieces) + 2)
-    for layout, (opening, _, closing) in specials(tokenizer.vocabulary()).items():
-        view = "inputs" if layout == "bidirectional" else "inputs_causal"
-        fields[view] = np.asarray([opening, *pieces, closing], np.int32)
-    for position, number in firsts:
-        fields["task_labels"][position] = example.tags[number]
-        fields["task_example"][position] = index
-        fields["task_word"][position] = number
-    return Encoded(fields)
-
-
 def _skeleton(length: int) -> dict[str, np.ndarray]:
     fields = {name: np.full(length, fill, dtype) for name, (dtype, fill) in FIELDS.items()
-              if name not in ("segment_ids", "nsp_labels")}
+              if name != "segment_ids"}
     fields["positions"] = np.arange(length, dtype=np.int32)
     fields["attention_kind"][:] = PREFIX
     fields["attention_kind_causal"][:] = L2R
@@ -150,10 +134,11 @@ def _skeleton(length: int) -> dict[str, np.ndarray]:
 
 def from_objective(example: objectives.Example, objective_offset: int) -> Encoded:
     """A pretraining objective's example as a segment of a task batch (the auxiliary LM):
-    the same arrays in both views, objective ids shifted past the task's."""
+    the same arrays in both views, objective ids shifted past the task's. The auxiliary
+    LM trains the token loss only, so the fields of the objective's loss terms stay behind."""
     fields = _skeleton(len(example))
-    for name, values in example.fields().items():
-        fields[name] = values
+    for name in objectives.TOKEN_FIELDS:
+        fields[name] = getattr(example, name)
     fields["inputs_causal"] = example.inputs
     fields["attention_kind_causal"] = example.attention_kind
     fields["objective_id"] = example.objective_id + objective_offset
@@ -197,7 +182,7 @@ class TaskSegments:
             tokens = tokens[: objective.text_budget(self.seq_len)]
             if len(tokens) >= objective.min_text_tokens:
                 other = None
-                if objective.needs_other_document:  # NSP negatives: another training example's text
+                if objective.needs_other_document:  # negatives: another training example's text
                     train = self.task.splits["train"]
                     other = self.tokenizer.encode(_text(train[int(rng.integers(len(train)))]))
                 chunk = objectives.TextChunk(tokens, None, other)

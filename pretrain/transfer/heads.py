@@ -6,13 +6,15 @@
                          [last, max, mean] over its tokens (ULMFiT)
     fused              = the bodies' pooled features concatenated, or mixed by a
                          learned per-example gate (fusion of several pretrained bodies)
-    head               = one dense layer: classes, tags (per token) or one value
+    head               = one dense layer: its task kind's outputs (classes, a value, ...)
+                         on the pooled features, or on each token's own features when
+                         the kind reads tokens (`per_token`: tags, span boundaries)
 
 Pooling reads each example's own segment of a packed row (`segment_ids`), so packed
 and unpacked batches give the same outputs; the attention rule keeps the bodies'
 states of one example free of every other example. Outputs are produced at every
-position; the loss reads them where `task_labels` says a label sits (the example's
-first token for an example-level label, each word's first piece for a tag).
+position; the kind's loss reads them where its labels sit (the example's first token
+for an example-level label, each word's first piece for a tag).
 
 Parameter groups by depth from the top (the methods' unit for discriminative rates
 and gradual unfreezing): 0 the task-specific parameters (head, scalar mixes, gate),
@@ -109,16 +111,16 @@ class TaskModel(nnx.Module):
     """Bodies + pooling + fusion + head (see module docstring)."""
 
     def __init__(self, bodies: Sequence[Transformer], layouts: Sequence[str], poolings: Sequence[str],
-                 num_outputs: int, *, tagging: bool, scalar_mix: bool = False, fusion: str = "concat",
+                 num_outputs: int, *, per_token: bool, scalar_mix: bool = False, fusion: str = "concat",
                  seed: int = 0):
         if not bodies:
             raise ValueError("a task model needs at least one body")
         rngs = nnx.Rngs(params=seed)
         self.bodies = nnx.List(list(bodies))
         self.layouts, self.poolings = tuple(layouts), tuple(poolings)
-        self.tagging, self.fusion = tagging, fusion
+        self.per_token, self.fusion = per_token, fusion
         self.mixes = nnx.List([ScalarMix(b.config.num_layers + 1) for b in bodies]) if scalar_mix else None
-        widths = [b.config.model_dim * (3 if p == "concat" and not tagging else 1) for b, p in zip(bodies, poolings)]
+        widths = [b.config.model_dim * (3 if p == "concat" and not per_token else 1) for b, p in zip(bodies, poolings)]
         self.gate = Gate(widths, rngs) if len(bodies) > 1 and fusion == "gate" else None
         width = max(widths) if self.gate is not None else sum(widths)
         init = jax.nn.initializers.normal(INIT_STDDEV)
@@ -141,7 +143,7 @@ class TaskModel(nnx.Module):
     def features(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
         """(the head's input at every position, each body's features)."""
         hidden = [self.body_hidden(batch, i) for i in range(len(self.bodies))]
-        per_body = hidden if self.tagging else [pool(h, batch["segment_ids"], p)
+        per_body = hidden if self.per_token else [pool(h, batch["segment_ids"], p)
                                                 for h, p in zip(hidden, self.poolings)]
         if self.gate is not None:
             return self.gate(per_body), hidden

@@ -7,7 +7,10 @@
   does: an I- tag that does not continue a span of its type starts one) and
   token_accuracy (tagging).
 
-All return plain floats; an undefined ratio (no positive class, no spans) is 0.0, as
+These are the formulas; which of them a task reports, and how its gold and predicted
+values reach them (class indices, values, tag names), is its kind's
+(`pretrain.transfer.kinds`, whose `score` computes metrics by name). All return plain
+floats; an undefined ratio (no positive class, no spans) is 0.0, as
 scikit-learn and conlleval report it, and so is the correlation of a constant series or
 of fewer than two values, where scipy says NaN: a collapsed model's dev score must
 still compare, so that selecting the best step stays defined. tests/test_scores.py
@@ -113,21 +116,3 @@ def token_accuracy(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[s
              for g, p in zip(gold_tags, predicted_tags, strict=True)]
     return _ratio(sum(g == p for g, p in pairs), len(pairs))
 
-
-CLASSIFICATION = {"accuracy": accuracy, "macro_f1": macro_f1, "f1": f1, "mcc": mcc}
-REGRESSION = {"pearson": pearson, "spearman": spearman}
-TAGGING = {"span_f1": span_f1, "token_accuracy": token_accuracy}
-
-
-def score(metrics: Sequence[str], labels: Sequence[str], gold: Sequence, predicted: Sequence) -> dict[str, float]:
-    """The named metrics: `gold` and `predicted` are class indices (classification,
-    pair), values (regression), or per-sentence tag-index lists (tagging, turned into
-    tag names through `labels`)."""
-    out = {}
-    for name in metrics:
-        if name in TAGGING:
-            names = lambda rows: [[labels[t] for t in row] for row in rows]  # noqa: E731
-            out[name] = TAGGING[name](names(gold), names(predicted))
-        else:
-            out[name] = {**CLASSIFICATION, **REGRESSION}[name](gold, predicted)
-    return out

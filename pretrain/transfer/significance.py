@@ -13,7 +13,8 @@
                     0.8 would need to find a difference of the observed size, given the
                     observed spread (normal approximation: 2 ((z_a + z_b) s / d)^2).
 
-Scores are the task's metric (`pretrain.transfer.scores`). Additive metrics (accuracy,
+Scores are the task's metric, as its kind reads gold and predicted values
+(`pretrain.transfer.kinds.score`). Additive metrics (accuracy,
 token accuracy, span F1) are resampled from per-example counts in one matrix product;
 the others are recomputed on each resample.
 """
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from pretrain.transfer import scores
+from pretrain.transfer import kinds, scores
 
 RESAMPLES = 1000
 ALPHA = 0.05
@@ -91,7 +92,7 @@ def resampled_scores(metric: str, labels: Sequence[str], gold: Sequence, predict
     if counts is not None:
         weights = np.stack([np.bincount(row, minlength=len(gold)) for row in resamples]).astype(np.float64)
         return _from_counts(metric, weights @ counts)
-    return np.asarray([scores.score((metric,), labels, [gold[i] for i in row], [predicted[i] for i in row])[metric]
+    return np.asarray([kinds.score((metric,), labels, [gold[i] for i in row], [predicted[i] for i in row])[metric]
                        for row in resamples])
 
 
@@ -104,8 +105,8 @@ def paired_bootstrap(metric: str, labels: Sequence[str], gold: Sequence, predict
     indices = rng.integers(0, len(gold), size=(resamples, len(gold)))
     mean_a = np.mean([resampled_scores(metric, labels, gold, p, indices) for p in predictions_a], axis=0)
     mean_b = np.mean([resampled_scores(metric, labels, gold, p, indices) for p in predictions_b], axis=0)
-    observed = (np.mean([scores.score((metric,), labels, gold, p)[metric] for p in predictions_a])
-                - np.mean([scores.score((metric,), labels, gold, p)[metric] for p in predictions_b]))
+    observed = (np.mean([kinds.score((metric,), labels, gold, p)[metric] for p in predictions_a])
+                - np.mean([kinds.score((metric,), labels, gold, p)[metric] for p in predictions_b]))
     differences = mean_a - mean_b
     p = min(1.0, 2 * min(np.mean(differences <= 0), np.mean(differences >= 0)))
     low, high = np.percentile(differences, [2.5, 97.5])

@@ -48,7 +48,7 @@ from flax import nnx
 
 from pretrain.tokenizer import Tokenizer
 from pretrain.train_step import make_step
-from pretrain.transfer import encoding, heads, methods, scores, tasks
+from pretrain.transfer import encoding, heads, methods, tasks
 from pretrain.transfer.trainer import EVAL_SPLITS, Body, collect_predictions, task_functions
 
 
@@ -189,7 +189,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     for member in members:
         bodies = bodies_of(member.seed)
         model = heads.TaskModel([b.model for b in bodies], [b.layout for b in bodies], [b.pooling for b in bodies],
-                                task.num_outputs, tagging=task.kind == "tagging",
+                                task.num_outputs, per_token=task.kind_spec.per_token,
                                 scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
                                 fusion=config.fusion, seed=member.seed)
         this_graphdef, params, this_rest = nnx.split(model, nnx.Param, ...)
@@ -301,8 +301,8 @@ def _evaluate(program: Compiled, params: Any, rest: Any, task_data: TaskData, sp
     out = []
     for index in range(jax.tree.leaves(params)[0].shape[0]):
         mine = [jax.tree.map(lambda x: x[index], result) for result in results]
-        gold, predicted, loss, count = collect_predictions(task, split, batches, mine)
-        out.append(({**scores.score(task.metrics, task.labels, gold, predicted), "loss": loss / max(count, 1.0)},
+        gold, predicted, loss, count = collect_predictions(task, split, batches, mine, task_data.tokenizer)
+        out.append(({**task.score(gold, predicted), "loss": loss / max(count, 1.0)},
                     predicted))
     return out
 

@@ -1,15 +1,20 @@
 """Downstream tasks: what a fine-tuning run learns and is scored on.
 
 A `Task` holds its kind, its label names, its metrics and three splits of
-`TaskExample`s. Tasks come from three places, chosen by `config.task`:
+`TaskExample`s. What differs between kinds (classification, pair, tagging,
+regression, ...: how rows are read, encoded, trained, decoded and scored) is the
+kind's (`pretrain.transfer.kinds`); this module asks it. Tasks come from three
+places, chosen by `config.task`:
 
-  pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans
+  pydocs_topic, pydocs_sentence_topic, pydocs_same_module, pydocs_code_spans, pydocs_qa
           built in and offline, derived from the Python documentation
           (`pretrain.transfer.pydocs_tasks`);
   files   a directory of the user's `train`, `dev` (or `validation`) and `test`
-          files, `.jsonl` ({"text", "text_b"?, "label"} or {"tokens", "tags"}) or
-          `.tsv` (a header row naming `text`, `text_b`, `label`; or CoNLL-style
-          `token<TAB>tag` lines with a blank line between sentences);
+          files, `.jsonl` (one JSON object per row, with the fields its kind reads:
+          {"text", "text_b"?, "label"}, {"tokens", "tags"}, ...) or `.tsv` (a header
+          row naming `text`, `text_b`, `label`; or CoNLL-style `token<TAB>tag` lines
+          with a blank line between sentences); `config.task_kind` names the kind, or
+          'auto' lets the rows tell (`kinds.detect`);
   tfds    a TFDS dataset prepared as ArrayRecord in a data_dir, GLUE's feature
           names understood (`glue/sst2`, `glue/mrpc`, `glue/stsb`, `glue/mnli`, ...).
           GLUE hides its test labels, so its validation splits are the test sets and
@@ -32,44 +37,23 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pretrain.transfer import scores
+from pretrain.transfer import kinds
+from pretrain.transfer.example import Record, TaskExample
 
-KINDS = ("classification", "pair", "tagging", "regression")
 SPLITS = ("train", "dev", "test")
 # A further labelled test set of a task is `test_<name>` (MNLI's mismatched validation
 # split: `test_mismatched`); `test` is the headline one.
 EXTRA_TEST_PREFIX = "test_"
-BUILTIN = ("pydocs_topic", "pydocs_sentence_topic", "pydocs_same_module", "pydocs_code_spans")
+BUILTIN = ("pydocs_topic", "pydocs_sentence_topic", "pydocs_same_module", "pydocs_code_spans", "pydocs_qa")
 SOURCES = (*BUILTIN, "files", "tfds")
-# Every metric `pretrain.transfer.scores` computes, by kind; the first is the default
-# that selects the step on dev.
-METRICS: Mapping[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "mcc"),
-    "pair": ("accuracy", "macro_f1", "f1", "mcc"),
-    "tagging": ("span_f1", "token_accuracy"),
-    "regression": ("pearson", "spearman"),
-}
 # GLUE's own primary metric where it is not accuracy (its paper, table 1).
 GLUE_METRICS = {"cola": "mcc", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskExample:
-    """One example. Classification: `text` (and `text_b` for pairs) and `label`, an
-    index into the task's labels; regression: `label` is the value; tagging: `words`
-    and `tags` (indices into the task's labels), one tag per word."""
-
-    text: str = ""
-    text_b: str | None = None
-    label: float = 0
-    words: tuple[str, ...] = ()
-    tags: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +70,10 @@ class Task:
     fingerprint: str = ""  # of the label set and the examples (built-in tasks: per Python minor version)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r} has kind {self.kind!r}; kinds are {KINDS}")
-        if self.metric not in METRICS[self.kind]:
+        kind = kinds.lookup(self.kind, f"task {self.name!r}: kind")
+        if self.metric not in kind.metrics:
             raise ValueError(f"config.task_metric={self.metric!r} is not a metric of a {self.kind} task; choose one "
-                             f"of {METRICS[self.kind]}")
+                             f"of {tuple(kind.metrics)}")
         unknown = sorted(set(self.splits) - set(split_names(self.splits)))
         if unknown:
             raise ValueError(f"task {self.name!r} has a split {unknown[0]!r} ({self.origin}); a task's splits are "
@@ -103,13 +86,27 @@ class Task:
             object.__setattr__(self, "fingerprint", fingerprint(self.labels, self.splits))
 
     @property
+    def kind_spec(self) -> kinds.Kind:
+        """The task's kind, which reads, encodes, trains, decodes and scores its examples."""
+        return kinds.lookup(self.kind)
+
+    @property
     def num_outputs(self) -> int:
-        """Width of the head: classes, tags, or 1 for regression."""
-        return 1 if self.kind == "regression" else len(self.labels)
+        """Width of the head at each position (classes, tags, 1 for a value, ...)."""
+        return self.kind_spec.num_outputs(self.labels)
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return METRICS[self.kind]
+        """Every metric the task reports, its kind's; the first is the default `metric`."""
+        return tuple(self.kind_spec.metrics)
+
+    def gold(self, split: str) -> list[Any]:
+        """The gold values of a split's examples, in order, as its metrics read them."""
+        return [self.kind_spec.gold(example) for example in self.splits[split]]
+
+    def score(self, gold: Sequence[Any], predicted: Sequence[Any]) -> dict[str, float]:
+        """Every metric of the task, of predictions against gold values."""
+        return kinds.score(self.metrics, self.labels, gold, predicted)
 
     @property
     def test_splits(self) -> tuple[str, ...]:
@@ -123,7 +120,7 @@ class Task:
 
     def describe(self) -> str:
         sizes = ", ".join(f"{split} {len(self.splits[split]):,}" for split in split_names(self.splits))
-        labels = f"{len(self.labels)} labels" if self.labels else "a real-valued label"
+        labels = self.kind_spec.describe_labels(self.labels)
         return f"{self.name} ({self.kind}, {labels}; {sizes}; selected by dev {self.metric}; {self.origin})"
 
 
@@ -136,13 +133,13 @@ def split_names(splits: Mapping[str, Any]) -> tuple[str, ...]:
 
 def fingerprint(labels: Sequence[str], splits: Mapping[str, Sequence[TaskExample]]) -> str:
     """A short hash of the label set and every example (a task without further test
-    sets hashes as it did before they existed)."""
+    sets, or examples without answers, hashes as it did before they existed)."""
     digest = hashlib.sha256(json.dumps(list(labels)).encode())
     for split in split_names(splits):
         if split not in SPLITS:
             digest.update(split.encode())
         for example in splits.get(split, ()):
-            digest.update(repr(dataclasses.astuple(example)).encode("utf-8", "surrogatepass"))
+            digest.update(repr(example.hashed()).encode("utf-8", "surrogatepass"))
     return digest.hexdigest()[:12]
 
 
@@ -152,29 +149,16 @@ def hash_position(text: str) -> float:
 
 
 def baseline_scores(task: Task) -> dict[str, float]:
-    """The test score of always predicting the training split's majority class (all O
-    for tags) and, for accuracy, of guessing uniformly: what a row must beat to have
-    learnt anything."""
-    if task.kind == "regression":
-        return {}
-    test = task.splits["test"]
-    if task.kind == "tagging":
-        outside = task.labels.index("O") if "O" in task.labels else 0
-        gold = [list(e.tags) for e in test]
-        return {"majority": scores.score((task.metric,), task.labels, gold, [[outside] * len(g) for g in gold])[
-            task.metric]}
-    counts = np.bincount([int(e.label) for e in task.splits["train"]], minlength=len(task.labels))
-    gold = [e.label for e in test]
-    out = {"majority": scores.score((task.metric,), task.labels, gold, [int(counts.argmax())] * len(gold))[task.metric]}
-    if task.metric == "accuracy":
-        out["chance"] = 1.0 / len(task.labels)
-    return out
+    """The test scores of trivial predictors, by name (always the training split's
+    majority class, all O for tags; and for accuracy, a uniform guess): what a row must
+    beat to have learnt anything. Its kind says which there are (none for values)."""
+    return task.kind_spec.baseline(task)
 
 
 def label_subset(task: Task, fraction: float, seed: int = 0) -> Task:
     """The task with `fraction` of its training examples (dev and test unchanged):
-    stratified (each class keeps round(fraction x its count) of its examples; tagging
-    and regression are one stratum), nested (a smaller fraction's examples are among a
+    stratified (each class keeps round(fraction x its count) of its examples; a kind
+    without one class per example is one stratum), nested (a smaller fraction's examples are among a
     larger one's, for the same seed) and deterministic (`seed` orders each stratum).
     A fraction that leaves a class without an example is refused, naming the class."""
     if not 0 < fraction <= 1:
@@ -184,7 +168,7 @@ def label_subset(task: Task, fraction: float, seed: int = 0) -> Task:
     train = task.splits["train"]
     by_class: dict[Any, list[int]] = {}
     for index, example in enumerate(train):
-        by_class.setdefault(example.label if task.kind in ("classification", "pair") else None, []).append(index)
+        by_class.setdefault(task.kind_spec.stratum(example), []).append(index)
     kept = []
     for label, indices in sorted(by_class.items(), key=lambda item: str(item[0])):
         rng = np.random.default_rng([seed, len(indices), *hashlib.sha256(str(label).encode()).digest()[:4]])
@@ -220,16 +204,6 @@ def load_task(config: Any, pretraining_data: Any = None) -> Task:
 
 
 # -- the user's files ------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Row:
-    where: str  # file:line
-    text: str = ""
-    text_b: str | None = None
-    label: Any = None
-    words: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
 
 
 def files_problems(path: str | os.PathLike) -> list[str]:
@@ -268,41 +242,30 @@ def _split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
-def _read_jsonl(path: Path) -> list[_Row]:
-    rows = []
+def _read_jsonl(path: Path) -> list[Record]:
+    """The JSON object of each non-empty line (what it must hold is its kind's rule)."""
+    records = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                fields = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not JSON ({error.msg}); write one JSON object per line") from None
-            if not isinstance(record, dict):
+            if not isinstance(fields, dict):
                 raise ValueError(f"{where} is not a JSON object; write {{\"text\": ..., \"label\": ...}}")
-            if "tokens" in record or "tags" in record:
-                tokens, tags = record.get("tokens"), record.get("tags")
-                if not isinstance(tokens, list) or not isinstance(tags, list):
-                    raise ValueError(f"{where}: a tagging row needs lists 'tokens' and 'tags'")
-                if len(tokens) != len(tags):
-                    raise ValueError(f"{where}: {len(tokens)} tokens but {len(tags)} tags; give one tag per token")
-                rows.append(_Row(where, words=tuple(map(str, tokens)), tags=tuple(map(str, tags))))
-                continue
-            if not isinstance(record.get("text"), str):
-                raise ValueError(f"{where} has no 'text' string; every row needs \"text\" (and \"label\")")
-            if "label" not in record or record["label"] is None:
-                raise ValueError(f"{where} has no 'label'; add \"label\" to every row")
-            text_b = record.get("text_b")
-            rows.append(_Row(where, record["text"], None if text_b is None else str(text_b), record["label"]))
-    return rows
+            records.append(Record(where, fields))
+    return records
 
 
-def _read_tsv(path: Path) -> list[_Row]:
+def _read_tsv(path: Path) -> list[Record]:
+    """A table's rows (`text`, `label`, optional `text_b`) or CoNLL sentences (`tokens`, `tags`)."""
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
     header = lines[0].split("\t") if lines else []
-    rows: list[_Row] = []
+    rows: list[Record] = []
     if "text" in header:  # a classification table
         if "label" not in header:
             raise ValueError(f"{path}:1 has columns {header} but no 'label'; name the label column 'label'")
@@ -317,7 +280,7 @@ def _read_tsv(path: Path) -> list[_Row]:
             if not label:
                 raise ValueError(f"{path}:{number} has no label; fill the 'label' column of every row")
             text_b = cells[columns["text_b"]] if "text_b" in columns else None
-            rows.append(_Row(f"{path}:{number}", cells[columns["text"]], text_b, label))
+            rows.append(Record(f"{path}:{number}", {"text": cells[columns["text"]], "text_b": text_b, "label": label}))
         return rows
     words: list[str] = []  # CoNLL-style token<TAB>tag lines
     tags: list[str] = []
@@ -325,7 +288,7 @@ def _read_tsv(path: Path) -> list[_Row]:
     for number, line in enumerate([*lines, ""], 1):
         if not line.strip():
             if words:
-                rows.append(_Row(f"{path}:{start}", words=tuple(words), tags=tuple(tags)))
+                rows.append(Record(f"{path}:{start}", {"tokens": words, "tags": tags}))
             words, tags, start = [], [], number + 1
             continue
         cells = line.split("\t")
@@ -337,7 +300,7 @@ def _read_tsv(path: Path) -> list[_Row]:
     return rows
 
 
-def _read_split(path: Path) -> list[_Row]:
+def _read_split(path: Path) -> list[Record]:
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_tsv(path)
     if not rows:
         raise ValueError(f"{path} holds no examples; put at least one row in it")
@@ -347,53 +310,26 @@ def _read_split(path: Path) -> list[_Row]:
 def load_files(path: str | os.PathLike, kind: str = "auto", metric: str | None = None,
                dev_fraction: float = 0.1) -> Task:
     """A task from a directory of train / dev / test files (see module docstring).
-    `kind` 'auto' is tagging for token rows, pair when rows have `text_b`, else
-    classification; regression must be asked for."""
+    `kind` 'auto' lets the training rows tell (`kinds.detect`: tagging for token rows,
+    pair when rows have `text_b`, else classification; regression must be asked for).
+    Every row is checked by the kind before any is converted, so the first bad row is
+    the one reported."""
     del dev_fraction  # the user's files name their dev split
     directory = Path(path)
     files = _split_files(directory)
-    rows = {split: _read_split(path) for split, path in files.items()}
-    train = rows["train"]
+    records = {split: _read_split(path) for split, path in files.items()}
     if kind == "auto":
-        kind = "tagging" if train[0].words else "pair" if any(r.text_b is not None for r in train) else "classification"
-    if kind not in KINDS:
-        raise ValueError(f"config.task_kind={kind!r} is not one of auto, {', '.join(KINDS)}")
-    for split, split_rows in rows.items():
-        for row in split_rows:
-            if (kind == "tagging") != bool(row.words):
-                raise ValueError(f"{row.where}: a {'tagging' if row.words else 'classification'} row in a "
-                                 f"{kind} task; every row of a task has the same form")
-            if kind == "pair" and row.text_b is None:
-                raise ValueError(f"{row.where} has no 'text_b'; a pair task needs both texts in every row")
-    if kind == "regression":
-        labels: tuple[str, ...] = ()
-        convert: Callable[[_Row], TaskExample] = lambda row: TaskExample(row.text, row.text_b, _number(row))
-    elif kind == "tagging":
-        labels = tuple(sorted({tag for row in train for tag in row.tags}))
-        index = {tag: i for i, tag in enumerate(labels)}
-        convert = lambda row: TaskExample(words=row.words, tags=tuple(_known(index, tag, row) for tag in row.tags))
+        spec = kinds.detect(records["train"])
     else:
-        labels = tuple(sorted({str(row.label) for row in train}))
-        index = {label: i for i, label in enumerate(labels)}
-        convert = lambda row: TaskExample(row.text, row.text_b, _known(index, str(row.label), row))
-    splits = {split: tuple(convert(row) for row in split_rows) for split, split_rows in rows.items()}
-    return Task(directory.name, kind, labels, splits, metric or METRICS[kind][0],
+        spec = kinds.lookup(kind, "config.task_kind", choices=("auto",))
+    for split_records in records.values():
+        for record in split_records:
+            spec.check(record)
+    labels = spec.labels_of(records["train"])
+    splits = {split: tuple(spec.example(record, labels) for record in split_records)
+              for split, split_records in records.items()}
+    return Task(directory.name, spec.name, labels, splits, metric or spec.default_metric,
                 f"files {', '.join(str(files[s]) for s in SPLITS)}")
-
-
-def _number(row: _Row) -> float:
-    try:
-        return float(row.label)
-    except (TypeError, ValueError):
-        raise ValueError(f"{row.where}: label {row.label!r} is not a number, but the task is a regression "
-                         "(config.task_kind='regression'); give numbers, or another task_kind") from None
-
-
-def _known(index: Mapping[str, int], label: str, row: _Row) -> int:
-    if label not in index:
-        raise ValueError(f"{row.where}: label {label!r} never occurs in the training file, so no model can learn "
-                         f"it; the training labels are {sorted(index)}. Add training examples of it or fix the label")
-    return index[label]
 
 
 # -- TFDS (GLUE) -----------------------------------------------------------------------
@@ -461,17 +397,18 @@ def load_tfds(name: str, data_dir: str | None, metric: str | None = None, dev_fr
         raise ValueError(f"TFDS dataset {name!r} has features {sorted(features.keys())}: expected a text feature "
                          f"({', '.join(a for a, _ in _TEXT_FEATURES)}) and 'label'")
     label_feature = features["label"]
-    kind = ("regression" if not isinstance(label_feature, tfds.features.ClassLabel)
-            else "pair" if pair[1] else "classification")
-    labels = () if kind == "regression" else tuple(label_feature.names)
+    real_valued = not isinstance(label_feature, tfds.features.ClassLabel)
+    shape = Record(name, {"text": "", "label": 0, **({"text_b": ""} if pair[1] else {})})  # of the dataset's rows
+    kind = kinds.detect([shape], real_valued)
+    labels = () if real_valued else tuple(label_feature.names)
     text = lambda value: value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
     def examples(records: Any) -> list[TaskExample]:
         out = []
         for index in range(len(records)):
             record = records[index]
-            label = float(record["label"]) if kind == "regression" else int(record["label"])
-            if kind != "regression" and label < 0:
+            label = float(record["label"]) if real_valued else int(record["label"])
+            if not real_valued and label < 0:
                 continue  # a hidden label
             out.append(TaskExample(text(record[pair[0]]), text(record[pair[1]]) if pair[1] else None, label))
         return out
@@ -489,5 +426,5 @@ def load_tfds(name: str, data_dir: str | None, metric: str | None = None, dev_fr
                              "'validation' split")
     short = name.rsplit("/", 1)[-1]
     scored = "; ".join(f"{split}: its {tfds_split} split" for split, tfds_split in tests.items())
-    return Task(name, kind, labels, splits, metric or GLUE_METRICS.get(short, METRICS[kind][0]),
+    return Task(name, kind.name, labels, splits, metric or GLUE_METRICS.get(short, kind.default_metric),
                 f"TFDS {name} in {data_dir} ({scored}; dev: {dev_fraction:.0%} of train by hash)")

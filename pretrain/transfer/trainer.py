@@ -24,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import objectives
@@ -41,13 +40,13 @@ from pretrain.optimizer import settings_problems
 from pretrain.tokenizer import Tokenizer
 from pretrain.train import Trainer, loop_problems
 from pretrain.train_step import make_step
-from pretrain.transfer import encoding, heads, methods, scores, tasks
+from pretrain.transfer import encoding, heads, kinds, methods, tasks
 from pretrain.workdir import check_free_space, checkpoint_bytes
 
 log = logging.getLogger("pretrain.train")
 RESULT_FILENAME = "result.json"
 # pooling='auto': the mean of the example's tokens for every layout. An MLM body without
-# NSP never trains its [CLS] and a causal body never reads its [EOS] as input, so
+# a sentence-pair term never trains its [CLS] and a causal body never reads its [EOS] as input, so
 # 'first' and 'last' read a position the body never trained (README, Fine-tune).
 AUTO_POOLING = "mean"
 EVAL_SPLITS = ("dev", "test")  # what a sweep scores; a fine-tuning run scores `Task.evaluation_splits`
@@ -74,8 +73,11 @@ def finetune_problems(config: Any, device_count: int) -> list[str]:
         problems += tasks.files_problems(config.task_path)
     elif config.task == "tfds" and not config.task_tfds_name:
         problems.append("config.task_tfds_name is empty but config.task='tfds'; set it, e.g. 'glue/sst2'")
-    if config.task_kind not in ("auto", *tasks.KINDS):
-        problems.append(f"config.task_kind={config.task_kind!r} must be one of {('auto', *tasks.KINDS)}")
+    if config.task_kind != "auto":
+        try:
+            kinds.lookup(config.task_kind, "config.task_kind", choices=("auto",))
+        except ValueError as error:
+            problems.append(str(error))
     for field in ("dev_fraction", "test_fraction"):
         if not 0 < config[field] < 1:
             problems.append(f"config.{field}={config[field]!r} must lie in (0, 1) (e.g. 0.1)")
@@ -202,32 +204,14 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     return bodies, tokenizer
 
 
-def task_loss(outputs: jax.Array, batch: Mapping[str, jax.Array], kind: str) -> tuple[jax.Array, jax.Array,
-                                                                                         jax.Array, jax.Array]:
-    """(loss sum, correct sum, labelled count, predictions [B, L]) of the task head's
-    outputs where `task_labels` marks a label: cross-entropy and argmax for classes and
-    tags, squared error and the value for regression."""
-    labelled = (batch["task_labels"] >= 0).astype(jnp.float32)
-    if kind == "regression":
-        predictions = outputs[..., 0]
-        losses = (predictions - batch["task_values"]) ** 2
-        correct = jnp.zeros_like(losses)
-    else:
-        labels = jnp.maximum(batch["task_labels"], 0)
-        losses = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
-        predictions = jnp.argmax(outputs, axis=-1).astype(jnp.int32)
-        correct = (predictions == labels).astype(jnp.float32)
-    return (losses * labelled).sum(), (correct * labelled).sum(), labelled.sum(), predictions
-
-
 def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objectives: int, plan: methods.Plan,
                    total_steps: int) -> tuple[Callable, Callable, Callable]:
-    """(loss_fn, totals_fn, eval_fn) of a task model: the task loss over the labelled
-    positions (plus the auxiliary LM loss of `aux_lm`, with its decaying weight), the
-    global denominators (labels, LM token weight), and the forward pass that gives
-    the loss sum, label count and predictions. The fine-tuning trainer and the
+    """(loss_fn, totals_fn, eval_fn) of a task model of task kind `kind`: the kind's loss
+    (plus the auxiliary LM loss of `aux_lm`, with its decaying weight), the global
+    denominators (the kind's loss terms, LM token weight), and the forward pass that
+    gives the loss sum, term count and predictions. The fine-tuning trainer and the
     comparison's vmapped sweeps (`pretrain.transfer.sweep`) train with these."""
-    aux = plan.aux
+    aux, spec = plan.aux, kinds.lookup(kind)
 
     def loss_fn(params, batch, totals, step):
         if plan.frozen_bodies:  # no gradient flows into a frozen body: its backward pass is never computed
@@ -235,7 +219,7 @@ def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objec
                 lambda keys, x: jax.lax.stop_gradient(x) if heads.path_of(keys)[:1] == ("bodies",) else x, params)
         model = nnx.merge(graphdef, params, rest)
         outputs, hidden = model(batch)
-        loss_sum, correct, count, _ = task_loss(outputs, batch, kind)
+        loss_sum, correct, count, _ = spec.loss(outputs, batch)
         loss = loss_sum / totals[0]
         zeros = jnp.zeros((num_objectives,), jnp.float32)
         stats = {"loss_sum": zeros.at[0].set(loss_sum), "correct_sum": zeros.at[0].set(correct),
@@ -249,38 +233,31 @@ def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objec
         return loss, stats
 
     def totals_fn(batch):
-        return (batch["task_labels"] >= 0).sum().astype(jnp.float32), batch["weights"].sum()
+        return spec.count(batch), batch["weights"].sum()
 
     def eval_fn(params, batch):
         outputs, _ = nnx.merge(graphdef, params, rest)(batch)
-        loss_sum, correct, count, predictions = task_loss(outputs, batch, kind)
+        loss_sum, _, count, predictions = spec.loss(outputs, batch)
         return {"loss_sum": loss_sum, "count": count, "predictions": predictions}
 
     return loss_fn, totals_fn, eval_fn
 
 
 def collect_predictions(task: tasks.Task, split: str, batches: Sequence[Mapping[str, np.ndarray]],
-                        results: Sequence[Mapping[str, Any]]) -> tuple[list, list, float, float]:
-    """(gold, predicted, loss sum, labelled count) of a split in example order, from
-    its evaluation batches and `eval_fn`'s result for each: a prediction is read where
-    a batch's `task_example` names an example (each word's first piece for tags; a
-    word cut from its row keeps the default tag, O)."""
-    examples = task.splits[split]
-    tagging = task.kind == "tagging"
-    default = task.labels.index("O") if tagging and "O" in task.labels else 0
-    predicted: list = [[default] * len(e.words) for e in examples] if tagging else [0.0] * len(examples)
+                        results: Sequence[Mapping[str, Any]], tokenizer: Tokenizer) -> tuple[list, list, float, float]:
+    """(gold, predicted, loss sum, loss terms) of a split in example order, from its
+    evaluation batches and `eval_fn`'s result for each: what a batch predicts where its
+    `task_example` names an example is decoded by the task's kind (a word cut from its
+    row keeps the kind's default, O for tags)."""
+    found: list[kinds.Found] = []
     loss = count = 0.0
     for batch, result in zip(batches, results, strict=True):
         loss, count = loss + float(result["loss_sum"]), count + float(result["count"])
         where = batch["task_example"] >= 0
-        for example, word, value in zip(batch["task_example"][where], batch["task_word"][where],
-                                        np.asarray(result["predictions"])[where]):
-            if tagging:
-                predicted[example][word] = int(value)
-            else:
-                predicted[example] = float(value) if task.kind == "regression" else int(value)
-    gold = [list(e.tags) if tagging else e.label for e in examples]
-    return gold, predicted, loss, count
+        found.extend(zip(batch["task_example"][where], batch["task_word"][where],
+                         np.asarray(result["predictions"])[where]))
+    predicted = task.kind_spec.decode(task.splits[split], task.labels, found, tokenizer)
+    return task.gold(split), predicted, loss, count
 
 
 # A test split is small below SMALL_TEST_EXAMPLES examples or, with classes, below
@@ -296,7 +273,7 @@ def small_test_warning(task: tasks.Task, config: Any, pretraining_data: Any) -> 
     when it is not. `config` is the fine-tuning config, `pretraining_data` the `data`
     section of the body's pretraining, whose held-out split a built-in task tests on."""
     size = len(task.splits["test"])
-    classes = len(task.labels) if task.kind in ("classification", "pair") else 0
+    classes = task.kind_spec.classes(task.labels)
     needed = max(SMALL_TEST_EXAMPLES, SMALL_TEST_PER_CLASS * classes)
     if size >= needed:
         return None
@@ -319,6 +296,11 @@ def small_test_warning(task: tasks.Task, config: Any, pretraining_data: Any) -> 
 class FinetuneTrainer(Trainer):
     """The pretraining trainer with a task program (see module docstring)."""
 
+    def _resolve(self, config: Any) -> Any:
+        """A fine-tuning config is used as given: what it derives (each body's shape) comes
+        from the bodies' own runs."""
+        return config
+
     def _validate(self, config: Any) -> None:
         """Checks the config, then reads what is cheap to read: each body's config.json and
         tokenizer, and the task (`self.task`). A misspelt run directory, a missing task
@@ -337,9 +319,9 @@ class FinetuneTrainer(Trainer):
         warning = small_test_warning(self.task, config, self.bodies[0].run_config.data)
         if warning and self.primary:
             log.warning(warning)
-        tagging = self.task.kind == "tagging"
         model = heads.TaskModel([b.model for b in self.bodies], [b.layout for b in self.bodies],
-                                [b.pooling for b in self.bodies], self.task.num_outputs, tagging=tagging,
+                                [b.pooling for b in self.bodies], self.task.num_outputs,
+                                per_token=self.task.kind_spec.per_token,
                                 scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
                                 fusion=config.fusion, seed=config.seed)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -407,7 +389,7 @@ class FinetuneTrainer(Trainer):
         out = {}
         for split in self.task.evaluation_splits:
             gold, predicted, loss, count = self._predict(params, split)
-            for name, value in scores.score(self.task.metrics, self.task.labels, gold, predicted).items():
+            for name, value in self.task.score(gold, predicted).items():
                 out[f"eval/{split}/{name}"] = value
             out[f"eval/{split}/loss"] = loss / max(count, 1.0)
         return out
@@ -416,7 +398,7 @@ class FinetuneTrainer(Trainer):
         """(gold, predicted, loss sum, labelled count) over a split, in example order."""
         results = [jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
                    for batch in self.eval_data[split]]
-        return collect_predictions(self.task, split, self.eval_data[split], results)
+        return collect_predictions(self.task, split, self.eval_data[split], results, self.tokenizer)
 
     def _print_evaluation(self, step: int, values: dict[str, float]) -> None:
         def split_line(split: str) -> str:
