@@ -9,8 +9,8 @@ stacked layers (`config.model.scan_layers`), under each rematerialisation policy
 
 On `--devices` simulated CPU devices (set before JAX starts its backend), for every size,
 sequence length, layout and policy, it builds the pjit training step as
-`pretrain.train.Trainer` does (the pretraining loss and AdamW of `configs/pretrain.py`
-for `--objective`, `pretrain.train_step.make_train_step`, the state's shardings from
+`pretrain.train.Trainer` does (the resolved config of `configs/pretrain.py` for
+`--objective`: its loss terms and their heads, AdamW; `pretrain.train_step.make_train_step`, the state's shardings from
 `pretrain.sharding.train_state_shardings` on the `--mesh` (data, fsdp, tensor), the
 batch split over data and fsdp, the state donated), lowers it with abstract inputs
 (`jax.ShapeDtypeStruct`s carrying their shardings, so no parameter or batch is ever
@@ -36,11 +36,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import objectives
 from configs.pretrain import get_config
 from pretrain import sharding
+from pretrain.attention import choose_attention
 from pretrain.model import TransformerConfig, create_model
 from pretrain.optimizer import make_optimizer
 from pretrain.packing import pack_row
+from pretrain.resolve import resolve_config
 from pretrain.train_step import make_train_step
 
 LAYOUTS = {"loop": False, "scan": True}
@@ -79,22 +82,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def compile_step(size: str, seq_len: int, scan: bool, remat: str, args: argparse.Namespace,
                  mesh: jax.sharding.Mesh) -> Row:
     """Lowers and compiles the pjit training step of one configuration from abstract inputs."""
-    config = get_config(f"objective={args.objective},size={size}")
-    model_config = TransformerConfig(**{**config.model, "max_positions": max(config.model.max_positions, seq_len),
-                                        "scan_layers": scan, "remat": remat}, vocab_size=args.vocab_size)
+    config = resolve_config(get_config(f"objective={args.objective},size={size}"))  # with the terms' heads
+    mixture = objectives.build_mixture(config.objective, objectives.Vocabulary(args.vocab_size),
+                                       config.objectives.to_dict())
+    attention, _ = choose_attention(config.model.attention, mixture.attention_kinds)
+    model_config = TransformerConfig(**{**config.model, "attention": attention, "scan_layers": scan, "remat": remat,
+                                        "max_positions": max(config.model.max_positions, seq_len)},
+                                     vocab_size=args.vocab_size)
     optimizer = make_optimizer(total_steps=config.total_steps, **config.optimizer)
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: create_model(model_config, seed=config.seed)),
                                        nnx.Param, ...)
     rest = jax.tree.map(_concrete, rest)  # the dropout streams' keys and counts: the step closes over them
-    num_objectives = len(config.objective.split(","))
-    step = make_train_step(graphdef, rest, optimizer, num_objectives, config.accumulation_steps)
+    step = make_train_step(graphdef, rest, optimizer, len(mixture.names), config.accumulation_steps,
+                           terms=mixture.loss_terms)
     shardings = sharding.train_state_shardings(params, optimizer, mesh)
     initial = lambda p: {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)}  # noqa: E731
     state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
                          jax.eval_shape(initial, params), shardings)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = {name: jax.ShapeDtypeStruct((args.batch_size, seq_len), row.dtype, sharding=batch_sharding)
-             for name, row in pack_row([], seq_len).items()}
+             for name, row in pack_row([], seq_len, mixture.term_fields).items()}
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     started = time.perf_counter()
