@@ -36,15 +36,12 @@ class LossTerm:
       fields: (packed field, fill value) pairs of the int32 per-token fields it reads;
         the first marks where the term is taken (see the module docstring).
       weight: its coefficient in the summed loss.
-      options: (name, value) pairs the head is built with (the head's shape), e.g.
-        the width of SpanBERT's relative-position table.
     """
 
     name: str
     head: str
     fields: tuple[tuple[str, int], ...]
     weight: float = 1.0
-    options: tuple[tuple[str, int | float | str | bool], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.fields:
