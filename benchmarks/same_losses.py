@@ -7,7 +7,8 @@ commits must log bit-identical losses, accuracies, gradient norms and held-out s
 (default: this checkout, uncommitted changes included). Each run trains the tiny model
 from scratch with one objective (its own tokenizer, trained the same way in both trees)
 and the comparison prints, per run, whether every logged value is bit-identical. A run
-may pass flags to one tree only (a renamed option, an option that did not exist).
+may pass flags to one tree only (a renamed option, an option that did not exist); a
+flag for the --before tree only is passed where that tree has the option.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ RUNS = {
     "mass": ("mass", [], [], []),
     "mlm_nsp": ("mlm", ["--config.objectives.mlm.nsp=True"], ["--config.model.nsp_head=True"], []),
     # SpanBERT's span masking alone: before the span boundary objective existed, and with it off after
-    "spanbert_no_sbo": ("spanbert", [], [], ["--config.objectives.spanbert.sbo=False"]),
+    "spanbert_no_sbo": ("spanbert", [], ["--config.objectives.spanbert.sbo=False"],
+                        ["--config.objectives.spanbert.sbo=False"]),
+    "spanbert": ("spanbert", [], [], []),  # with its span boundary objective: a --before that has it (f27ab69 on)
 }
 COMPARED = ("loss", "accuracy", "grad_norm", "eval/loss", "eval/accuracy", "learning_rate")
 
@@ -40,6 +43,20 @@ def train(tree: str, workdir: str, objective: str, flags: list[str], steps: int)
     subprocess.run(command, cwd=tree, check=True, capture_output=True, text=True)
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
+
+
+def takes(tree: str, flag: str) -> bool:
+    """Whether the source `tree` knows the config field a `--config.<...>.<field>=value`
+    flag sets (a before-only flag names an option later commits removed)."""
+    field = flag.split("=", 1)[0].rsplit(".", 1)[-1]
+    for directory in ("pretrain", "objectives"):
+        for root, _, files in os.walk(os.path.join(tree, directory)):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(root, name), encoding="utf-8") as handle:
+                        if f"{field}:" in handle.read():
+                            return True
+    return False
 
 
 def compared(row: dict) -> dict:
@@ -61,6 +78,7 @@ def main() -> None:
             same = True
             for name in args.runs.split(","):
                 objective, flags, before_flags, after_flags = RUNS[name]
+                before_flags = [flag for flag in before_flags if takes(before, flag)]
                 old = train(before, os.path.join(scratch, f"{name}-before"), objective, flags + before_flags,
                             args.steps)
                 new = train(args.after, os.path.join(scratch, f"{name}-after"), objective, flags + after_flags,

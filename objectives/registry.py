@@ -37,6 +37,9 @@ class Objective(abc.ABC):
         `num_token_types` before training).
       loss_terms: the losses it trains beside the token loss (`objectives.terms`); its
         examples carry exactly their fields in `extras`.
+      held_out_term: the loss term whose loss and accuracy score a model under this
+        objective on held-out text (`pretrain.evaluate`); None (the default): its token
+        loss. An objective that predicts no tokens through the body (ELECTRA) names one.
       special_tokens: the named special tokens its examples and prompts use ('[MASK]',
         '[BOS]', ...); building it against a vocabulary without one of them is refused
         with one message naming the objective and the token.
@@ -54,6 +57,7 @@ class Objective(abc.ABC):
     attention_kinds: frozenset[int] = frozenset()
     token_types: frozenset[int] = frozenset({0})
     loss_terms: tuple[LossTerm, ...] = ()
+    held_out_term: str | None = None
     special_tokens: frozenset[str] = frozenset()
 
     def __init__(self, name: str, objective_id: int, vocab: Vocabulary):

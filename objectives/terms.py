@@ -57,6 +57,23 @@ class LossTerm:
         return {name: np.full(length, fill, np.int32) for name, fill in self.fields}
 
 
+# A random number a term carries to the step (ELECTRA's generator samples with it) is drawn on the host, where
+# every other random choice of an example is made: the pipeline's determinism then covers it, a resumed run draws
+# the same, and the step needs no random key. It travels as an int32 field, 1..DRAW_LEVELS (0 stays the fill).
+DRAW_LEVELS = 1 << 24
+
+
+def uniform_draws(rng: np.random.Generator, count: int) -> np.ndarray:
+    """`count` int32 draws, uniform over 1..DRAW_LEVELS (see `as_uniform`)."""
+    return rng.integers(1, DRAW_LEVELS + 1, size=count, dtype=np.int64).astype(np.int32)
+
+
+def as_uniform(draws):
+    """The uniform number in (0, 1) each draw stands for: the midpoint of its level.
+    NumPy or JAX arrays alike."""
+    return (draws - 0.5) / DRAW_LEVELS
+
+
 def merged_terms(declared: Iterable[LossTerm]) -> tuple[LossTerm, ...]:
     """Each term once, in first-declared order; two different terms of one name, or two
     terms that give one field different fill values, are refused."""

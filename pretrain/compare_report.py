@@ -80,10 +80,12 @@ def groups(runs: Sequence[Run]) -> list[list[Run]]:
 
 def matrix(runs: Sequence[Run], metric: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(objective names, means [groups, objectives], sample stds [groups, objectives]) of
-    one metric over each group's pretraining seeds (std 0 for a single seed)."""
-    names = list(runs[0].evaluation["objectives"])
-    values = [np.array([[run.evaluation["objectives"][name][metric] for name in names] for run in group])
-              for group in groups(runs)]
+    one metric over each group's pretraining seeds (std 0 for a single seed). A cell a
+    run could not be scored in (an objective scored through heads only its own runs
+    have, `pretrain.evaluate.unscorable`) is NaN."""
+    names = list(dict.fromkeys(name for run in runs for name in run.evaluation["objectives"]))
+    values = [np.array([[run.evaluation["objectives"].get(name, {}).get(metric, np.nan) for name in names]
+                        for run in group], dtype=np.float64) for group in groups(runs)]
     means = np.array([v.mean(axis=0) for v in values])
     stds = np.array([v.std(axis=0, ddof=1) if len(v) > 1 else np.zeros(len(names)) for v in values])
     return names, means, stds
@@ -101,13 +103,16 @@ def matrix_table(runs: Sequence[Run], metric: str, lower_is_better: bool, digits
     """The runs x objectives table of `metric` in Markdown, the best of each column bold;
     mean ± std over pretraining seeds when runs have several."""
     names, values, stds = matrix(runs, metric)
-    best = values.min(axis=0) if lower_is_better else values.max(axis=0)
+    scored = ~np.isnan(values)
+    best = np.where(scored, values, np.inf if lower_is_better else -np.inf)
+    best = best.min(axis=0) if lower_is_better else best.max(axis=0)
     seeded = any(len(group) > 1 for group in groups(runs))
     rows = []
     for r, group in enumerate(groups(runs)):
-        texts = [f"{v:.{digits}f} ± {s:.{digits}f}" if seeded else f"{v:.{digits}f}"
+        texts = ["n/a" if np.isnan(v) else f"{v:.{digits}f} ± {s:.{digits}f}" if seeded else f"{v:.{digits}f}"
                  for v, s in zip(values[r], stds[r])]
-        cells = [f"**{t}**" if values[r][c] == best[c] and len(values) > 1 else t for c, t in enumerate(texts)]
+        cells = [f"**{t}**" if values[r][c] == best[c] and scored[:, c].sum() > 1 else t
+                 for c, t in enumerate(texts)]
         rows.append([group[0].group, f"`{group[0].objective}`", *cells])
     return _table(["run", "trained on", *names], rows)
 
@@ -162,16 +167,18 @@ def plot_matrix(runs: Sequence[Run], path: str) -> None:
     the column's name), since objectives' losses live on different scales."""
     names, loss, _ = matrix(runs, "loss")
     _, accuracy, _ = matrix(runs, "accuracy")
-    span = loss.max(axis=0) - loss.min(axis=0)
-    shade = (loss - loss.min(axis=0)) / np.where(span > 0, span, 1.0)  # 0: best of the column
+    low, high = np.nanmin(loss, axis=0), np.nanmax(loss, axis=0)  # every column has a scored run: its trainer
+    span = high - low
+    shade = (loss - low) / np.where(span > 0, span, 1.0)  # 0: best of the column; NaN (not scored): blank
     figure = Figure(figsize=(1.3 * len(names) + 2.5, 0.6 * len(loss) + 2.2), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(shade, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
     for r in range(len(loss)):
         for c in range(len(names)):
-            axes.text(c, r, f"{loss[r, c]:.2f}\n({accuracy[r, c]:.0%})", ha="center", va="center", fontsize=8)
-    ranges = [f"{name}\n{loss[:, c].min():.2f}-{loss[:, c].max():.2f} nats" for c, name in enumerate(names)]
+            text = "n/a" if np.isnan(loss[r, c]) else f"{loss[r, c]:.2f}\n({accuracy[r, c]:.0%})"
+            axes.text(c, r, text, ha="center", va="center", fontsize=8)
+    ranges = [f"{name}\n{low[c]:.2f}-{high[c]:.2f} nats" for c, name in enumerate(names)]
     axes.set_xticks(range(len(names)), ranges, rotation=30, ha="right", fontsize=8)
     axes.set_yticks(range(len(loss)), [group[0].group for group in groups(runs)], fontsize=8)
     axes.set_xlabel("evaluated as")

@@ -5,7 +5,9 @@
 Whatever a model was trained with, it is scored on the held-out split under every
 leaf of every registered objective (`mlm`, `clm`, `mass`, and UniLM's four modes),
 each with its paper-default settings: loss, accuracy and perplexity (exp of the
-loss) at the positions that objective weights. MLM's perplexity is over masked
+loss) at the positions that objective weights (or, for an objective scored by a loss
+term, `Objective.held_out_term`, that term's: ELECTRA's replaced-token detection over
+every token, for models that have its heads). MLM's perplexity is over masked
 tokens, CLM's is left-to-right next-token perplexity, `unilm/right_to_left` the
 cloze loss from right context only.
 
@@ -89,19 +91,39 @@ def fingerprint(batches: Sequence[dict[str, np.ndarray]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def unscorable(model: Transformer, leaf: objectives.Objective) -> str | None:
+    """Why `model` cannot be scored under `leaf` (its held-out score is a loss term whose
+    heads the model lacks), or None."""
+    if leaf.held_out_term is None:
+        return None
+    missing = [term.head for term in leaf.loss_terms if term.head not in model.config.heads]
+    if missing:
+        return (f"{leaf.name!r} is scored by its {leaf.held_out_term!r} loss term, through heads "
+                f"{', '.join(missing)} that this model does not have (only a model trained with it does)")
+    return None
+
+
 class Scorer:
     """Loss, accuracy and perplexity of one model over batches: the training loss's
-    evaluation step (`pretrain.train_step.make_eval_step`), compiled once per shape."""
+    evaluation step (`pretrain.train_step.make_eval_step`), compiled once per shape and
+    set of loss terms."""
 
     def __init__(self, model: Transformer):
-        graphdef, self._params, rest = nnx.split(model, nnx.Param, ...)
-        self._statistics = jax.jit(make_eval_step(graphdef, rest, num_objectives=1))
+        self._graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+        self._steps: dict[tuple, Callable] = {}
 
-    def __call__(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-        """Metrics over the weighted targets of `batches` (sums in float64 on the host)."""
+    def __call__(self, batches: Sequence[dict[str, np.ndarray]], leaf: objectives.Objective | None = None
+                 ) -> dict[str, float]:
+        """Metrics over the weighted targets of `batches`, or over the positions of the
+        leaf's `held_out_term` where it names one (sums in float64 on the host)."""
+        terms = leaf.loss_terms if leaf is not None and leaf.held_out_term is not None else ()
+        if terms not in self._steps:
+            self._steps[terms] = jax.jit(make_eval_step(self._graphdef, self._rest, num_objectives=1, terms=terms))
         loss = correct = weight = 0.0
         for batch in batches:
-            stats = jax.device_get(self._statistics(self._params, batch))
+            stats = jax.device_get(self._steps[terms](self._params, batch))
+            if terms:
+                stats = {name: np.asarray([value]) for name, value in stats["terms"][leaf.held_out_term].items()}
             loss += float(stats["loss_sum"][0])
             correct += float(stats["correct_sum"][0])
             weight += float(stats["weight_sum"][0])
@@ -131,8 +153,11 @@ def evaluate_model(model: Transformer, tokenizer: Tokenizer, data_config: Any, *
     scorer, results, prints, skipped = Scorer(model), {}, {}, {}
     for leaf in evaluation_objectives(tokenizer.vocabulary(), objective_names, skipped):
         batches = heldout_batches(documents, encode, leaf, seq_len=seq_len, batch_size=batch_size, seed=seed)
-        results[leaf.name] = scorer(batches)
-        prints[leaf.name] = fingerprint(batches)
+        prints[leaf.name] = fingerprint(batches)  # of every leaf, scored or not: one held-out set for every model
+        if unscorable(model, leaf):
+            skipped[leaf.name] = unscorable(model, leaf)
+        else:
+            results[leaf.name] = scorer(batches, leaf)
     heldout = {"documents": count, "seq_len": seq_len, "seed": seed, "batch_size": batch_size,
                "fingerprint": fingerprint_of(prints)}
     return {"heldout": heldout, "objectives": results, **({"skipped": skipped} if skipped else {})}

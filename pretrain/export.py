@@ -6,7 +6,9 @@ The newest good checkpoint's parameters (or those of step N) become `model.safet
 NumPy; no torch needed), the model's shape `config.json`, and the run's SentencePiece
 tokenizer `tokenizer.json` / `tokenizer_config.json` with the same ids. A pre-LN run
 maps to `GPT2LMHeadModel`; a post-LN run with BERT's MLM transform head to
-`BertForMaskedLM`, or `BertForPreTraining` when it has the pair-classifier head. A run with no
+`BertForMaskedLM`, or `BertForPreTraining` when it has the pair-classifier head; a
+post-LN run with ELECTRA's replaced-token detector to `ElectraForPreTraining` (the
+discriminator: its generator stays behind). A run with no
 exact counterpart is refused with the option that prevents it and what to set.
 """
 
@@ -26,7 +28,7 @@ from pretrain import cli
 from pretrain.hf import convert
 from pretrain.hf.hf_tokenizer import write_tokenizer
 from pretrain.hf.imported_tokenizer import ImportedTokenizer, ensure_imported
-from pretrain.hf.models import architecture_of, flat_params, hf_config
+from pretrain.hf.models import architecture_of, declared_architectures, flat_params, hf_config
 from pretrain.inference import model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.model import TransformerConfig, create_model
 
@@ -37,7 +39,18 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
     """Why a run with this model and these objectives has no exact `transformers`
     counterpart (each names the option and what to set), or nothing."""
     problems = []
-    if architecture_of(config) == "gpt2":
+    architecture = architecture_of(config)
+    if len(declared_architectures(config)) > 1:
+        problems.append(f"config.model.heads={config.heads!r} belong to different transformers architectures "
+                        f"({', '.join(declared_architectures(config))}); one export holds one: train with the "
+                        "objectives of one of them")
+    if config.pre_layer_norm and declared_architectures(config):
+        problems.append(f"config.model.heads={config.heads!r} belong to {', '.join(declared_architectures(config))}, "
+                        "a post-LN architecture; train with config.model.pre_layer_norm=False to export them")
+    if config.factorised_embedding and architecture != "electra":
+        problems.append(f"config.model.embedding_dim={config.embedding_dim}: {architecture}'s model has no "
+                        "projection from narrower embeddings (ELECTRA's has); train with config.model.embedding_dim=0")
+    if architecture == "gpt2":
         typed = sorted({leaf.name for leaf in mixture.objectives if leaf.token_types - {0}})
         if typed:
             problems.append(f"objectives {typed} use token types beyond 0, which GPT-2 does not embed; export a run "
@@ -50,7 +63,7 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
             problems.append("config.model.mlm_transform_head=True: GPT-2 has no MLM transform head; train with "
                             "config.model.mlm_transform_head=False, or post-LN (config.model.pre_layer_norm=False) "
                             "for a BERT export")
-    elif not config.mlm_transform_head:
+    elif architecture == "bert" and not config.mlm_transform_head:
         problems.append("config.model.mlm_transform_head=False: BertForMaskedLM reads logits through BERT's MLM "
                         "transform head; train with config.model.mlm_transform_head=True (or pre-LN, "
                         "config.model.pre_layer_norm=True, for a GPT-2 export)")
@@ -74,9 +87,9 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
     step, _ = restore_params(workdir, model, step)
     architecture = architecture_of(config)
     for head in config.heads:
-        if head not in convert.EXPORTED_HEADS[architecture]:
+        if head not in convert.exported_heads(config.heads, architecture):
             log.warning("the model's %r head has no counterpart in %s and stays behind (a pretraining head; the "
-                        "body and the vocabulary head export)", head, architecture)
+                        "body and the heads transformers has export)", head, architecture)
     state = convert.to_hf(flat_params(model), architecture)
     os.makedirs(out, exist_ok=True)
     # Written by open(), so its mode is the umask's like every other file here (save_file writes 0600).
@@ -88,7 +101,8 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
     if isinstance(tokenizer, ImportedTokenizer):  # a run that started from a Hugging Face model keeps its tokenizer
         ensure_imported(out, os.path.dirname(tokenizer.path))
     else:
-        write_tokenizer(tokenizer, out, architecture, config.max_positions)
+        write_tokenizer(tokenizer, out, "gpt2" if architecture == "gpt2" else "bert",  # ELECTRA: BERT's layout
+                        config.max_positions)
     return {"workdir": workdir, "step": step, "out": out, "class": described["architectures"][0],
             "tensors": len(state)}
 

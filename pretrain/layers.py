@@ -75,10 +75,10 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
 _LOGICAL_EMBED = {"out_sharding": ("embed",), "eager_sharding": False}
 
 
-def layer_norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """A float32 LayerNorm over the model width, its scale and bias named 'embed'."""
+def layer_norm(config: TransformerConfig, rngs: nnx.Rngs, width: int | None = None) -> nnx.LayerNorm:
+    """A float32 LayerNorm over `width` (default: the model width), its scale and bias named 'embed'."""
     return nnx.LayerNorm(
-        config.model_dim,
+        width or config.model_dim,
         epsilon=config.layer_norm_epsilon,
         dtype=jnp.float32,
         scale_metadata=_LOGICAL_EMBED,
@@ -335,7 +335,7 @@ def to_layout(tree: Any, scan: bool, axis: int = 0) -> Any:
     the pure dicts `nnx.to_pure_dict` or a checkpoint give (list indices as ints or
     digit strings), with arrays, NumPy arrays or `jax.ShapeDtypeStruct`s (whose
     `NamedSharding` gains or loses a replicated dimension). A model state is a
-    mapping with a 'blocks' entry. `axis` is where the layer axis goes: 0, or 1
+    mapping with a 'blocks' entry (and so is a head's stack inside it). `axis` is where the layer axis goes: 0, or 1
     for a pmap state whose every array has a leading device axis. Stacking and
     indexing copy values exactly, so the conversion round-trips bit for bit.
     """
@@ -343,6 +343,9 @@ def to_layout(tree: Any, scan: bool, axis: int = 0) -> Any:
         if not _holds_blocks(node):
             return node
         items = _plain(node)
+        for key, value in items.items():  # a head with a stack of its own (ELECTRA's generator) converts alike
+            if key != BLOCKS:
+                items[key] = jax.tree.map(convert, value, is_leaf=_holds_blocks)
         layers = _loop_layers(items[BLOCKS])
         if scan and layers is not None:
             items[BLOCKS] = _stacked(layers, axis)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from objectives.terms import LossTerm
+from objectives.terms import LossTerm, as_uniform
 from pretrain.model import Transformer, tied_logits
 
 Batch = Mapping[str, jax.Array]
@@ -154,14 +154,67 @@ def vocabulary_statistics(
     h)` (or none) then the tied projection `embedding` plus `bias`. A loss term that
     predicts tokens from its own representations (SpanBERT's span boundary head) takes
     its loss through this too, with the same chunked head and hand-written gradient."""
-    rows, length = weights.shape
-    groups = math.gcd(rows, jax.device_count())
-    grouped = lambda x: x.reshape(groups, rows // groups * length, *x.shape[2:])
-    chunk = min(rows // groups * length, max(1, chunk_tokens // groups))
+    grouped, chunk = _grouping(*weights.shape, chunk_tokens)
     head_loss = _head_loss(transform, dtype, num_objectives, chunk, every_position)
     total, stats = head_loss(transform_state, embedding, bias, grouped(hidden), grouped(targets), grouped(weights),
                              grouped(objective_id))
     return total, jax.lax.stop_gradient(stats)
+
+
+def _computed_first(computed: jax.Array, chunk: int) -> tuple[jax.Array, int, jax.Array]:
+    """(order, padded, chunks) for a head run over the `computed` positions of each
+    group [G, N] only: `order` [G, padded] lists each group's computed positions first
+    (in order) then the rest, padded with 0s to a whole number of `chunk`s; `chunks`
+    is how many chunks hold every group's computed positions."""
+    length = computed.shape[1]
+    padded = -(-length // chunk) * chunk
+    order = jnp.pad(jnp.argsort(~computed, axis=1, stable=True), ((0, 0), (0, padded - length)))
+    return order, padded, -(-jnp.max(jnp.sum(computed, axis=1)) // chunk)
+
+
+def _grouping(rows: int, length: int, chunk_tokens: int) -> tuple[Callable[[jax.Array], jax.Array], int]:
+    """(x [B, L, ...] -> [G, B/G * L, ...], chunk): rows compacted in gcd(B, device
+    count) groups, so a batch sharded over devices compacts each device's rows where
+    they are, and the chunk each group's head runs over."""
+    groups = math.gcd(rows, jax.device_count())
+    grouped = lambda x: x.reshape(groups, rows // groups * length, *x.shape[2:])  # noqa: E731
+    return grouped, min(rows // groups * length, max(1, chunk_tokens // groups))
+
+
+def vocabulary_samples(
+    transform: Callable | None,
+    transform_state: nnx.State | dict,
+    embedding: jax.Array,  # [V, E]
+    bias: jax.Array,  # [V]
+    hidden: jax.Array,  # [B, L, D]
+    draws: jax.Array,  # int [B, L], 0: no sample here
+    dtype: jnp.dtype,
+    chunk_tokens: int = 512,
+) -> jax.Array:
+    """int32 [B, L]: at each position with a draw (`objectives.terms.uniform_draws`), a
+    token sampled from the softmax of the vocabulary head of `vocabulary_statistics`,
+    by the inverse of its cumulative distribution at `as_uniform(draw)`; 0 elsewhere.
+    Forward only (no gradient flows through a sample), and like the loss the head runs
+    over chunks of the drawn positions alone."""
+    rows, length = draws.shape
+    grouped, chunk = _grouping(rows, length, chunk_tokens)
+    hidden, draws = grouped(hidden), grouped(draws)
+    order, padded, chunks = _computed_first(draws != 0, chunk)
+    sorted_uniforms = as_uniform(jnp.take_along_axis(draws, order, axis=1).astype(jnp.float32))
+
+    def body(index, samples):
+        start = index * chunk
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # noqa: E731
+        h = jnp.take_along_axis(hidden, take(order)[..., None], axis=1)
+        t = h if transform is None else transform(transform_state, h)
+        cumulative = jnp.cumsum(jax.nn.softmax(tied_logits(t, embedding, bias, dtype), axis=-1), axis=-1)
+        chosen = jnp.sum(cumulative < take(sorted_uniforms)[..., None], axis=-1)
+        return jax.lax.dynamic_update_slice_in_dim(samples, jnp.minimum(chosen, embedding.shape[0] - 1), start, 1)
+
+    samples = jax.lax.fori_loop(0, chunks, body, jnp.zeros(order.shape, jnp.int32))
+    inverse = jnp.argsort(order[:, :draws.shape[1]], axis=1)
+    samples = jnp.where(draws != 0, jnp.take_along_axis(samples, inverse, axis=1), 0)
+    return jax.lax.stop_gradient(samples.reshape(rows, length))
 
 
 def _head_pass(transform: Callable | None, dtype: jnp.dtype, transform_state: nnx.State, embedding: jax.Array,
@@ -175,15 +228,11 @@ def _head_pass(transform: Callable | None, dtype: jnp.dtype, transform_state: nn
     transposed, [D, V], and transposed once at the end, so no chunk's [C, V]
     logit gradient is ever transposed (XLA CPU copies an operand for that)."""
     groups, length = weights.shape
-    padded = -(-length // chunk) * chunk
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length)))
-    computed = jnp.ones_like(weights, bool) if every_position else weights != 0
-    order = pad(jnp.argsort(~computed, axis=1, stable=True))  # computed (weighted) positions first, in order
+    order, padded, chunks = _computed_first(jnp.ones_like(weights, bool) if every_position else weights != 0, chunk)
     sorted_weights = jnp.where(jnp.arange(padded) < length,  # padding slots weigh 0
                                jnp.take_along_axis(weights, order, axis=1), 0.0)
     sorted_targets = jnp.take_along_axis(targets, order, axis=1)
     sorted_objectives = jnp.take_along_axis(objective_id, order, axis=1)
-    chunks = -(-jnp.max(jnp.sum(computed, axis=1)) // chunk)
     tokens = ((0, 1), (0, 1))
 
     def body(index, carry):
@@ -257,11 +306,31 @@ def _head_loss(transform: Callable | None, dtype: jnp.dtype, num_objectives: int
     return head_loss
 
 
+def prepares_input(model: Transformer, term: LossTerm) -> bool:
+    """Whether `term`'s head runs before the body and rewrites what it reads (a head
+    with a `prepare` method, `pretrain.heads`), rather than reading its hidden states."""
+    return hasattr(model.head(term.head), "prepare")
+
+
+def prepared_batch(model: Transformer, batch: Batch, terms: Sequence[LossTerm], *, deterministic: bool = True
+                   ) -> tuple[Batch, dict[str, dict[str, jax.Array]]]:
+    """(the batch the body reads, {term: statistics sums}) after the heads that run
+    before the body, in declared order: each may rewrite fields of the batch (ELECTRA's
+    generator puts its samples into `inputs`) and takes its own term's statistics."""
+    prepared = {}
+    for term in terms:
+        if prepares_input(model, term):
+            batch, prepared[term.name] = model.head(term.head).prepare(model, batch, term,
+                                                                       deterministic=deterministic)
+    return batch, prepared
+
+
 def term_statistics(model: Transformer, hidden: jax.Array, batch: Batch, terms: Sequence[LossTerm]
                     ) -> dict[str, dict[str, jax.Array]]:
     """{term name: scalar sums `loss_sum`, `correct_sum`, `weight_sum`} of each declared
-    loss term, from the head it names (`pretrain.heads`)."""
-    return {term.name: model.head(term.head).statistics(model, hidden, batch, term) for term in terms}
+    loss term whose head reads the body's hidden states (`pretrain.heads`)."""
+    return {term.name: model.head(term.head).statistics(model, hidden, batch, term) for term in terms
+            if not prepares_input(model, term)}
 
 
 def counts(batch: Batch, terms: Sequence[LossTerm] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -291,7 +360,9 @@ def batch_loss(
 
     loss = sum of weighted token cross-entropies / token_total, plus for each of the
     objectives' loss `terms` (`objectives.terms`) its weight x its summed loss / its
-    own total (under `stats['terms'][name]`). `totals` are the global denominators
+    own total (under `stats['terms'][name]`). Heads that run before the body (a
+    generator that rewrites the inputs, `prepared_batch`) run first, and the body
+    reads the batch they leave. `totals` are the global denominators
     (`denominators` of the whole global batch) when this batch is one micro-batch or
     one device's share, so the shares add up to the loss of the global batch; by
     default they are this batch's own. `statistics` computes the token loss from the
@@ -300,12 +371,14 @@ def batch_loss(
     statistics are sums, so they add up across devices and accumulation steps.
     """
     token_total, term_totals = denominators(batch, terms) if totals is None else totals
+    batch, prepared = prepared_batch(model, batch, terms, deterministic=deterministic)
     hidden = model(batch, deterministic=deterministic)
     loss_sum, stats = statistics(model, hidden, batch["targets"], batch["weights"], batch["objective_id"],
                                  num_objectives)
     loss = loss_sum / token_total
     if terms:
-        stats["terms"] = term_statistics(model, hidden, batch, terms)
+        taken = {**prepared, **term_statistics(model, hidden, batch, terms)}
+        stats["terms"] = {term.name: taken[term.name] for term in terms}
         for term in terms:
             loss = loss + term.weight * stats["terms"][term.name]["loss_sum"] / term_totals[term.name]
     return loss, stats

@@ -46,6 +46,10 @@ class TransformerConfig:
     dropout_rate: float = 0.0  # on embeddings, attention output and MLP output
     pre_layer_norm: bool = True  # False: BERT's post-LN blocks with an embedding LayerNorm
     mlm_transform_head: bool = False  # BERT's dense + GELU + LayerNorm before the output
+    # width of the token, position and type embeddings (0: model_dim). Below model_dim the embeddings are
+    # factorised as ELECTRA-Small and ALBERT do: a dense `embedding_projection` maps them up to model_dim, and
+    # the MLM transform head maps the hidden states back down to it for the tied vocabulary projection
+    embedding_dim: int = 0
     heads: tuple[str, ...] = ()  # auxiliary heads (pretrain.heads) the objectives' loss terms train
     layer_norm_epsilon: float = 1e-6
     gelu: str = "tanh"  # 'tanh': the tanh approximation (GPT-2's gelu_new); 'exact': the erf form (BERT's gelu)
@@ -71,6 +75,16 @@ class TransformerConfig:
         return self.model_dim // self.num_heads
 
     @property
+    def embedding_width(self) -> int:
+        """The width of the embedding tables: `embedding_dim`, or model_dim when it is 0."""
+        return self.embedding_dim or self.model_dim
+
+    @property
+    def factorised_embedding(self) -> bool:
+        """Whether the embeddings are narrower than the stack, with a projection between."""
+        return self.embedding_width != self.model_dim
+
+    @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
@@ -88,6 +102,14 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
         divisors = [h for h in range(1, min(dim, 64) + 1) if dim % h == 0]
         problems.append(f"config.model.model_dim={dim} is not divisible by config.model.num_heads={heads}; "
                         f"choose num_heads among {divisors} (or change model_dim)")
+    embedding_dim = fields.get("embedding_dim", 0)
+    if not (isinstance(embedding_dim, int) and not isinstance(embedding_dim, bool) and embedding_dim >= 0):
+        problems.append(f"config.model.embedding_dim={embedding_dim!r} must be 0 (the model width) or a positive "
+                        "integer (the width of factorised embeddings)")
+    elif embedding_dim and embedding_dim != dim and not fields.get("mlm_transform_head", False):
+        problems.append(f"config.model.embedding_dim={embedding_dim} differs from config.model.model_dim={dim}: the "
+                        "tied vocabulary projection needs hidden states of the embedding width, which BERT's MLM "
+                        "transform head gives; set config.model.mlm_transform_head=True (or embedding_dim=0)")
     if "dropout_rate" in fields and not 0 <= fields["dropout_rate"] < 1:
         problems.append(f"config.model.dropout_rate={fields['dropout_rate']!r} must lie in [0, 1)")
     if "gelu" in fields and fields["gelu"] not in GELU_FORMS:
@@ -193,8 +215,8 @@ def attention_kernel(config: TransformerConfig) -> str:
 
 
 def tied_logits(hidden: jax.Array, embedding: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Vocabulary logits [..., V] (float32): hidden states [..., D] times the token
-    embedding [V, D] (the output projection is tied to it), plus the output bias."""
+    """Vocabulary logits [..., V] (float32): hidden states [..., E] times the token
+    embedding [V, E] (the output projection is tied to it), plus the output bias."""
     return (hidden @ embedding.astype(dtype).T).astype(jnp.float32) + bias
 
 
@@ -244,18 +266,21 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = config
-        d = config.model_dim
-        self.token_embedding = _param(rngs, (config.vocab_size, d), ("vocab", "embed"))
-        self.position_embedding = _param(rngs, (config.max_positions, d), (None, "embed"))
-        self.type_embedding = _param(rngs, (config.num_token_types, d), (None, "embed"))
-        self.embedding_norm = None if config.pre_layer_norm else _layer_norm(config, rngs)
+        d, e = config.model_dim, config.embedding_width
+        self.token_embedding = _param(rngs, (config.vocab_size, e), ("vocab", "embed"))
+        self.position_embedding = _param(rngs, (config.max_positions, e), (None, "embed"))
+        self.type_embedding = _param(rngs, (config.num_token_types, e), (None, "embed"))
+        self.embedding_norm = None if config.pre_layer_norm else _layer_norm(config, rngs, e)
         self.embedding_dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+        if config.factorised_embedding:
+            self.embedding_projection_kernel = _param(rngs, (e, d), ("embed", "embed_out"))
+            self.embedding_projection_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
         self.blocks = make_blocks(config, rngs)  # a list, or one block of stacked layers (config.scan_layers)
         self.final_norm = _layer_norm(config, rngs) if config.pre_layer_norm else None
         if config.mlm_transform_head:
-            self.head_kernel = _param(rngs, (d, d), ("embed", "embed_out"))
-            self.head_bias = _param(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
-            self.head_norm = _layer_norm(config, rngs)
+            self.head_kernel = _param(rngs, (d, e), ("embed", "embed_out"))
+            self.head_bias = _param(rngs, (e,), ("embed",), jax.nn.initializers.zeros)
+            self.head_norm = _layer_norm(config, rngs, e)
         if config.output_bias:
             self.output_bias = _param(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
         if config.heads:  # absent, not empty, without heads: the parameter tree of such models is unchanged
@@ -267,7 +292,20 @@ class Transformer(nnx.Module):
 
     def embed(self, inputs: jax.Array, positions: jax.Array, token_types: jax.Array,
               *, deterministic: bool) -> jax.Array:
-        """x [B, L, D]: token + position + token-type embeddings."""
+        """x [B, L, D]: token + position + token-type embeddings (`embed_tokens`),
+        projected up to the model width where the embeddings are factorised."""
+        x = self.embed_tokens(inputs, positions, token_types, deterministic=deterministic)
+        if not self.config.factorised_embedding:
+            return x
+        dtype = self.config.compute_dtype
+        return (x @ self.embedding_projection_kernel[...].astype(dtype)
+                + self.embedding_projection_bias[...].astype(dtype))
+
+    def embed_tokens(self, inputs: jax.Array, positions: jax.Array, token_types: jax.Array,
+                     *, deterministic: bool) -> jax.Array:
+        """[B, L, E]: token + position + token-type embeddings, normalised (post-LN) and
+        dropped out, at the embedding width: the part a head with a stack of its own
+        shares (ELECTRA's generator reads the discriminator's embeddings)."""
         x = (
             jnp.take(self.token_embedding[...], inputs, axis=0)
             + jnp.take(self.position_embedding[...], positions, axis=0)
@@ -291,11 +329,16 @@ class Transformer(nnx.Module):
         ELMo's scalar mix reads them all (`pretrain.transfer.heads.ScalarMix`)."""
         return self._stack(batch, deterministic, keep_layers=True)
 
-    def _stack(self, batch: Mapping[str, jax.Array], deterministic: bool, keep_layers: bool) -> list[jax.Array]:
+    def mask(self, batch: Mapping[str, jax.Array]) -> jax.Array | KeyRanges:
+        """What the blocks attend under for a packed batch (`segment_ids`,
+        `attention_kind`): the written-out mask, or the flash kernel's key ranges. A head
+        with a stack of its own (ELECTRA's generator) runs its blocks under it too."""
         if uses_flash(self.config):
-            mask = KeyRanges(*key_ranges(batch["segment_ids"], batch["attention_kind"]))
-        else:
-            mask = attention_mask(batch["segment_ids"], batch["attention_kind"])
+            return KeyRanges(*key_ranges(batch["segment_ids"], batch["attention_kind"]))
+        return attention_mask(batch["segment_ids"], batch["attention_kind"])
+
+    def _stack(self, batch: Mapping[str, jax.Array], deterministic: bool, keep_layers: bool) -> list[jax.Array]:
+        mask = self.mask(batch)
         embedded = self.embed(batch["inputs"], batch["positions"], batch["token_types"],
                               deterministic=deterministic)
         x, layers, _ = run_blocks(self.blocks, self.config, embedded, mask, deterministic=deterministic,

@@ -336,24 +336,28 @@ class Trainer:
             stats = jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
             totals = stats if totals is None else jax.tree.map(np.add, totals, stats)
         out = summarize(totals, self.names, prefix="eval/")
-        out["eval/loss"] = float(totals["loss_sum"].sum() / max(totals["weight_sum"].sum(), 1))
-        out["eval/accuracy"] = float(totals["correct_sum"].sum() / max(totals["weight_sum"].sum(), 1))
+        if totals["weight_sum"].sum() > 0:  # objectives that predict tokens through the body (ELECTRA's does not)
+            out["eval/loss"] = float(totals["loss_sum"].sum() / totals["weight_sum"].sum())
+            out["eval/accuracy"] = float(totals["correct_sum"].sum() / totals["weight_sum"].sum())
         if self._baseline is None:
             self._baseline = unigram_baseline(itertools.islice(iter(self.pipeline.train), 256), batches,
                                               self.names, self.pipeline.tokenizer.vocab_size)
         return {**out, **self._baseline}
 
     def _print_evaluation(self, step: int, values: dict[str, float]) -> None:
-        line = f"eval at step {step}: held-out loss {values['eval/loss']:.4f}"
-        if "eval/baseline" in values:
-            line += f" (unigram baseline {values['eval/baseline']:.4f})"
-        line += f", accuracy {values['eval/accuracy']:.2%}"
-        if len(self.names) > 1:
-            line += "".join(
-                f"\n  {name}: loss {values[f'eval/loss/{name}']:.4f}"
-                + (f" (baseline {values[f'eval/baseline/{name}']:.4f})" if f"eval/baseline/{name}" in values else "")
-                + f", accuracy {values[f'eval/accuracy/{name}']:.2%}"
-                for name in self.names if f"eval/loss/{name}" in values)
+        line = f"eval at step {step}:"
+        if "eval/loss" in values:
+            line += f" held-out loss {values['eval/loss']:.4f}"
+            if "eval/baseline" in values:
+                line += f" (unigram baseline {values['eval/baseline']:.4f})"
+            line += f", accuracy {values['eval/accuracy']:.2%}"
+        terms = [term.name for term in self.pipeline.mixture.loss_terms]
+        shown = (list(self.names) if len(self.names) > 1 or "eval/loss" not in values else []) + terms
+        line += "".join(
+            f"\n  {name}: loss {values[f'eval/loss/{name}']:.4f}"
+            + (f" (baseline {values[f'eval/baseline/{name}']:.4f})" if f"eval/baseline/{name}" in values else "")
+            + f", accuracy {values[f'eval/accuracy/{name}']:.2%}"
+            for name in shown if f"eval/loss/{name}" in values)
         print(line, flush=True)
 
     def _sample_sentence(self) -> str | None:

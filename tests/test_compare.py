@@ -208,6 +208,25 @@ def test_pretraining_seeds_become_one_row_with_mean_and_std():
         "| mlm | `mlm` | 6.100 ± 0.141 | 5.200 ± 0.283 |"  # one row: nothing to be best against
 
 
+def test_a_cell_a_run_could_not_be_scored_in_is_na_and_left_out_of_the_best(tmp_path):
+    """An objective scored through heads only its own runs have (ELECTRA's) leaves the
+    other runs' cells empty: 'n/a' in the table, blank in the heatmap, and the best of
+    the column is among the scored runs."""
+    from pretrain import compare_report
+
+    config = small_budget()
+    run = next(iter(compare.run_configs(config).values()))
+    evaluations = {"mlm": {"objectives": {"mlm": {"loss": 5.0, "accuracy": 0.2}}},
+                   "electra": {"objectives": {"mlm": {"loss": 7.0, "accuracy": 0.1},
+                                              "electra": {"loss": 0.3, "accuracy": 0.9}}}}
+    runs = [compare.Run(name, run, str(tmp_path / name), name, evaluation=evaluation)
+            for name, evaluation in evaluations.items()]
+    assert compare_report.matrix_table(runs, "loss", lower_is_better=True).splitlines()[2:] == [
+        "| mlm | `mlm` | **5.000** | n/a |", "| electra | `mlm` | 7.000 | 0.300 |"]
+    compare_report.plot_matrix(runs, str(tmp_path / "matrix.png"))
+    assert (tmp_path / "matrix.png").stat().st_size > 0
+
+
 def test_the_report_states_the_schedule_the_runs_ran_not_the_unresolved_budget():
     """With steps derived from tokens per parameter the budget holds warmup 0 ('a tenth');
     the report's budget line gives the runs' resolved warmup."""

@@ -145,3 +145,44 @@ def test_batch_loss_is_the_mean_over_weighted_tokens_plus_each_term_over_its_own
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     assert float(stats["terms"]["nsp"]["weight_sum"]) == len(where[0])
     np.testing.assert_allclose(stats["terms"]["nsp"]["loss_sum"] / len(where[0]), nsp, rtol=1e-6)
+
+
+def test_samples_are_the_inverse_cdf_of_the_heads_softmax_at_the_drawn_positions_only():
+    """`vocabulary_samples` against a NumPy reference on fixed hidden states: at every
+    drawn position the token whose cumulative probability first reaches the draw's
+    uniform, 0 elsewhere; any chunk size gives the same samples."""
+    from objectives.terms import DRAW_LEVELS, as_uniform
+    from pretrain.loss import vocabulary_samples
+
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(size=(VOCAB_SIZE, 16)).astype(np.float32)
+    bias = rng.normal(size=VOCAB_SIZE).astype(np.float32)
+    hidden = rng.normal(size=(4, 10, 16)).astype(np.float32)
+    draws = np.where(rng.random((4, 10)) < 0.4, rng.integers(1, DRAW_LEVELS + 1, size=(4, 10)), 0).astype(np.int32)
+    logits = hidden @ embedding.T + bias
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    cumulative = np.cumsum(probabilities / probabilities.sum(-1, keepdims=True), axis=-1)
+    expected = np.where(draws != 0, (cumulative < as_uniform(draws)[..., None]).sum(-1), 0)
+    for chunk_tokens in (1, 7, 512):
+        samples = vocabulary_samples(None, {}, jnp.asarray(embedding), jnp.asarray(bias), jnp.asarray(hidden),
+                                     jnp.asarray(draws), jnp.float32, chunk_tokens)
+        np.testing.assert_array_equal(np.asarray(samples), expected)
+    assert (expected[draws != 0] > 0).any()  # the reference is not trivially all zeros
+
+
+def test_samples_follow_the_softmax():
+    """20,000 samples at one position (fixed seed) match its softmax: each token's count
+    within 4 binomial standard deviations."""
+    from objectives.terms import uniform_draws
+    from pretrain.loss import vocabulary_samples
+
+    count, vocab = 20_000, 8
+    embedding = jnp.eye(vocab, dtype=jnp.float32)
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 0.3, 1.5, -2.0], np.float32)
+    hidden = jnp.tile(jnp.asarray(logits), (1, count, 1))
+    draws = jnp.asarray(uniform_draws(np.random.default_rng(0), count)[None])
+    samples = np.asarray(vocabulary_samples(None, {}, embedding, jnp.zeros(vocab), hidden, draws, jnp.float32))
+    probabilities = np.exp(logits) / np.exp(logits).sum()
+    counts = np.bincount(samples.ravel(), minlength=vocab)
+    spread = 4 * np.sqrt(count * probabilities * (1 - probabilities))
+    assert np.all(np.abs(counts - count * probabilities) <= spread), (counts, count * probabilities)

@@ -224,3 +224,36 @@ def test_gelu_form_and_output_bias_are_model_options():
     hidden = without(as_batch(pack([example_of("clm", 4)], 8)))
     expected = np.asarray(hidden) @ np.asarray(without.token_embedding[...]).T
     assert np.allclose(np.asarray(without.logits(hidden)), expected, atol=1e-5)
+
+
+def test_factorised_embeddings_are_projected_up_and_the_vocabulary_head_maps_back_down():
+    """`embedding_dim` below the model width: [V, E] tables, an [E, D] projection with a
+    bias, a [D, E] transform head; the stack reads the projected embeddings, and the
+    logits are the tied projection of the transform head's output."""
+    from flax import nnx
+
+    from pretrain.layers import gelu
+    from pretrain.model import preset
+
+    config = preset("tiny", vocab_size=50, embedding_dim=16, pre_layer_norm=False, mlm_transform_head=True,
+                    output_bias=True)
+    model = create_model(config)
+    assert model.token_embedding.shape == (50, 16) and model.position_embedding.shape == (256, 16)
+    assert model.embedding_projection_kernel.shape == (16, 64) and model.head_kernel.shape == (64, 16)
+    batch = {"inputs": jnp.array([[5, 6, 7]]), "positions": jnp.array([[0, 1, 2]]),
+             "token_types": jnp.zeros((1, 3), jnp.int32)}
+    small = model.embed_tokens(batch["inputs"], batch["positions"], batch["token_types"], deterministic=True)
+    projected = model.embed(batch["inputs"], batch["positions"], batch["token_types"], deterministic=True)
+    assert small.shape == (1, 3, 16) and projected.shape == (1, 3, 64)
+    np.testing.assert_allclose(projected, small @ model.embedding_projection_kernel[...]
+                               + model.embedding_projection_bias[...], rtol=1e-6, atol=1e-6)
+    hidden = jnp.ones((1, 3, 64))
+    transformed = model.head_norm(gelu(config, hidden @ model.head_kernel[...] + model.head_bias[...]))
+    np.testing.assert_allclose(model.logits(hidden), transformed @ model.token_embedding[...].T
+                               + model.output_bias[...], rtol=1e-5, atol=1e-5)
+    assert "embedding_projection_kernel" not in nnx.to_pure_dict(nnx.state(create_model(preset("tiny"))))
+    with pytest.raises(ValueError, match=r"embedding_dim=16 differs from config.model.model_dim=64.*"
+                                         r"mlm_transform_head=True"):
+        preset("tiny", embedding_dim=16)
+    with pytest.raises(ValueError, match=r"embedding_dim=-1 must be 0"):
+        preset("tiny", embedding_dim=-1)

@@ -9,8 +9,18 @@ each head for its term's statistics. A head is an `nnx.Module` built as
 
 scalar sums over the positions where the term is taken (`term.marker`), so they add
 up across devices and micro-batches like the token loss's; the loss divides
-`loss_sum` (differentiable; the other two need not be) by the term's global count. A new head is one module
-here, registered with `@register_head`; the vocabulary head stays the model's own.
+`loss_sum` (differentiable; the other two need not be) by the term's global count. A head
+that must run before the body (ELECTRA's generator, which writes the inputs the body
+reads) has instead
+
+    prepare(model, batch, term, deterministic=...) -> (batch the body reads, statistics)
+
+A head with a counterpart in `transformers` says so: `hf_architecture` (the
+architecture whose pretraining model carries it, see `pretrain.hf.convert`) and static
+`to_hf(params)` / `from_hf(state)` between its parameters (keys relative to the head)
+and that model's state dict; a head without one stays behind on export. A new head is
+one module here, registered with `@register_head`; the vocabulary head stays the
+model's own.
 """
 
 from __future__ import annotations
@@ -43,6 +53,11 @@ def head_class(name: str) -> type:
     if name not in _HEADS:
         raise ValueError(f"unknown head {name!r}; known heads: {', '.join(head_names())}")
     return _HEADS[name]
+
+
+def hf_architecture(name: str) -> str | None:
+    """The `transformers` architecture whose pretraining model has head `name`, or None."""
+    return getattr(head_class(name), "hf_architecture", None)
 
 
 def build_head(name: str, config: Any, rngs: Any) -> Any:

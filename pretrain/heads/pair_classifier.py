@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -21,6 +22,25 @@ from pretrain.layers import param as parameter
 class PairClassifier(nnx.Module):
     """Pooler [D, D] + tanh, then a [D, 2] classifier; read where the term's label
     field holds a label (each pair's first token)."""
+
+    # Its counterpart in transformers: BertForPreTraining's pooler and cls.seq_relationship.
+    hf_architecture = "bert"
+
+    @staticmethod
+    def to_hf(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Its parameters (keys relative to the head) as BertForPreTraining's state dict entries."""
+        return {"bert.pooler.dense.weight": params["pooler_kernel"].T, "bert.pooler.dense.bias": params["pooler_bias"],
+                "cls.seq_relationship.weight": params["classifier_kernel"].T,
+                "cls.seq_relationship.bias": params["classifier_bias"]}
+
+    @staticmethod
+    def from_hf(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Its parameters from a BertForPreTraining state dict (None: the state has none)."""
+        if "cls.seq_relationship.weight" not in state:
+            return None
+        return {"pooler_kernel": state["bert.pooler.dense.weight"].T, "pooler_bias": state["bert.pooler.dense.bias"],
+                "classifier_kernel": state["cls.seq_relationship.weight"].T,
+                "classifier_bias": state["cls.seq_relationship.bias"]}
 
     def __init__(self, config: Any, rngs: nnx.Rngs):
         d = config.model_dim

@@ -35,19 +35,19 @@ class SpanBoundary(nnx.Module):
     the same 15 targets per span, so only the table's size differs)."""
 
     def __init__(self, config: Any, rngs: nnx.Rngs):
-        d = config.model_dim
+        d, e = config.model_dim, config.embedding_width
         self.config = config
         self.position_embedding = parameter(rngs, (config.max_positions, POSITION_WIDTH), (None, None))
         self.kernel_1 = parameter(rngs, (2 * d + POSITION_WIDTH, d), (None, "embed"))
         self.bias_1 = parameter(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
         self.norm_1 = layer_norm(config, rngs)
-        self.kernel_2 = parameter(rngs, (d, d), ("embed", "embed_out"))
-        self.bias_2 = parameter(rngs, (d,), ("embed",), jax.nn.initializers.zeros)
-        self.norm_2 = layer_norm(config, rngs)
+        self.kernel_2 = parameter(rngs, (d, e), ("embed", "embed_out"))  # to the tied embeddings' width
+        self.bias_2 = parameter(rngs, (e,), ("embed",), jax.nn.initializers.zeros)
+        self.norm_2 = layer_norm(config, rngs, e)
         self.output_bias = parameter(rngs, (config.vocab_size,), ("vocab",), jax.nn.initializers.zeros)
 
     def representations(self, hidden: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-        """[B, L, D]: at each predicted token (left distance > 0), the MLP over its span's
+        """[B, L, E]: at each predicted token (left distance > 0), the MLP over its span's
         boundary states and its position inside the span (anything elsewhere)."""
         dtype = self.config.compute_dtype
         length = hidden.shape[1]

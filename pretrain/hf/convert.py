@@ -21,33 +21,60 @@ What maps to what:
 | final_norm (pre-LN)               | —                                             | ln_f                      |
 | head_kernel/bias/norm             | cls.predictions.transform                      | —                        |
 | output_bias                       | cls.predictions.bias                           | — (must be off or zero)  |
-| heads.pair_classifier             | bert.pooler.dense, cls.seq_relationship        | —                        |
+| embedding_projection (factorised) | — (ELECTRA: electra.embeddings_project)        | —                        |
+| heads.<name>                      | what the head's `to_hf` writes (pair_classifier: bert.pooler.dense, cls.seq_relationship) | — |
+
+ELECTRA's discriminator (`ElectraForPreTraining`, written only) is the BERT column under
+`electra.` instead of `bert.`, without `cls.predictions`, plus the heads whose
+`hf_architecture` is 'electra'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 Params = dict[str, np.ndarray]
-ARCHITECTURES = ("bert", "gpt2")
-# The auxiliary heads (`pretrain.heads`) each architecture has a counterpart for; the
-# others are pretraining heads that stay behind on export.
-EXPORTED_HEADS = {"bert": ("pair_classifier",), "gpt2": ()}
+ARCHITECTURES = ("bert", "gpt2")  # converted both ways
+# Written only: ELECTRA's discriminator (`ElectraForPreTraining`), a BERT body under `electra.` with
+# `embeddings_project` where the embeddings are narrower than the stack, and no vocabulary head.
+EXPORT_ARCHITECTURES = (*ARCHITECTURES, "electra")
+BODY_PREFIXES = {"bert": "bert.", "electra": "electra."}
+HEADS = "heads."
 
 
 def _norm(params: Mapping[str, np.ndarray], ours: str) -> tuple[np.ndarray, np.ndarray]:
     return params[f"{ours}.scale"], params[f"{ours}.bias"]
 
 
+def exported_heads(heads: Sequence[str], architecture: str) -> tuple[str, ...]:
+    """The auxiliary heads (`pretrain.heads`) among `heads` whose counterpart is in
+    `architecture`'s pretraining model; the others stay behind on export."""
+    from pretrain.heads import hf_architecture
+
+    return tuple(name for name in heads if hf_architecture(name) == architecture)
+
+
 def to_hf(params: Mapping[str, np.ndarray], architecture: str) -> Params:
-    """This project's parameters as the state dict of `architecture` ('bert' or 'gpt2')."""
-    if architecture == "bert":
-        return _to_bert(params)
+    """This project's parameters as the state dict of `architecture` (one of
+    `EXPORT_ARCHITECTURES`), with every auxiliary head that has a counterpart there."""
     if architecture == "gpt2":
-        return _to_gpt2(params)
-    raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
+        out = _to_gpt2(params)
+    elif architecture in BODY_PREFIXES:
+        out = _to_bert_body(params, BODY_PREFIXES[architecture])
+        if architecture == "bert":
+            out.update(_to_bert_mlm_head(params))
+    else:
+        raise ValueError(f"unknown architecture {architecture!r}; choose one of {EXPORT_ARCHITECTURES}")
+    heads = sorted({key[len(HEADS):].split(".")[0] for key in params if key.startswith(HEADS)})
+    for name in exported_heads(heads, architecture):
+        from pretrain.heads import head_class
+
+        prefix = f"{HEADS}{name}."
+        out.update(head_class(name).to_hf({key[len(prefix):]: value for key, value in params.items()
+                                           if key.startswith(prefix)}))
+    return {key: np.ascontiguousarray(value) for key, value in out.items()}
 
 
 def from_hf(state: Mapping[str, np.ndarray], architecture: str, *, num_heads: int) -> Params:
@@ -67,15 +94,20 @@ def num_layers(params: Mapping[str, np.ndarray], prefix: str, marker: str) -> in
 
 # -- BERT --------------------------------------------------------------------------------
 
-def _to_bert(params: Mapping[str, np.ndarray]) -> Params:
+def _to_bert_body(params: Mapping[str, np.ndarray], prefix: str) -> Params:
+    """Embeddings (and their projection, if any) and encoder layers under `prefix`."""
     out: Params = {
-        "bert.embeddings.word_embeddings.weight": params["token_embedding"],
-        "bert.embeddings.position_embeddings.weight": params["position_embedding"],
-        "bert.embeddings.token_type_embeddings.weight": params["type_embedding"],
+        f"{prefix}embeddings.word_embeddings.weight": params["token_embedding"],
+        f"{prefix}embeddings.position_embeddings.weight": params["position_embedding"],
+        f"{prefix}embeddings.token_type_embeddings.weight": params["type_embedding"],
     }
-    out["bert.embeddings.LayerNorm.weight"], out["bert.embeddings.LayerNorm.bias"] = _norm(params, "embedding_norm")
+    out[f"{prefix}embeddings.LayerNorm.weight"], out[f"{prefix}embeddings.LayerNorm.bias"] = _norm(
+        params, "embedding_norm")
+    if "embedding_projection_kernel" in params:
+        out[f"{prefix}embeddings_project.weight"] = params["embedding_projection_kernel"].T
+        out[f"{prefix}embeddings_project.bias"] = params["embedding_projection_bias"]
     for i in range(num_layers(params, "blocks.", "qkv_kernel")):
-        ours, theirs = f"blocks.{i}", f"bert.encoder.layer.{i}"
+        ours, theirs = f"blocks.{i}", f"{prefix}encoder.layer.{i}"
         qkv, qkv_bias = params[f"{ours}.attention.qkv_kernel"], params[f"{ours}.attention.qkv_bias"]
         d = qkv.shape[0]
         for index, name in enumerate(("query", "key", "value")):
@@ -92,19 +124,18 @@ def _to_bert(params: Mapping[str, np.ndarray]) -> Params:
         out[f"{theirs}.output.dense.bias"] = params[f"{ours}.mlp.bo"]
         out[f"{theirs}.output.LayerNorm.weight"], out[f"{theirs}.output.LayerNorm.bias"] = _norm(
             params, f"{ours}.mlp_norm")
-    out["cls.predictions.transform.dense.weight"] = params["head_kernel"].T
-    out["cls.predictions.transform.dense.bias"] = params["head_bias"]
+    return out
+
+
+def _to_bert_mlm_head(params: Mapping[str, np.ndarray]) -> Params:
+    """BERT's MLM transform head and output bias (`cls.predictions`)."""
+    out = {"cls.predictions.transform.dense.weight": params["head_kernel"].T,
+           "cls.predictions.transform.dense.bias": params["head_bias"]}
     out["cls.predictions.transform.LayerNorm.weight"], out["cls.predictions.transform.LayerNorm.bias"] = _norm(
         params, "head_norm")
     vocab = params["token_embedding"].shape[0]
     out["cls.predictions.bias"] = params.get("output_bias", np.zeros(vocab, np.float32))
-    pair = "heads.pair_classifier."
-    if f"{pair}pooler_kernel" in params:
-        out["bert.pooler.dense.weight"] = params[f"{pair}pooler_kernel"].T
-        out["bert.pooler.dense.bias"] = params[f"{pair}pooler_bias"]
-        out["cls.seq_relationship.weight"] = params[f"{pair}classifier_kernel"].T
-        out["cls.seq_relationship.bias"] = params[f"{pair}classifier_bias"]
-    return {key: np.ascontiguousarray(value) for key, value in out.items()}
+    return out
 
 
 def _from_bert(state: Mapping[str, np.ndarray], num_heads: int) -> Params:
@@ -139,12 +170,11 @@ def _from_bert(state: Mapping[str, np.ndarray], num_heads: int) -> Params:
     params["head_norm.scale"] = state["cls.predictions.transform.LayerNorm.weight"]
     params["head_norm.bias"] = state["cls.predictions.transform.LayerNorm.bias"]
     params["output_bias"] = state["cls.predictions.bias"]
-    if "cls.seq_relationship.weight" in state:
-        pair = "heads.pair_classifier."
-        params[f"{pair}pooler_kernel"] = state["bert.pooler.dense.weight"].T
-        params[f"{pair}pooler_bias"] = state["bert.pooler.dense.bias"]
-        params[f"{pair}classifier_kernel"] = state["cls.seq_relationship.weight"].T
-        params[f"{pair}classifier_bias"] = state["cls.seq_relationship.bias"]
+    from pretrain.heads import head_class, head_names, hf_architecture
+
+    for name in head_names():
+        own = head_class(name).from_hf(state) if hf_architecture(name) == "bert" else None
+        params.update({f"{HEADS}{name}.{key}": value for key, value in (own or {}).items()})
     return {key: np.ascontiguousarray(value) for key, value in params.items()}
 
 

@@ -1,7 +1,8 @@
 """Model configs between this project and `transformers`, and whole models both ways.
 
 `hf_config` describes a project model as the `config.json` of `GPT2LMHeadModel`
-(pre-LN) or `BertForMaskedLM` / `BertForPreTraining` (post-LN); `transformer_config`
+(pre-LN) or `BertForMaskedLM` / `BertForPreTraining` (post-LN), or `ElectraForPreTraining`
+(post-LN with ELECTRA's replaced-token detector; export only); `transformer_config`
 reads such a `config.json` back. `load_hf_model` builds this project's Transformer
 from a local `transformers` directory (`model.safetensors`), through
 `pretrain.hf.convert`.
@@ -27,9 +28,22 @@ GELU_FROM_HF = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"
 CLASSES = {"gpt2": ("GPT2LMHeadModel",), "bert": ("BertForMaskedLM", "BertForPreTraining")}
 
 
+def declared_architectures(config: TransformerConfig) -> list[str]:
+    """The `transformers` architectures other than BERT that the model's auxiliary heads
+    belong to (`pretrain.heads.hf_architecture`), sorted: ['electra'] for ELECTRA's
+    replaced-token detector."""
+    from pretrain.heads import hf_architecture
+
+    return sorted({hf_architecture(name) for name in config.heads} - {None, "bert"})
+
+
 def architecture_of(config: TransformerConfig) -> str:
-    """'gpt2' for a pre-LN model, 'bert' for a post-LN one."""
-    return "gpt2" if config.pre_layer_norm else "bert"
+    """'gpt2' for a pre-LN model; for a post-LN one the architecture its heads belong to
+    ('electra'), else 'bert'."""
+    if config.pre_layer_norm:
+        return "gpt2"
+    declared = declared_architectures(config)
+    return declared[0] if declared else "bert"
 
 
 def hf_config(config: TransformerConfig, special_ids: Mapping[str, int]) -> dict[str, Any]:
@@ -44,8 +58,14 @@ def hf_config(config: TransformerConfig, special_ids: Mapping[str, int]) -> dict
                 "attn_pdrop": config.dropout_rate, "initializer_range": 0.02, "scale_attn_weights": True,
                 "tie_word_embeddings": True, "bos_token_id": special_ids["[BOS]"],
                 "eos_token_id": special_ids["[EOS]"], "pad_token_id": special_ids["[PAD]"], "dtype": "float32"}
-    return {"architectures": ["BertForPreTraining" if "pair_classifier" in config.heads else "BertForMaskedLM"], "model_type": "bert",
-            "vocab_size": config.vocab_size, "hidden_size": config.model_dim,
+    if architecture_of(config) == "electra":
+        shape = {"architectures": ["ElectraForPreTraining"], "model_type": "electra",
+                 "embedding_size": config.embedding_width, "summary_type": "first", "summary_use_proj": True,
+                 "summary_activation": "gelu", "summary_last_dropout": 0.1, "position_embedding_type": "absolute"}
+    else:
+        shape = {"architectures": ["BertForPreTraining" if "pair_classifier" in config.heads else "BertForMaskedLM"],
+                 "model_type": "bert"}
+    return {**shape, "vocab_size": config.vocab_size, "hidden_size": config.model_dim,
             "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
             "intermediate_size": config.mlp_dim, "hidden_act": GELU_NAMES[config.gelu],
             "max_position_embeddings": config.max_positions, "type_vocab_size": config.num_token_types,
@@ -119,7 +139,7 @@ def set_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None
 
 
 SHAPE_FIELDS = ("num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
-                "pre_layer_norm", "mlm_transform_head", "heads", "layer_norm_epsilon", "gelu", "output_bias")
+                "pre_layer_norm", "mlm_transform_head", "embedding_dim", "heads", "layer_norm_epsilon", "gelu", "output_bias")
 
 
 def is_hf_directory(directory: str) -> bool:

@@ -176,7 +176,8 @@ def parameter_depths(params: nnx.State, num_layers: Sequence[int]) -> dict[tuple
         layers = num_layers[body]
         if part == "blocks":
             depths[path] = layers - int(path[3])
-        elif part in ("token_embedding", "position_embedding", "type_embedding", "embedding_norm"):
+        elif part in ("token_embedding", "position_embedding", "type_embedding", "embedding_norm",
+                      "embedding_projection_kernel", "embedding_projection_bias"):
             depths[path] = layers + 1
         else:  # final norm and the language-model / sentence-pair heads: with the top block
             depths[path] = 1
