@@ -9,6 +9,7 @@ below.
 from objectives import (  # noqa: F401  (registers them)
     bart,
     clm,
+    electra,
     mass,
     mlm,
     prefix_lm,

@@ -541,7 +541,7 @@ def test_registered_names_and_defaults():
 def test_unknown_objective_lists_the_known_ones():
     for call in (lambda: build_mixture("bert", VOCAB), lambda: objectives.lookup("bert"),
                  lambda: build_mixture("mlm:1,bert:1", VOCAB)):
-        with pytest.raises(ValueError, match="'bert'.*clm, mass, mlm, .*unilm"):
+        with pytest.raises(ValueError, match="'bert'.*clm, electra, mass, mlm, .*unilm"):
             call()
 
 
