@@ -12,6 +12,8 @@ Variants (comma-separated `key=value`):
           'literature' (mlm, span_corruption, prefix_lm, clm: the directions the
           literature agrees on, checked by benchmarks/literature.py),
           'ul2' (UL2's comparison, Tay et al. 2022: ul2 against span_corruption and
+          clm), 'extended' (the 'objectives' runs and ELECTRA), 'electra' (ELECTRA's
+          small-compute comparison, Clark et al. 2020 table 1: electra against mlm and
           clm), 'mass_span' (MASS at span fractions 0.3 / 0.5 / 0.7) or 'mlm_rate'
           (MLM at masking rates 0.1 / 0.15 / 0.3).
   size    model preset of the budget: tiny, small, base, large.
@@ -37,7 +39,7 @@ DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": ""}
 # size, measured in the README, so it is not a default; --config.downstream.tasks adds it)
 TOPICS = "pydocs_topic,pydocs_sentence_topic"
 DOWNSTREAM_TASKS = {"objectives": TOPICS, "literature": TOPICS, "mixtures": "pydocs_topic", "t5": TOPICS, "ul2": TOPICS,
-                    "mass_span": "", "mlm_rate": ""}
+                    "extended": TOPICS, "electra": TOPICS, "mass_span": "", "mlm_rate": ""}
 
 # preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
 PRESETS = {
@@ -48,6 +50,8 @@ PRESETS = {
     "t5": ({"mlm": "mlm", "mass": "mass", "span_corruption": "span_corruption", "prefix_lm": "prefix_lm",
             "clm": "clm"}, None),
     "ul2": ({"ul2": "ul2", "span_corruption": "span_corruption", "clm": "clm"}, None),
+    "extended": ({"mlm": "mlm", "clm": "clm", "mass": "mass", "unilm": "unilm", "electra": "electra"}, None),
+    "electra": ({"mlm": "mlm", "clm": "clm", "electra": "electra"}, None),
     "mass_span": ({"mass": "mass"}, ("mass", "objectives.mass.span_fraction", (0.3, 0.5, 0.7))),
     "mlm_rate": ({"mlm": "mlm"}, ("mlm", "objectives.mlm.mask_rate", (0.1, 0.15, 0.3))),
 }
@@ -110,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the control's layout: a Transformer encoder trained from scratch reads its examples
     # bidirectionally (the strongest from-scratch baseline); 'auto': the first run's layout
     config.downstream.control_layout = "bidirectional"
-    config.downstream.fusion = "mlm,clm" if variants["preset"] == "objectives" else ""  # runs fused into one row
+    config.downstream.fusion = "mlm,clm" if variants["preset"] in ("objectives", "extended") else ""  # runs fused into one row
     # (probe: a gate and head over frozen bodies; full: the bodies fine-tuned jointly with them)
     # BERT's protocol (appendix A.3): seed 0 at every rate, the dev-best rate for the other
     # seeds, per cell (the control included); pretrain/transfer/comparison.py
