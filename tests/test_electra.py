@@ -286,7 +286,7 @@ def test_the_discriminator_fine_tunes_and_exports(electra_run, tmp_path):
 
 def test_nothing_leaks_between_packed_examples_through_the_generator_or_the_discriminator():
     """Two examples packed in one row: changing every token of the second changes
-    neither the first's samples nor its replaced-token logits."""
+    neither the first's generator states, nor its samples, nor its replaced-token logits."""
     mixture = objectives.build_mixture("electra", VOCAB)
     rng = np.random.default_rng(7)
     first = mixture(TextChunk(rng.integers(7, VOCAB.size, size=14)), np.random.default_rng(1))
@@ -297,10 +297,13 @@ def test_nothing_leaks_between_packed_examples_through_the_generator_or_the_disc
         packed = pack([first, second], 40, term_fields=mixture.term_fields)
         batch = {name: jnp.asarray(values) for name, values in packed.items()}
         model = electra_model(8)
-        rewritten, _ = model.head("generator").prepare(model, batch, mixture.loss_terms[0])
+        generator = model.head("generator")
+        rewritten, _ = generator.prepare(model, batch, mixture.loss_terms[0])
         logits = model.head("replaced_token")(model(rewritten))
+        states = generator.hidden(model, batch, deterministic=True)
         outputs.append((np.asarray(rewritten["inputs"])[0, :len(first)], np.asarray(logits)[0, :len(first)],
-                        np.asarray(batch["inputs"])[0, len(first):2 * len(first)]))
+                        np.asarray(states)[0, :len(first)], np.asarray(batch["inputs"])[0, len(first):2 * len(first)]))
     np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
     np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=0, atol=1e-6)
-    assert (outputs[0][2] != outputs[1][2]).any()  # the second example did change
+    np.testing.assert_allclose(outputs[0][2], outputs[1][2], rtol=0, atol=1e-6)  # the generator's own states
+    assert (outputs[0][3] != outputs[1][3]).any()  # the second example did change
