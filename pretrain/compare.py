@@ -43,6 +43,7 @@ from absl import flags
 
 from pretrain import cli, compare_report
 from pretrain.config_checks import validate_config
+from pretrain.resolve import resolve_config
 from pretrain.evaluate import RESULT_FILENAME, evaluate_run, write_json
 from pretrain.host_memory import keep_freed_memory
 from pretrain.inference import checkpoint_steps
@@ -193,7 +194,7 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
         if not name or "/" in name or name.startswith("."):
             raise ValueError(f"run name {name!r} cannot be a directory name; use letters, digits, '-', '_', '+'")
         try:
-            validate_config(run, jax.device_count())
+            validate_config(resolve_config(run), jax.device_count())  # what its trainer will check
         except ValueError as error:
             problems = " ".join(str(error).split())  # one line per run
             raise ValueError(f"config.runs.{name} (objective {run.objective!r}): {problems}") from None

@@ -191,6 +191,18 @@ def test_two_runs_give_a_report_with_the_matrix_and_plots_and_a_rerun_trains_not
         compare.compare(config, str(workdir))
 
 
+def test_runs_whose_objectives_add_heads_are_checked_as_their_trainer_resolves_them():
+    """ELECTRA's and SpanBERT's loss terms need heads the budget's model does not list:
+    the run's trainer adds them (`pretrain.resolve`), so the comparison checks each run
+    resolved, and keeps the config as given."""
+    config = small_budget()
+    config.sweep.run, config.sweep.field, config.sweep.grid = "", "", ()
+    config.runs = ml_collections.ConfigDict({name: {"objective": name, "overrides": {}}
+                                             for name in ("electra", "spanbert")})
+    runs = compare.run_configs(config)
+    assert list(runs) == ["electra", "spanbert"] and all(tuple(run.model.heads) == () for run in runs.values())
+
+
 def test_pretraining_seeds_become_one_row_with_mean_and_std():
     from pretrain import compare_report
 
