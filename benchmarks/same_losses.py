@@ -32,6 +32,8 @@ RUNS = {
     "spanbert_no_sbo": ("spanbert", [], ["--config.objectives.spanbert.sbo=False"],
                         ["--config.objectives.spanbert.sbo=False"]),
     "spanbert": ("spanbert", [], [], []),  # with its span boundary objective: a --before that has it (f27ab69 on)
+    "mlm_pmap": ("mlm", ["--config.parallelism=pmap"], [], []),  # the other device strategy
+    "electra": ("electra", [], [], []),  # a --before that has it (1a58948 on)
 }
 COMPARED = ("loss", "accuracy", "grad_norm", "eval/loss", "eval/accuracy", "learning_rate")
 

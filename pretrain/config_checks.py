@@ -27,7 +27,7 @@ FREE_FORM = ("objectives",)  # checked by objectives.build_mixture, which knows 
 def validate_config(config: Any, device_count: int) -> None:
     """Raises ValueError listing every missing, unknown or inconsistent field of a
     pretraining config (for a job with `device_count` devices in all)."""
-    from pretrain.train import loop_problems  # the loop's own fields; imported late, as train imports this
+    from pretrain.loop import loop_problems  # the loop's own fields
 
     problems = _schema_problems(config)
     if not problems:

@@ -393,7 +393,7 @@ def test_a_fine_tune_reads_its_task_before_restoring_a_body_and_a_failed_start_l
     config = apply(get_finetune_config("task=files"), {"init": str(body), "task_path": str(task), "seq_len": 64,
                                                        "batch_size": 8, "seeds": (0,)})
     with FinetuneTrainer(config, str(workdir / "seed_0")) as trainer:  # not refused: the lock is free
-        assert trainer.bodies[0].step == 40 and (workdir / "seed_0" / "train.lock").exists()
+        assert trainer.program.bodies[0].step == 40 and (workdir / "seed_0" / "train.lock").exists()
     assert not (workdir / "seed_0" / "train.lock").exists()
     assert [r.getMessage() for r in caplog.records if "test split" in r.getMessage()] == [  # said once, when it starts
         "the test split of task is small: 2 examples for 2 classes (1.0 per class), fewer than 100 (the rule: at "

@@ -84,7 +84,7 @@ def test_the_body_is_restored_bit_for_bit_and_the_head_is_new(tmp_path_factory, 
     fresh = heads.TaskModel([create_model(model_config(read_run_config(run), 400), seed=5)], ["bidirectional"],
                             ["first"], head.shape[1], per_token=False, seed=0)
     np.testing.assert_array_equal(head, np.asarray(fresh.head_kernel[...]))  # the head depends on the seed alone
-    assert head.shape == (64, len(trainer.task.labels)) and np.abs(head).max() < 0.2
+    assert head.shape == (64, len(trainer.program.task.labels)) and np.abs(head).max() < 0.2
 
 
 def test_a_body_that_is_not_its_runs_shape_or_not_a_run_is_refused(tmp_path_factory, tmp_path):
@@ -106,9 +106,9 @@ def test_a_body_that_is_not_its_runs_shape_or_not_a_run_is_refused(tmp_path_fact
 
 def run_steps(trainer, steps: int) -> list[dict[tuple, np.ndarray]]:
     """The parameters after each of `steps` compiled train steps."""
-    iterator, history = iter(trainer.train_data), []
+    iterator, history = iter(trainer.program.train_data), []
     for _ in range(steps):
-        trainer.state, _ = trainer.train_step(trainer.state, trainer.put_batch(next(iterator)))
+        trainer.state, _ = trainer.train_step(trainer.state, trainer.strategy.put_batch(next(iterator)))
         history.append(parameters(trainer.state["params"]))
     return history
 
@@ -153,12 +153,12 @@ def test_fused_bodies_are_probed_frozen_or_fine_tuned_jointly_and_the_gate_mixes
     runs = [pretrained(tmp_path_factory, "mlm:1,clm:1,mass:1,unilm:1"), pretrained(tmp_path_factory, "clm")]
     config = config_for(",".join(runs), fusion="gate", method=method)
     with transfer.FinetuneTrainer(config, str(tmp_path / "ft")) as trainer:
-        assert [b.layout for b in trainer.bodies] == ["bidirectional", "causal"]
-        assert [b.pooling for b in trainer.bodies] == ["mean", "mean"]
+        assert [b.layout for b in trainer.program.bodies] == ["bidirectional", "causal"]
+        assert [b.pooling for b in trainer.program.bodies] == ["mean", "mean"]
         before = parameters(trainer.state["params"])
         after = run_steps(trainer, 2)[-1]
-        model = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.rest)
-        batch = trainer.eval_data["dev"][0]
+        model = nnx.merge(trainer.program.graphdef, trainer.state["params"], trainer.program.rest)
+        batch = trainer.program.eval_data["dev"][0]
         pooled = [heads.pool(model.body_hidden(batch, i), batch["segment_ids"], p)
                   for i, p in enumerate(model.poolings)]
         weights = np.asarray(model.gate.weights(pooled))
@@ -185,9 +185,10 @@ def test_packed_and_unpacked_rows_give_the_same_predictions(tmp_path_factory, tm
     for packed in (True, False):
         with transfer.FinetuneTrainer(config_for(run, task=task, packed=packed, pooling="concat", seq_len=256),
                                       str(tmp_path / f"ft-{packed}")) as trainer:
-            params = trainer.unreplicate(trainer.state["params"])
-            gold, predicted, loss, count = trainer._predict(params, "dev")
-            rows = sum(len(b["inputs"]) for b in trainer.eval_data["dev"])
+            params = trainer.strategy.unreplicate(trainer.state["params"])
+            score = lambda batch: jax.device_get(trainer.eval_step(params, trainer.strategy.put_eval_batch(batch)))
+            gold, predicted, loss, count = trainer.program.predict(score, "dev")
+            rows = sum(len(b["inputs"]) for b in trainer.program.eval_data["dev"])
             results.append((predicted, loss / count, rows))
     assert results[0][0] == results[1][0]
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
@@ -274,9 +275,9 @@ def test_the_builtin_qa_task_fine_tunes_end_to_end(tmp_path_factory, tmp_path):
     run = pretrained(tmp_path_factory)
     config = config_for(run, task="pydocs_qa", seq_len=256)
     with transfer.FinetuneTrainer(config, str(tmp_path / "rows")) as trainer:
-        assert trainer.task.kind == "span_qa" and trainer.task.num_outputs == 2
-        starts = sum(float(trainer.task.kind_spec.count(batch)) for batch in trainer.eval_data["dev"])
-        assert starts >= 0.5 * len(trainer.task.splits["dev"])  # most dev answers lie inside their rows
+        assert trainer.program.task.kind == "span_qa" and trainer.program.task.num_outputs == 2
+        starts = sum(float(trainer.program.task.kind_spec.count(batch)) for batch in trainer.program.eval_data["dev"])
+        assert starts >= 0.5 * len(trainer.program.task.splits["dev"])  # most dev answers lie inside their rows
     summary = transfer.run_seeds(config, tmp_path / "ft")
     assert summary["metric"] == "exact_match" and set(summary["test"]) == {"exact_match", "answer_f1", "loss"}
     result = json.loads((tmp_path / "ft" / "seed_0" / "result.json").read_text())

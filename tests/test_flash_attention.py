@@ -150,11 +150,11 @@ def test_bfloat16_trains_with_float32_master_weights_under_flash(tokenizer_file,
     config = tiny_config("mlm:1,clm:1", total_steps=24, log_every=4, checkpoint_every=24)
     config.model.dtype, config.model.attention = "bfloat16", "flash"
     trainer = Trainer(config, str(workdir))
-    assert trainer.model_config.attention == "flash" and trainer.model_config.compute_dtype == jnp.bfloat16
+    assert trainer.program.model_config.attention == "flash" and trainer.program.model_config.compute_dtype == jnp.bfloat16
     with caplog.at_level(logging.INFO, logger="pretrain.train"):
         assert trainer.run() == 24
     rows = read_metrics(workdir)
-    kernel = assert_flash_ran(trainer.model_config)
+    kernel = assert_flash_ran(trainer.program.model_config)
     assert [r["attention_kernel"] for r in rows] == [kernel] * 6, rows
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention: ")] == [
         f"attention: flash via {kernel} on {jax.default_backend()}"]
@@ -171,7 +171,7 @@ def test_a_layout_without_key_ranges_falls_back_to_dense(tokenizer_file, tmp_pat
     config.model.attention = "flash"
     with caplog.at_level(logging.WARNING, logger="pretrain.train"):
         trainer = Trainer(config, str(workdir_with(tokenizer_file, tmp_path / "run")))
-    assert trainer.model_config.attention == "dense" and attention_kernel(trainer.model_config) == "dense"
+    assert trainer.program.model_config.attention == "dense" and attention_kernel(trainer.program.model_config) == "dense"
     assert ["config.model.attention='flash' falls back to 'dense': the objectives use attention kind ENCODER_ONLY"
             in record.getMessage() for record in caplog.records].count(True) == 1
 

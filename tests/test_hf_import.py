@@ -117,15 +117,15 @@ def test_continued_pretraining_from_an_imported_bert(saved_tokenizers, tmp_path)
     assert config.to_dict() == given  # the run resolves a copy: the imported shape is the run's, not the caller's
     resolved = trainer.config
     assert resolved.model.model_dim == 64 and not resolved.model.pre_layer_norm
-    model = nnx.merge(trainer.graphdef, jax.device_get(trainer.unreplicate(trainer.state["params"])), trainer.rest)
+    model = nnx.merge(trainer.program.graphdef, jax.device_get(trainer.strategy.unreplicate(trainer.state["params"])), trainer.program.rest)
     # BERT's two token types grown to UniLM's six, as UniLM's code does: 2, 3, 4 from type 0; 5 from type 1
     types = np.asarray(model.type_embedding[...])
     bert_types = reference.bert.embeddings.token_type_embeddings.weight.detach().numpy()
     assert resolved.model.num_token_types == 6 and np.array_equal(types[:2], bert_types)
     assert all(np.array_equal(types[row], bert_types[source]) for row, source in ((2, 0), (3, 0), (4, 0), (5, 1)))
 
-    vocab = trainer.pipeline.tokenizer.vocabulary()
-    text = trainer.pipeline.tokenizer.encode(" ".join(pydocs_sentences(6, "heldout")))[:60]
+    vocab = trainer.program.pipeline.tokenizer.vocabulary()
+    text = trainer.program.pipeline.tokenizer.encode(" ".join(pydocs_sentences(6, "heldout")))[:60]
     example = objectives.build_mixture("mlm", vocab).objectives[0](TextChunk(text), np.random.default_rng(3))
     row = pack([example], len(example))
     ours, _ = batch_loss(model, {k: jax.numpy.asarray(v) for k, v in row.items()}, 1)

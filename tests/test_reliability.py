@@ -31,7 +31,8 @@ from flax import nnx
 from pretrain.input_pipeline import build_input_pipeline, take
 from pretrain.model import TransformerConfig, create_model
 from pretrain.optimizer import make_optimizer
-from pretrain.train import NonFiniteLoss, Trainer, skip_nonfinite_updates
+from pretrain.loop import NonFiniteLoss, skip_nonfinite_updates
+from pretrain.train import Trainer
 from pretrain.train_step import make_train_step
 from pretrain.workdir import WorkdirError, WorkdirLock, WorkdirLocked, check_free_space, prepare_workdir
 from train_helpers import (FINISHED_RUN, ROOT, checkpoint_steps, compile_cache_env, damage,  # noqa: F401
@@ -319,7 +320,7 @@ def test_skip_policy_counts_skipped_steps_and_stops_after_too_many_in_a_row(toke
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
     config = tiny_config(total_steps=16, log_every=4, checkpoint_every=4, nonfinite="skip", max_consecutive_skips=3)
     trainer = Trainer(config, str(workdir))
-    trainer.train_data = trainer.train_data.map(poisoned([2, 9, 10, 11]))  # steps 3, 10, 11, 12
+    trainer.program.train_data = trainer.program.train_data.map(poisoned([2, 9, 10, 11]))  # steps 3, 10, 11, 12
     with pytest.raises(NonFiniteLoss, match=r"by step 12, 3 steps in a row had a non-finite loss, gradient or update "
                                             r"and were skipped \(config.nonfinite='skip', "
                                             r"config.max_consecutive_skips=3; .* is intact. Lower"):
@@ -336,7 +337,7 @@ def test_pmap_run_saves_often_without_hanging_and_skips_like_pjit(tokenizer_file
     workdir = workdir_with(tokenizer_file, tmp_path / "run")
     config = tiny_config(total_steps=6, checkpoint_every=2, log_every=2, parallelism="pmap", nonfinite="skip")
     trainer = Trainer(config, str(workdir))
-    trainer.train_data = trainer.train_data.map(poisoned([2]))  # step 3
+    trainer.program.train_data = trainer.program.train_data.map(poisoned([2]))  # step 3
     assert trainer.run() == 6
     assert [(r["step"], r["skipped_steps"]) for r in read_metrics(workdir)] == [(2, 0), (4, 1), (6, 0)]
     assert checkpoint_steps(workdir) == [2, 4, 6]

@@ -1,6 +1,6 @@
-"""The fine-tuning trainer: the pretraining loop (`pretrain.train.Trainer`) with a task.
+"""Fine-tuning: a program of the training loop (`pretrain.loop`) that trains a task.
 
-Everything about the run is the pretraining trainer's: the workdir lock and checks,
+Everything about the run is the loop's, as for pretraining: the workdir lock and checks,
 checkpoints and exact resume, SIGTERM and Ctrl-C, metrics.jsonl and TensorBoard, the
 NaN guard. What differs is built here: the bodies restored from pretraining runs
 (parameters only, bit for bit; the head is new), the task's batches, the task loss
@@ -31,14 +31,13 @@ from pretrain.config_checks import parallel_problems, schema_problems
 from pretrain.hf.imported_tokenizer import FILENAME as IMPORTED_TOKENIZER, ImportedTokenizer
 from pretrain.hf.models import (adopt_shape, hf_directory_problems, hf_params, is_hf_directory, set_flat_params,
                                 transformer_config)
-from pretrain.checkpoint import Checkpointer
 from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params, run_tokenizer
 from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token
 from pretrain.model import EMBEDDING_PARAMETERS, Transformer, attention_kernel, create_model
 from pretrain.optimizer import settings_problems
 from pretrain.tokenizer import Tokenizer
-from pretrain.train import Trainer, loop_problems
+from pretrain.loop import Loop, initial_state, loop_problems
 from pretrain.train_step import make_step
 from pretrain.transfer import encoding, heads, kinds, methods, tasks
 from pretrain.workdir import check_free_space, checkpoint_bytes
@@ -293,15 +292,16 @@ def small_test_warning(task: tasks.Task, config: Any, pretraining_data: Any) -> 
             f"with a few examples; {fix}")
 
 
-class FinetuneTrainer(Trainer):
-    """The pretraining trainer with a task program (see module docstring)."""
+class FinetuningProgram:
+    """Fine-tuning as a program of the training loop (`pretrain.loop.Program`; see
+    module docstring)."""
 
-    def _resolve(self, config: Any) -> Any:
+    def resolve(self, config: Any) -> Any:
         """A fine-tuning config is used as given: what it derives (each body's shape) comes
         from the bodies' own runs."""
         return config
 
-    def _validate(self, config: Any) -> None:
+    def validate(self, config: Any) -> None:
         """Checks the config, then reads what is cheap to read: each body's config.json and
         tokenizer, and the task (`self.task`). A misspelt run directory, a missing task
         file or a bad row is so reported before the workdir is made or any body restored
@@ -313,11 +313,13 @@ class FinetuneTrainer(Trainer):
         sources = [body_source(run, flag) for run in runs]
         self.task = tasks.load_task(config, sources[0][0].data)
 
-    def _build(self) -> None:
-        config, workdir = self.config, self.workdir
+    def build(self, config: Any, workdir: str, primary: bool, strategy: Any) -> nnx.State:
+        """The bodies (restored), the task model, the method's optimizer and the task's
+        batches; returns the task model's parameters."""
+        self.config = config
         self.bodies, self.tokenizer = load_bodies(config)  # the task was read by _validate
         warning = small_test_warning(self.task, config, self.bodies[0].run_config.data)
-        if warning and self.primary:
+        if warning and primary:
             log.warning(warning)
         model = heads.TaskModel([b.model for b in self.bodies], [b.layout for b in self.bodies],
                                 [b.pooling for b in self.bodies], self.task.num_outputs,
@@ -343,11 +345,10 @@ class FinetuneTrainer(Trainer):
         self.eval_data = {split: encoding.evaluation_batches(self.task, split, self.tokenizer, batch_size=config.batch_size,
                                                              packed=config.packed, **common)
                           for split in self.task.evaluation_splits}
-        if self.primary:
-            check_free_space(workdir, checkpoint_bytes(jax.eval_shape(self._initial_state, params)))
-        self._setup_parallelism(params)
-        self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, run_info=self._run_info())
-        self._closing.callback(self.checkpointer.close)
+        if primary:
+            state = jax.eval_shape(lambda p: initial_state(self.optimizer, p), params)
+            check_free_space(workdir, strategy.state_copies * checkpoint_bytes(state))
+        return params
 
     def _body_flops(self, body: Body) -> float:
         """Training FLOPs per token of a body: 6N + 12 L d T when it trains, a third of
@@ -358,7 +359,7 @@ class FinetuneTrainer(Trainer):
         full = flops_per_token(non_embedding, c.num_layers, c.model_dim, self.config.seq_len)
         return full / 3 if self.plan.frozen_bodies else full
 
-    def _run_info(self) -> dict[str, Any]:
+    def run_info(self) -> dict[str, Any]:
         with open(self.tokenizer.path, "rb") as handle:
             tokenizer_sha256 = hashlib.sha256(handle.read()).hexdigest()
         config = self.config
@@ -368,39 +369,37 @@ class FinetuneTrainer(Trainer):
                 "tokenizer_sha256": tokenizer_sha256, "optimizer": config.optimizer.to_dict(),
                 **{name: config[name] for name in ("seq_len", "batch_size", "total_steps", "seed", "parallelism")}}
 
-    def _learning_rate(self, step: int) -> float:
+    def learning_rate(self, step: int) -> float:
         schedule = methods.learning_rate(self.plan, self.config.optimizer, self.config.methods,
                                          self.config.total_steps)
         return float(schedule(step))
 
     # -- the compiled steps ----------------------------------------------------------
 
-    def _step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
+    def step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
         loss_fn, totals_fn, eval_fn = task_functions(self.graphdef, self.rest, self.task.kind, len(self.names),
                                                      self.plan, self.config.total_steps)
         return make_step(loss_fn, totals_fn, self.optimizer, self.config.accumulation_steps, axis_name), eval_fn
 
     # -- evaluation ------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, score: Callable) -> dict[str, float]:
         """The task's metrics on dev and each test set (`eval/dev/<metric>`,
         `eval/test/<metric>`, `eval/test_mismatched/<metric>`, ...) and the task loss on each."""
-        params = self.unreplicate(self.state["params"])
         out = {}
         for split in self.task.evaluation_splits:
-            gold, predicted, loss, count = self._predict(params, split)
+            gold, predicted, loss, count = self.predict(score, split)
             for name, value in self.task.score(gold, predicted).items():
                 out[f"eval/{split}/{name}"] = value
             out[f"eval/{split}/loss"] = loss / max(count, 1.0)
         return out
 
-    def _predict(self, params: Any, split: str) -> tuple[list, list, float, float]:
+    def predict(self, score: Callable, split: str) -> tuple[list, list, float, float]:
         """(gold, predicted, loss sum, labelled count) over a split, in example order."""
-        results = [jax.device_get(self.eval_step(params, self.put_eval_batch(batch)))
-                   for batch in self.eval_data[split]]
+        results = [score(batch) for batch in self.eval_data[split]]
         return collect_predictions(self.task, split, self.eval_data[split], results, self.tokenizer)
 
-    def _print_evaluation(self, step: int, values: dict[str, float]) -> None:
+    def print_evaluation(self, step: int, values: dict[str, float]) -> None:
         def split_line(split: str) -> str:
             metrics = self.task.metrics
             main = f"{split} {self.task.metric} {values[f'eval/{split}/{self.task.metric}']:.4f}"
@@ -409,16 +408,17 @@ class FinetuneTrainer(Trainer):
 
         print(f"eval at step {step}: {'; '.join(split_line(s) for s in self.task.evaluation_splits)}", flush=True)
 
-    def _traced_attention_kernel(self) -> str:
+    def traced_attention_kernel(self) -> str:
         """The bodies' kernel(s): they run the dense path (`pretrain.inference.model_config`)."""
         return "+".join(dict.fromkeys(attention_kernel(body.model.config) for body in self.bodies))
 
-    def _describe(self, start: int) -> str:
+    def describe(self, start: int, workdir: str) -> list[tuple[str, str]]:
+        """The run's effective settings, printed once at start."""
         config = self.config
         bodies = "; ".join(f"{b.run} ({'step ' + str(b.step) if b.pretrained else 'random initialisation'}, "
                            f"{b.run_config.objective}, {b.layout} layout, {b.pooling} pooling)" for b in self.bodies)
         lines = [
-            ("run", f"{self.workdir} ({f'resuming from step {start}' if start else 'new run'}), seed {config.seed}"),
+            ("run", f"{workdir} ({f'resuming from step {start}' if start else 'new run'}), seed {config.seed}"),
             ("task", self.task.describe()),
             ("bodies", bodies + (f"; fused by {config.fusion}" if len(self.bodies) > 1 else "")),
             ("method", f"{config.method}" + (" (bodies frozen)" if self.plan.frozen_bodies else "")
@@ -426,15 +426,20 @@ class FinetuneTrainer(Trainer):
              + (" packed" if config.packed else " one example per row")),
             ("steps", f"{config.total_steps:,}; peak lr {config.optimizer.learning_rate:g}, {self.plan.schedule} "
                       f"schedule; eval every {config.eval_every or config.total_steps}"),
-            ("MFU peak", f"{self.peak:.3g} FLOP/s per device ({self.peak_source})"),
         ]
-        width = max(len(name) for name, _ in lines)
-        return "\n".join(f"{name + ':':<{width + 1}} {text}" for name, text in lines)
+        return lines
 
-    def _finish(self, step: int) -> None:
+    def finish(self, step: int, params: Any, workdir: str, primary: bool) -> None:
         """Writes result.json: the dev-selected step and its dev and test scores."""
-        if self.primary:
-            write_result(self.workdir, self.task)
+        if primary:
+            write_result(workdir, self.task)
+
+
+class FinetuneTrainer(Loop):
+    """The fine-tuning command's loop: `Loop(config, workdir, FinetuningProgram())`."""
+
+    def __init__(self, config: Any, workdir: str | os.PathLike):
+        super().__init__(config, workdir, FinetuningProgram())
 
 
 def read_records(workdir: str | os.PathLike) -> list[dict]:
