@@ -51,8 +51,10 @@ def test_run_configs_expand_the_budget_and_the_sweep():
     ("t5", {"mlm": "mlm", "mass": "mass", "span_corruption": "span_corruption", "prefix_lm": "prefix_lm",
             "clm": "clm"}),
     ("ul2", {"ul2": "ul2", "span_corruption": "span_corruption", "clm": "clm"}),
+    ("electra", {"mlm": "mlm", "clm": "clm", "electra": "electra"}),
+    ("extended", {"mlm": "mlm", "clm": "clm", "mass": "mass", "unilm": "unilm", "electra": "electra"}),
 ])
-def test_the_t5_and_ul2_presets_build_valid_runs_under_one_budget(preset, expected):
+def test_the_t5_ul2_and_electra_presets_build_valid_runs_under_one_budget(preset, expected):
     runs = compare.run_configs(get_config(f"preset={preset}"))  # validated against the budget's tokenizer layout
     assert {name: run.objective for name, run in runs.items()} == expected
     assert len({(run.total_steps, run.batch_size, run.seq_len, repr(sorted(run.model.to_dict().items())))
