@@ -20,6 +20,10 @@ Two loss terms carry the rest:
   predicts `inputs != targets` (a sampled token equal to the original counts as
   original, as ELECTRA's labels do) with a sigmoid loss over every token.
 
+`uniform_generator=True` is the code's ablation of that name: the predicted tokens are
+replaced by ordinary tokens drawn uniformly (a draw equal to the original counts as
+original), there is no generator and only the `replaced` term.
+
 The generator is a quarter of the discriminator's width (ELECTRA's
 `generator_hidden_size=0.25`) with as many layers, sharing its token, position and
 type embeddings and their LayerNorm (`untied_generator_embeddings=False`); see
@@ -52,6 +56,9 @@ class ElectraConfig:
     mask_token_rate: float = 0.85  # of the predicted tokens, replaced by [MASK]; the rest keep their token
     generator_weight: float = 1.0  # gen_weight: the generator's MLM loss
     discriminator_weight: float = 50.0  # disc_weight: the replaced-token-detection loss
+    # ELECTRA's `uniform_generator` ablation: the predicted tokens are replaced by ordinary tokens drawn uniformly
+    # on the host, so the example is final as written (no generator term, no generator head)
+    uniform_generator: bool = False
 
 
 def generator_term(config: ElectraConfig) -> LossTerm:
@@ -77,9 +84,12 @@ class Electra(Objective):
         if not 0 < config.mask_rate < 1:
             raise ValueError(f"objectives.electra.mask_rate={config.mask_rate!r} must lie in (0, 1)")
         self.config = config
-        self.rule = noise.ReplacementRule(config.mask_token_rate, 0.0)
+        # uniform replacements: every predicted token is drawn anew (ELECTRA's sampler never leaves a [MASK])
+        self.rule = noise.ReplacementRule(0.0, 1.0) if config.uniform_generator else \
+            noise.ReplacementRule(config.mask_token_rate, 0.0)
         # the generator's term runs first: it writes the inputs the body and the discriminator read
-        self.loss_terms = (generator_term(config), replaced_term(config))
+        self.loss_terms = ((replaced_term(config),) if config.uniform_generator
+                           else (generator_term(config), replaced_term(config)))
 
     def text_budget(self, seq_len: int) -> int:
         return seq_len - 2
@@ -89,8 +99,10 @@ class Electra(Objective):
         tokens = np.concatenate([[self.vocab.cls], chunk.tokens, [self.vocab.sep]]).astype(np.int32)
         positions = bidirectional_prediction_positions(tokens, self.vocab, rng, mask_rate=config.mask_rate,
                                                        max_predictions=config.max_predictions, whole_word=False)
-        draws = np.zeros(len(tokens), np.int32)
-        draws[positions] = uniform_draws(rng, len(positions))
+        extras = {DISCRIMINATED: np.ones(len(tokens), np.int32)}
+        if not config.uniform_generator:
+            extras[GENERATOR_DRAWS] = np.zeros(len(tokens), np.int32)
+            extras[GENERATOR_DRAWS][positions] = uniform_draws(rng, len(positions))
         return make_example(
             inputs=noise.replace_tokens(tokens, positions, rng, self.vocab, self.rule),
             targets=tokens,
@@ -99,7 +111,7 @@ class Electra(Objective):
             attention_kind=PREFIX,
             token_types=np.zeros(len(tokens), np.int32),
             objective_id=self.objective_id,
-            extras={GENERATOR_DRAWS: draws, DISCRIMINATED: np.ones(len(tokens), np.int32)},
+            extras=extras,
         )
 
 

@@ -307,3 +307,15 @@ def test_nothing_leaks_between_packed_examples_through_the_generator_or_the_disc
     np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=0, atol=1e-6)
     np.testing.assert_allclose(outputs[0][2], outputs[1][2], rtol=0, atol=1e-6)  # the generator's own states
     assert (outputs[0][3] != outputs[1][3]).any()  # the second example did change
+
+
+def test_the_uniform_generator_ablation_replaces_the_predicted_tokens_on_the_host():
+    """`uniform_generator=True` (ELECTRA's ablation): every predicted token is an ordinary
+    token drawn uniformly, no [MASK] is left, and only the detection term is trained."""
+    text = VOCAB.ordinary_ids[np.arange(40) % len(VOCAB.ordinary_ids)]
+    electra = leaf(uniform_generator=True)
+    assert [term.name for term in electra.loss_terms] == ["replaced"]
+    example = electra(TextChunk(text), np.random.default_rng(4))
+    assert set(example.extras) == {DISCRIMINATED} and not (example.inputs == MASK).any()
+    changed = np.flatnonzero(example.inputs != example.targets)
+    assert len(changed) >= round(0.15 * 40) - 1 and not VOCAB.is_special(example.inputs[changed]).any()
