@@ -197,11 +197,6 @@ class Program(Protocol):
         """The attention kernel the traced train step runs (`pretrain.model.attention_kernel`)."""
 
 
-def initial_state(optimizer: optax.GradientTransformation, params: Any) -> dict[str, Any]:
-    """The training state a run starts from: `params`, the optimizer's fresh state, step 0."""
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-
 class Loop:
     """Trains `program` in `workdir` (see module docstring)."""
 
@@ -231,8 +226,7 @@ class Loop:
         step_fn, eval_fn = program.step_functions(self.strategy.axis_name)
         if config.nonfinite == "skip":
             step_fn = skip_nonfinite_updates(step_fn)
-        self.state, self.abstract_state = self.strategy.place(lambda p: initial_state(program.optimizer, p), params,
-                                                              program.optimizer)
+        self.state, self.abstract_state = self.strategy.place(params, program.optimizer)
         self.train_step, self.eval_step = self.strategy.compile(step_fn, eval_fn)
         self.checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints, run_info=program.run_info())
         self._closing.callback(self.checkpointer.close)

@@ -1,6 +1,6 @@
 """How a training loop runs its step on the devices: pjit or pmap, as two small strategies.
 
-The loop (`pretrain.train.Trainer`) trains whatever program it is given (pretraining,
+The loop (`pretrain.loop.Loop`) trains whatever program it is given (pretraining,
 fine-tuning) with one of these and never asks which: each places the training state on
 the devices, compiles the step and the evaluation step, puts host batches where the
 step reads them, brings results back, and says where a state's layer axis lies (for
@@ -15,6 +15,7 @@ checkpoints written in the other layer layout) and how it describes itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 
 from pretrain import sharding
+from pretrain.train_step import initial_state
 
 Batch = Mapping[str, np.ndarray]
 
@@ -39,11 +41,11 @@ class Pjit:
         self.mesh = sharding.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
         self._batch_sharding = sharding.batch_sharding(self.mesh)
 
-    def place(self, initial_state: Callable[[Any], dict], params: Any, optimizer: optax.GradientTransformation
-              ) -> tuple[dict, Any]:
-        """(the initial training state of `params`, sharded; its abstract form with shardings)."""
+    def place(self, params: Any, optimizer: optax.GradientTransformation) -> tuple[dict, Any]:
+        """(the initial training state of `params` (`train_step.initial_state`), sharded;
+        its abstract form with shardings). `compile` uses these shardings."""
         self._shardings = sharding.train_state_shardings(params, optimizer, self.mesh)
-        state = jax.jit(initial_state, out_shardings=self._shardings)(params)
+        state = jax.jit(functools.partial(initial_state, optimizer), out_shardings=self._shardings)(params)
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                                 self._shardings)
         return state, abstract
@@ -84,11 +86,11 @@ class Pmap:
         self.devices = jax.local_device_count()
         self.state_copies = self.devices
 
-    def place(self, initial_state: Callable[[Any], dict], params: Any, optimizer: optax.GradientTransformation
-              ) -> tuple[dict, Any]:
-        """(the initial training state of `params`, one replica per device; its abstract form)."""
-        del optimizer  # replicated whole: nothing is sharded by the optimizer's state
-        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.devices, *x.shape)), initial_state(params))
+    def place(self, params: Any, optimizer: optax.GradientTransformation) -> tuple[dict, Any]:
+        """(the initial training state of `params` (`train_step.initial_state`), one
+        replica per device; its abstract form)."""
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.devices, *x.shape)),
+                             initial_state(optimizer, params))
         return state, jax.eval_shape(lambda: state)
 
     def compile(self, step_fn: Callable, eval_fn: Callable) -> tuple[Callable, Callable]:

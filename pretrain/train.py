@@ -48,13 +48,13 @@ from pretrain.config_checks import validate_config
 from pretrain.generate import demonstrate
 from pretrain.host_memory import keep_freed_memory
 from pretrain.input_pipeline import build_input_pipeline
-from pretrain.loop import Loop, initial_state, summarize
+from pretrain.loop import Loop, summarize
 from pretrain.metrics import flops_per_token
 from pretrain.model import TransformerConfig, attention_kernel, create_model, preset_name
 from pretrain.optimizer import learning_rate_schedule, make_optimizer
 from pretrain.peers import PeerWatch
 from pretrain.resolve import resolve_config
-from pretrain.train_step import make_eval_step, make_train_step
+from pretrain.train_step import initial_state, make_eval_step, make_train_step
 from pretrain.workdir import check_free_space, checkpoint_bytes
 
 log = logging.getLogger("pretrain.train")

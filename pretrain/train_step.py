@@ -26,6 +26,11 @@ Batch = Mapping[str, jax.Array]
 TrainState = dict[str, Any]  # {'params', 'opt_state', 'step'}
 
 
+def initial_state(optimizer: optax.GradientTransformation, params: nnx.State) -> TrainState:
+    """The training state a run starts from: `params`, the optimizer's fresh state, step 0."""
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State, num_objectives: int,
                  statistics: Callable = step_token_statistics, terms: Sequence[LossTerm] = ()) -> LossFn:
     """loss(params, batch, totals, step) -> (this batch's share of the global loss,

@@ -37,8 +37,8 @@ from pretrain.metrics import flops_per_token
 from pretrain.model import EMBEDDING_PARAMETERS, Transformer, attention_kernel, create_model
 from pretrain.optimizer import settings_problems
 from pretrain.tokenizer import Tokenizer
-from pretrain.loop import Loop, initial_state, loop_problems
-from pretrain.train_step import make_step
+from pretrain.loop import Loop, loop_problems
+from pretrain.train_step import initial_state, make_step
 from pretrain.transfer import encoding, heads, kinds, methods, tasks
 from pretrain.workdir import check_free_space, checkpoint_bytes
 
