@@ -99,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (code 75) instead of waiting in a collective forever; 0: leave it to JAX's own heartbeat (100 s, then an abort)
     config.peer_timeout_seconds = 60.0
     config.sample_at_end = True  # at the end, print one line of what the model does (a continuation or a fill)
+    # what a distilled run learned from (its teacher and the loss weights): set by pretrain.distill and recorded in
+    # config.json; empty for a run trained by pretrain.train
+    config.distill = ml_collections.ConfigDict()
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = variants["data"]  # 'pydocs' (built in, no download), 'files' or 'tfds'

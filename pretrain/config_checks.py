@@ -21,7 +21,9 @@ import objectives
 from pretrain import model, optimizer, sharding
 from pretrain.input_pipeline import data_problems, tokenizer_problems
 
-FREE_FORM = ("objectives",)  # checked by objectives.build_mixture, which knows each objective's settings
+# objectives: checked by objectives.build_mixture, which knows each objective's settings; distill: written and
+# checked by pretrain.distill (what a student learned from), refused by pretrain.train
+FREE_FORM = ("objectives", "distill")
 
 
 def validate_config(config: Any, device_count: int) -> None:

@@ -124,6 +124,9 @@ FORMER_VALUES = {
 }
 
 
+FREE_FORM_RECORDS = ("distill",)  # config groups whose fields another program owns (pretrain.distill)
+
+
 def _with_current_fields(fields: dict, path: str) -> dict:
     """A run config written by another version of this project, read by this one:
     fields it lacks take today's defaults (or, for a field in FORMER_VALUES, the value
@@ -141,6 +144,8 @@ def _with_current_fields(fields: dict, path: str) -> dict:
                 unknown.append(prefix + key)
                 if drop_unknown:
                     continue
+            elif prefix == "" and key in FREE_FORM_RECORDS:  # kept whole: its own program reads it
+                pass
             elif isinstance(default[key], dict) and isinstance(value, dict):
                 value = merge(default[key], value, f"{prefix}{key}.", drop_unknown or prefix == "objectives.")
             merged[key] = value
@@ -232,7 +237,8 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 
 # The TransformerConfig fields that decide parameter shapes.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
-                "pre_layer_norm", "mlm_transform_head", "embedding_dim", "heads", "output_bias")
+                "pre_layer_norm", "mlm_transform_head", "embedding_dim", "heads", "output_bias",
+                "hidden_projection_dim")
 
 
 def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: int, config: TransformerConfig) -> None:

@@ -176,6 +176,12 @@ class Attention(nnx.Module):
         return out + self.out_bias[...].astype(dtype)
 
     @staticmethod
+    def scores(q: jax.Array, k: jax.Array) -> jax.Array:
+        """The attention scores q k^T / sqrt(K) [B, H, Lq, Lk] (float32), before any mask
+        or softmax: what the softmax weighs (TinyBERT distils them, `pretrain.distillation`)."""
+        return jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+
+    @staticmethod
     def _dense_context(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """softmax(q k^T / sqrt(K)) v [B, Lq, H, K] with hidden keys set to a large
         negative score, written out rather than through `jax.nn.dot_product_attention`:
@@ -184,8 +190,7 @@ class Attention(nnx.Module):
         (README, Performance). A query that sees nothing (padding) spreads its
         weight uniformly, so it carries no NaN. Scores and softmax are float32.
         """
-        scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores * (q.shape[-1] ** -0.5), _HIDDEN_SCORE)
+        scores = jnp.where(mask, Attention.scores(q, k), _HIDDEN_SCORE)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqt,bthk->bqhk", weights, v)
 
@@ -322,6 +327,15 @@ def run_blocks(
             keys.append(kv[0])
             values.append(kv[1])
     return x, hidden, (jnp.stack(keys), jnp.stack(values)) if caching else None
+
+
+def block_at(blocks: nnx.List | Block, config: TransformerConfig, index: int) -> Block:
+    """Block `index` of a stack in either layout: the list's own block (loop), or a
+    block over the `index` slice of the stacked variables (scan)."""
+    if not config.scan_layers:
+        return blocks[index]
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, _layer(state, index, 0))
 
 
 # -- converting states between the layouts ---------------------------------------------

@@ -145,7 +145,8 @@ def summarize(stats: dict[str, np.ndarray], names: tuple[str, ...], prefix: str 
     for term, sums in stats.get("terms", {}).items():
         if sums["weight_sum"] > 0:
             out[f"{prefix}loss/{term}"] = float(sums["loss_sum"] / sums["weight_sum"])
-            out[f"{prefix}accuracy/{term}"] = float(sums["correct_sum"] / sums["weight_sum"])
+            if "correct_sum" in sums:  # a term without an accuracy (a squared error) has none
+                out[f"{prefix}accuracy/{term}"] = float(sums["correct_sum"] / sums["weight_sum"])
     return out
 
 
@@ -162,6 +163,9 @@ class Program(Protocol):
     parameters: int  # trainable parameters, for the console
     flops_per_token: float  # training FLOPs per token, MFU's numerator
     train_data: Any  # an iterable of host batches with get_state/set_state (the data state checkpoints keep)
+    # parameters the steps read but never train (an `nnx.State`; a distillation teacher), or None: the
+    # strategy places them once and the step functions take them as a third argument; no checkpoint holds them
+    frozen: Any
 
     def resolve(self, config: Any) -> Any:
         """The config the run trains with (a new one; the given one untouched)."""
@@ -227,7 +231,7 @@ class Loop:
         if config.nonfinite == "skip":
             step_fn = skip_nonfinite_updates(step_fn)
         self.state, self.abstract_state = self.strategy.place(params, program.optimizer)
-        self.train_step, self.eval_step = self.strategy.compile(step_fn, eval_fn)
+        self.train_step, self.eval_step = self.strategy.compile(step_fn, eval_fn, program.frozen)
         self.checkpointer = Checkpointer(self.workdir, keep=config.keep_checkpoints, run_info=program.run_info())
         self._closing.callback(self.checkpointer.close)
 

@@ -370,9 +370,27 @@ def batch_loss(
     (`weighted_token_statistics`), or `full_logits_statistics`, the reference. The
     statistics are sums, so they add up across devices and accumulation steps.
     """
-    token_total, term_totals = denominators(batch, terms) if totals is None else totals
+    totals = denominators(batch, terms) if totals is None else totals
     batch, prepared = prepared_batch(model, batch, terms, deterministic=deterministic)
     hidden = model(batch, deterministic=deterministic)
+    return loss_of_hidden(model, hidden, batch, prepared, num_objectives, totals, terms=terms, statistics=statistics)
+
+
+def loss_of_hidden(
+    model: Transformer,
+    hidden: jax.Array,
+    batch: Batch,
+    prepared: Mapping[str, dict[str, jax.Array]],
+    num_objectives: int,
+    totals: tuple[jax.Array, dict[str, jax.Array]],
+    *,
+    terms: Sequence[LossTerm] = (),
+    statistics: Callable = weighted_token_statistics,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`batch_loss` from the body's hidden states [B, L, D] of the `prepared_batch`
+    `batch` (with the prepared heads' statistics `prepared`): for a caller that runs
+    the body itself and reads more of it than the last layer (distillation)."""
+    token_total, term_totals = totals
     loss_sum, stats = statistics(model, hidden, batch["targets"], batch["weights"], batch["objective_id"],
                                  num_objectives)
     loss = loss_sum / token_total

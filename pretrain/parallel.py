@@ -11,6 +11,12 @@ checkpoints written in the other layer layout) and how it describes itself.
 - `Pmap`: `jax.pmap` over the local devices: the state replicated (every replica saved,
   as pmap programs do), each batch split across devices, and the step's sums added
   across them (`axis_name`); evaluation runs on one device over the first replica.
+
+A program may also hold frozen parameters the step reads but never trains (a
+distillation teacher, `pretrain.distill`): `compile` places them once, like the
+parameters (sharded by their logical axes, or one copy per device), and the compiled
+steps take them as an argument, not as constants folded into the program; they are
+not part of the training state, so no checkpoint holds them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from pretrain import sharding
 from pretrain.train_step import initial_state
@@ -50,14 +57,25 @@ class Pjit:
                                 self._shardings)
         return state, abstract
 
-    def compile(self, step_fn: Callable, eval_fn: Callable) -> tuple[Callable, Callable]:
-        """(train step, evaluation step), jitted with the state's and the batch's shardings."""
+    def compile(self, step_fn: Callable, eval_fn: Callable, frozen: Any = None) -> tuple[Callable, Callable]:
+        """(train step, evaluation step), jitted with the state's and the batch's shardings.
+        With `frozen` parameters (an `nnx.State`), both functions take them as a third
+        argument; they are placed once, sharded by their logical axes, and bound."""
         replicated = sharding.replicated(self.mesh)
-        train_step = jax.jit(step_fn, in_shardings=(self._shardings, self._batch_sharding),
+        if frozen is None:
+            train_step = jax.jit(step_fn, in_shardings=(self._shardings, self._batch_sharding),
+                                 out_shardings=(self._shardings, replicated), donate_argnums=0)
+            eval_step = jax.jit(eval_fn, in_shardings=(self._shardings["params"], self._batch_sharding),
+                                out_shardings=replicated)
+            return train_step, eval_step
+        frozen_shardings = sharding.tree_shardings(nnx.get_partition_spec(frozen), frozen, self.mesh)
+        placed = jax.device_put(frozen, frozen_shardings)
+        train_step = jax.jit(step_fn, in_shardings=(self._shardings, self._batch_sharding, frozen_shardings),
                              out_shardings=(self._shardings, replicated), donate_argnums=0)
-        eval_step = jax.jit(eval_fn, in_shardings=(self._shardings["params"], self._batch_sharding),
-                            out_shardings=replicated)
-        return train_step, eval_step
+        eval_step = jax.jit(eval_fn, in_shardings=(self._shardings["params"], self._batch_sharding,
+                                                   frozen_shardings), out_shardings=replicated)
+        return (lambda state, batch: train_step(state, batch, placed),
+                lambda params, batch: eval_step(params, batch, placed))
 
     def put_batch(self, batch: Batch) -> dict[str, jax.Array]:
         """This process's rows as the global batch the step reads."""
@@ -93,9 +111,17 @@ class Pmap:
                              initial_state(optimizer, params))
         return state, jax.eval_shape(lambda: state)
 
-    def compile(self, step_fn: Callable, eval_fn: Callable) -> tuple[Callable, Callable]:
-        """(the step pmapped over the devices, the evaluation step jitted on one)."""
-        return jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=0), jax.jit(eval_fn)
+    def compile(self, step_fn: Callable, eval_fn: Callable, frozen: Any = None) -> tuple[Callable, Callable]:
+        """(the step pmapped over the devices, the evaluation step jitted on one). With
+        `frozen` parameters, both take them as a third argument: one copy per device for
+        the step, the plain tree for evaluation, placed once and bound."""
+        train_step, eval_step = jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=0), jax.jit(eval_fn)
+        if frozen is None:
+            return train_step, eval_step
+        replicas = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.devices, *x.shape)), frozen)
+        single = jax.device_put(frozen, jax.local_devices()[0])
+        return (lambda state, batch: train_step(state, batch, replicas),
+                lambda params, batch: eval_step(params, batch, single))
 
     def put_batch(self, batch: Batch) -> dict[str, np.ndarray]:
         """The batch split into one slice of rows per device."""

@@ -65,6 +65,9 @@ class PretrainingProgram:
     input pipeline, the Transformer with the heads its loss terms train, AdamW, and
     the held-out loss per objective next to the unigram baseline."""
 
+    frozen = None  # nothing the step reads is held fixed (`pretrain.loop.Program.frozen`)
+    reported_terms: tuple[str, ...] = ()  # statistics groups an evaluation shows besides the loss terms'
+
     def resolve(self, config: Any) -> Any:
         """The config this run trains with (`pretrain.resolve.resolve_config`): a new
         one, the given one untouched."""
@@ -72,6 +75,10 @@ class PretrainingProgram:
 
     def validate(self, config: Any) -> None:
         """Raises ValueError naming every problem of the resolved config; it changes nothing."""
+        if config.get("distill"):
+            raise ValueError("invalid config:\n  config.distill is set, which is a distilled run's record of its "
+                             "teacher; pretrain.train trains without one: distil with pretrain.distill "
+                             "(configs/distill.py), or leave config.distill empty")
         validate_config(config, jax.device_count())
 
     def build(self, config: Any, workdir: str, primary: bool, strategy: Any) -> nnx.State:
@@ -164,12 +171,12 @@ class PretrainingProgram:
             if "eval/baseline" in values:
                 line += f" (unigram baseline {values['eval/baseline']:.4f})"
             line += f", accuracy {values['eval/accuracy']:.2%}"
-        terms = [term.name for term in self.pipeline.mixture.loss_terms]
+        terms = [term.name for term in self.pipeline.mixture.loss_terms] + list(self.reported_terms)
         shown = (list(self.names) if len(self.names) > 1 or "eval/loss" not in values else []) + terms
         line += "".join(
             f"\n  {name}: loss {values[f'eval/loss/{name}']:.4f}"
             + (f" (baseline {values[f'eval/baseline/{name}']:.4f})" if f"eval/baseline/{name}" in values else "")
-            + f", accuracy {values[f'eval/accuracy/{name}']:.2%}"
+            + (f", accuracy {values[f'eval/accuracy/{name}']:.2%}" if f"eval/accuracy/{name}" in values else "")
             for name in shown if f"eval/loss/{name}" in values)
         print(line, flush=True)
 
@@ -227,8 +234,11 @@ class Trainer(Loop):
         super().__init__(config, workdir, PretrainingProgram())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m pretrain.train`: flags are defined here, not at import."""
+def training_command(argv: Sequence[str] | None, doc: str, config_file: str, make_loop: Callable[[Any, str], Loop]
+                     ) -> None:
+    """A training command's `main` (pretraining, distillation): its flags (the workdir, the
+    config file and overrides, multi-host), then `make_loop(config, workdir).run()` with
+    bad input reported as one message and Ctrl-C as one line."""
     argv = list(sys.argv if argv is None else argv)
     keep_freed_memory()  # before JAX starts its threads: no page faults on every step (pretrain/host_memory.py)
     flag_values = flags.FlagValues()
@@ -240,8 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          flag_values=flag_values)
     process_id = flags.DEFINE_integer("process_id", None, "multi-host: this process's index, 0..num_processes-1",
                                       flag_values=flag_values)
-    config = cli.define_config(flag_values, argv, "configs/pretrain.py", "pretraining config file")
-    cli.parse(flag_values, argv, __doc__)
+    config = cli.define_config(flag_values, argv, config_file, "training config file")
+    cli.parse(flag_values, argv, doc)
 
     def command() -> int:
         if not workdir.value:
@@ -251,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         distributed.initialize(coordinator.value, num_processes.value, process_id.value,
                                peer_timeout=run_config.peer_timeout_seconds)
         with PeerWatch(run_config.peer_timeout_seconds):  # multi-process only; still watching if the run fails
-            return Trainer(run_config, workdir.value).run()
+            return make_loop(run_config, workdir.value).run()
 
     try:
         step = cli.run_reporting_bad_input(command)
@@ -259,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("interrupted: aborted without saving (the newest checkpoint in the workdir is intact; "
                          "rerun the command to resume from it)") from None
     print(f"stopped at step {step}; workdir {os.path.abspath(workdir.value)}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m pretrain.train`: flags are defined here, not at import."""
+    training_command(argv, __doc__, "configs/pretrain.py", Trainer)
 
 
 if __name__ == "__main__":

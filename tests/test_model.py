@@ -178,7 +178,7 @@ def test_presets_and_config_errors():
     with pytest.raises(ValueError, match=r"this model has no 'pair_classifier' head \(it has none\)"):
         create_model(tiny()).head("pair_classifier")
     with pytest.raises(ValueError, match=r"config.model.heads=\('pair_classifier', 'nope'\): each head once, among "
-                                         r"\('generator', 'pair_classifier', 'replaced_token'"):
+                                         r"\('generator', 'hidden_projection', 'pair_classifier', 'replaced_token'"):
         TransformerConfig(heads=("pair_classifier", "nope"))
 
 

@@ -296,6 +296,8 @@ class FinetuningProgram:
     """Fine-tuning as a program of the training loop (`pretrain.loop.Program`; see
     module docstring)."""
 
+    frozen = None  # set by `build` to a teacher's parameters when distilling (`config.distill_from`)
+
     def resolve(self, config: Any) -> Any:
         """A fine-tuning config is used as given: what it derives (each body's shape) comes
         from the bodies' own runs."""
