@@ -47,9 +47,17 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
     if config.pre_layer_norm and declared_architectures(config):
         problems.append(f"config.model.heads={config.heads!r} belong to {', '.join(declared_architectures(config))}, "
                         "a post-LN architecture; train with config.model.pre_layer_norm=False to export them")
-    if config.factorised_embedding and architecture != "electra":
+    if config.factorised_embedding and architecture not in ("electra", "albert"):
         problems.append(f"config.model.embedding_dim={config.embedding_dim}: {architecture}'s model has no "
-                        "projection from narrower embeddings (ELECTRA's has); train with config.model.embedding_dim=0")
+                        "projection from narrower embeddings (ELECTRA's and ALBERT's have); train with "
+                        "config.model.embedding_dim=0")
+    if config.share_layers and architecture != "albert":
+        problems.append(f"config.model.share_layers=True: {architecture}'s model has a layer of its own per layer; "
+                        "ALBERT shares them: train post-LN (config.model.pre_layer_norm=False) without another "
+                        "architecture's heads for an AlbertForMaskedLM export")
+    if architecture == "albert" and not (config.mlm_transform_head and config.output_bias):
+        problems.append("AlbertForMaskedLM reads logits through its MLM transform head with an output bias; train "
+                        "with config.model.mlm_transform_head=True and config.model.output_bias=True")
     if architecture == "gpt2":
         typed = sorted({leaf.name for leaf in mixture.objectives if leaf.token_types - {0}})
         if typed:

@@ -258,8 +258,11 @@ class Block(nnx.Module):
 
 def make_blocks(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.List | Block:
     """The num_layers blocks in the layout `config.scan_layers` names: an `nnx.List`
-    (loop), or one block holding them all stacked (scan). Both draw the same numbers
+    (loop), or one block holding them all stacked (scan); with `config.share_layers`
+    a list of the one block every layer applies (ALBERT). Both draw the same numbers
     from `rngs` in the same order, so a seed gives the same model in either layout."""
+    if config.share_layers:  # ALBERT: one block, applied num_layers times (`run_blocks`)
+        return nnx.List([Block(config, rngs)])
     blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
     if not config.scan_layers:
         return blocks
@@ -316,7 +319,7 @@ def run_blocks(
             nnx.update(blocks, rng_state)
         return x, list(hidden) if keep_layers else [], kv
     hidden, keys, values = [], [], []
-    for index, block in enumerate(blocks):
+    for index, block in enumerate([blocks[0]] * config.num_layers if config.share_layers else blocks):
         graphdef, state = nnx.split(block)
         x, rng_state, kv = layer_function(graphdef)(state, x, (cache[0][index], cache[1][index]) if caching else None)
         if not deterministic:
@@ -332,6 +335,8 @@ def run_blocks(
 def block_at(blocks: nnx.List | Block, config: TransformerConfig, index: int) -> Block:
     """Block `index` of a stack in either layout: the list's own block (loop), or a
     block over the `index` slice of the stacked variables (scan)."""
+    if config.share_layers:
+        return blocks[0]
     if not config.scan_layers:
         return blocks[index]
     graphdef, state = nnx.split(blocks)

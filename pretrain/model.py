@@ -64,6 +64,9 @@ class TransformerConfig:
     # the blocks' parameters stacked on a leading 'layers' axis and run by one jax.lax.scan (compile time flat in
     # depth); False: a list of blocks, traced one after another. The same numbers either way (pretrain.layers)
     scan_layers: bool = False
+    # ALBERT's cross-layer sharing: one block's parameters, applied num_layers times (`blocks` holds that one
+    # block); run in a loop, so scan_layers must be False
+    share_layers: bool = False
     # jax.checkpoint of each block: 'none'; 'full' (nothing saved, the forward pass recomputed in the backward);
     # 'dots' (the weight matmuls' outputs saved, attention scores and the rest recomputed)
     remat: str = "none"
@@ -130,6 +133,12 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
     if "scan_layers" in fields and not isinstance(fields["scan_layers"], bool):
         problems.append(f"config.model.scan_layers={fields['scan_layers']!r} must be True (the blocks stacked and "
                         "run by one scan) or False (a list of blocks)")
+    if "share_layers" in fields and not isinstance(fields["share_layers"], bool):
+        problems.append(f"config.model.share_layers={fields['share_layers']!r} must be True (ALBERT's one block "
+                        "applied num_layers times) or False")
+    elif fields.get("share_layers") and fields.get("scan_layers"):
+        problems.append("config.model.share_layers=True runs its one block num_layers times in a loop; set "
+                        "config.model.scan_layers=False (there is no stack of layers to scan)")
     if "remat" in fields and fields["remat"] not in REMAT_POLICIES:
         problems.append(f"config.model.remat={fields['remat']!r} must be one of {tuple(REMAT_POLICIES)} ('none': "
                         "keep every activation; 'full': recompute each block in the backward pass; 'dots': keep "

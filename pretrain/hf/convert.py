@@ -39,7 +39,13 @@ Params = dict[str, np.ndarray]
 ARCHITECTURES = ("bert", "gpt2")  # converted both ways
 # Written only: ELECTRA's discriminator (`ElectraForPreTraining`), a BERT body under `electra.` with
 # `embeddings_project` where the embeddings are narrower than the stack, and no vocabulary head.
-EXPORT_ARCHITECTURES = (*ARCHITECTURES, "electra")
+EXPORT_ARCHITECTURES = (*ARCHITECTURES, "electra", "albert")
+# Written only as well: ALBERT (`AlbertForMaskedLM`): BERT's layer under other names, one layer group of one
+# layer (`model.share_layers`), the embeddings always mapped up to the stack (identity where widths are equal).
+ALBERT_LAYER = "albert.encoder.albert_layer_groups.0.albert_layers.0."
+ALBERT_NAMES = {"attention.self.": "attention.", "attention.output.dense.": "attention.dense.",
+                "attention.output.LayerNorm.": "attention.LayerNorm.", "intermediate.dense.": "ffn.",
+                "output.dense.": "ffn_output.", "output.LayerNorm.": "full_layer_layer_norm."}
 BODY_PREFIXES = {"bert": "bert.", "electra": "electra."}
 HEADS = "heads."
 
@@ -61,6 +67,8 @@ def to_hf(params: Mapping[str, np.ndarray], architecture: str) -> Params:
     `EXPORT_ARCHITECTURES`), with every auxiliary head that has a counterpart there."""
     if architecture == "gpt2":
         out = _to_gpt2(params)
+    elif architecture == "albert":
+        out = _to_albert(params)
     elif architecture in BODY_PREFIXES:
         out = _to_bert_body(params, BODY_PREFIXES[architecture])
         if architecture == "bert":
@@ -124,6 +132,32 @@ def _to_bert_body(params: Mapping[str, np.ndarray], prefix: str) -> Params:
         out[f"{theirs}.output.dense.bias"] = params[f"{ours}.mlp.bo"]
         out[f"{theirs}.output.LayerNorm.weight"], out[f"{theirs}.output.LayerNorm.bias"] = _norm(
             params, f"{ours}.mlp_norm")
+    return out
+
+
+def _to_albert(params: Mapping[str, np.ndarray]) -> Params:
+    """`AlbertForMaskedLM`'s state dict: BERT's body and MLM head under ALBERT's names."""
+    out: Params = {}
+    for key, value in _to_bert_body(params, "albert.").items():
+        if key.startswith("albert.encoder.layer.0."):
+            rest = key[len("albert.encoder.layer.0."):]
+            old = next(prefix for prefix in ALBERT_NAMES if rest.startswith(prefix))
+            out[ALBERT_LAYER + ALBERT_NAMES[old] + rest[len(old):]] = value
+        elif key.startswith("albert.embeddings_project."):
+            out["albert.encoder.embedding_hidden_mapping_in." + key.rsplit(".", 1)[1]] = value
+        else:
+            out[key] = value
+    if "embedding_projection_kernel" not in params:  # equal widths: ALBERT's mapping is then the identity
+        width = params["token_embedding"].shape[1]
+        out["albert.encoder.embedding_hidden_mapping_in.weight"] = np.eye(width, dtype=np.float32)
+        out["albert.encoder.embedding_hidden_mapping_in.bias"] = np.zeros(width, np.float32)
+    head = _to_bert_mlm_head(params)
+    out["predictions.dense.weight"] = head["cls.predictions.transform.dense.weight"]
+    out["predictions.dense.bias"] = head["cls.predictions.transform.dense.bias"]
+    out["predictions.LayerNorm.weight"] = head["cls.predictions.transform.LayerNorm.weight"]
+    out["predictions.LayerNorm.bias"] = head["cls.predictions.transform.LayerNorm.bias"]
+    out["predictions.bias"] = out["predictions.decoder.bias"] = head["cls.predictions.bias"]
+    out["predictions.decoder.weight"] = params["token_embedding"]
     return out
 
 

@@ -39,11 +39,11 @@ def declared_architectures(config: TransformerConfig) -> list[str]:
 
 def architecture_of(config: TransformerConfig) -> str:
     """'gpt2' for a pre-LN model; for a post-LN one the architecture its heads belong to
-    ('electra'), else 'bert'."""
+    ('electra'), else 'albert' where its layers are shared, else 'bert'."""
     if config.pre_layer_norm:
         return "gpt2"
     declared = declared_architectures(config)
-    return declared[0] if declared else "bert"
+    return declared[0] if declared else "albert" if config.share_layers else "bert"
 
 
 def hf_config(config: TransformerConfig, special_ids: Mapping[str, int]) -> dict[str, Any]:
@@ -58,7 +58,11 @@ def hf_config(config: TransformerConfig, special_ids: Mapping[str, int]) -> dict
                 "attn_pdrop": config.dropout_rate, "initializer_range": 0.02, "scale_attn_weights": True,
                 "tie_word_embeddings": True, "bos_token_id": special_ids["[BOS]"],
                 "eos_token_id": special_ids["[EOS]"], "pad_token_id": special_ids["[PAD]"], "dtype": "float32"}
-    if architecture_of(config) == "electra":
+    if architecture_of(config) == "albert":
+        shape = {"architectures": ["AlbertForMaskedLM"], "model_type": "albert",
+                 "embedding_size": config.embedding_width, "num_hidden_groups": 1, "inner_group_num": 1,
+                 "position_embedding_type": "absolute", "classifier_dropout_prob": 0.1}
+    elif architecture_of(config) == "electra":
         shape = {"architectures": ["ElectraForPreTraining"], "model_type": "electra",
                  "embedding_size": config.embedding_width, "summary_type": "first", "summary_use_proj": True,
                  "summary_activation": "gelu", "summary_last_dropout": 0.1, "position_embedding_type": "absolute"}
