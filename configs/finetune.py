@@ -66,6 +66,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         warmup_fraction=0.1,  # BERT: linear warmup over the first 10% of the steps, then linear decay
         weight_decay=0.01, clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-6,
     ))
+    # Compression while fine-tuning (pretrain.quantization, pretrain.distillation).
+    config.quantize = "none"  # quantization-aware fine-tuning: 'int8_weights', or 'int8' (weights and matmul inputs)
+    config.distill_from = ""  # a fine-tuning run (its workdir, or a seed_<s> in it): its logits are soft targets
+    # DistilBERT's task-time defaults (its code's run_squad_w_distillation.py: alpha_ce 0.5, alpha_squad 0.5, T 2)
+    config.distill = ml_collections.ConfigDict(dict(temperature=2.0, soft_weight=0.5, hard_weight=0.5))
     config.seeds = (0, 1, 2)  # one full fine-tuning run per seed; tables report mean ± std
     config.seed = 0  # the seed of one run (set per run from `seeds`)
 

@@ -1,6 +1,6 @@
 """The cross-objective matrix: one checkpoint scored under every objective.
 
-    python -m pretrain.evaluate --workdir=runs/mlm [--seq_len=128] [--max_documents=0]
+    python -m pretrain.evaluate --workdir=runs/mlm [--seq_len=128] [--max_documents=0] [--quantize=int8_weights]
 
 Whatever a model was trained with, it is scored on the held-out split under every
 leaf of every registered objective (`mlm`, `clm`, `mass`, and UniLM's four modes),
@@ -15,7 +15,8 @@ The held-out examples are a pure function of (data config, tokenizer, seq_len,
 seed): `pretrain.data.evaluation_batches` with a fixed seed over each objective
 alone, so every model of the same tokenizer and data sees the very same batches
 (their fingerprint is in the JSON), and a rerun gives the same numbers. The
-matrix goes to `workdir/evaluation.json` and is printed as a table.
+matrix goes to `workdir/evaluation.json` and is printed as a table. `--quantize` scores
+the model as int8 inference runs it (`pretrain.quantization`).
 """
 
 from __future__ import annotations
@@ -170,15 +171,23 @@ def fingerprint_of(parts: dict[str, str]) -> str:
 
 def evaluate_run(workdir: str, *, seq_len: int = 0, batch_size: int = 16, seed: int = EVAL_SEED,
                  max_documents: int = 0, objective_names: Sequence[str] | None = None,
-                 data_config: Any = None, trained: TrainedModel | None = None) -> dict[str, Any]:
+                 data_config: Any = None, trained: TrainedModel | None = None,
+                 quantization: str = "") -> dict[str, Any]:
     """Scores the newest checkpoint of run `workdir` on the held-out split of
-    `data_config` (default: the run's own data; seq_len 0: the run's own)."""
+    `data_config` (default: the run's own data; seq_len 0: the run's own), as float32 or
+    quantized as `quantization` says ('int8_weights', 'int8': `pretrain.quantization`)."""
     trained = trained or load_trained(workdir)
-    result = evaluate_model(trained.model, trained.tokenizer, data_config or trained.config.data,
+    model = trained.model
+    if quantization:
+        from pretrain.quantization import quantized_model
+
+        model = quantized_model(model, quantization)
+    result = evaluate_model(model, trained.tokenizer, data_config or trained.config.data,
                             seq_len=seq_len or trained.config.seq_len, batch_size=batch_size, seed=seed,
                             max_documents=max_documents, objective_names=objective_names)
     return {"workdir": os.path.abspath(workdir), "step": trained.step, "trained_objective": trained.config.objective,
-            "parameters": trained.parameters, "tokens_seen": trained.tokens_seen, **result}
+            "parameters": trained.parameters, "tokens_seen": trained.tokens_seen,
+            "quantization": quantization or "none", **result}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -219,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                               flag_values=flag_values)
     output = flags.DEFINE_string("output", "", f"JSON path; default workdir/{RESULT_FILENAME}",
                                  flag_values=flag_values)
+    quantize = flags.DEFINE_enum("quantize", "none", ["none", "int8_weights", "int8"], "score the model int8-"
+                                 "quantized: weights only, or weights and matmul inputs (pretrain.quantization)",
+                                 flag_values=flag_values)
     cli.parse(flag_values, argv, __doc__)
 
     def command() -> str:
@@ -226,11 +238,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not workdir.value:
             raise ValueError("--workdir is required: the directory of a training run, e.g. --workdir=runs/mlm")
         result = evaluate_run(workdir.value, seq_len=seq_len.value, batch_size=batch_size.value, seed=seed.value,
-                              max_documents=max_documents.value, objective_names=names.value or None)
+                              max_documents=max_documents.value, objective_names=names.value or None,
+                              quantization="" if quantize.value == "none" else quantize.value)
         path = output.value or os.path.join(workdir.value, RESULT_FILENAME)
         write_json(result, path)
         heldout = result["heldout"]
-        return (f"{result['workdir']} at step {result['step']} (trained on {result['trained_objective']}); "
+        return (f"{result['workdir']} at step {result['step']} (trained on {result['trained_objective']}"
+                + (f"; quantized {result['quantization']}" if result["quantization"] != "none" else "") + "); "
                 f"held-out: {heldout['documents']} documents, seq_len {heldout['seq_len']}, fingerprint "
                 f"{heldout['fingerprint']}\n{format_table(result)}\n"
                 + "".join(f"not scored: {name}: {why}\n" for name, why in result.get("skipped", {}).items())

@@ -22,13 +22,14 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from objectives import parse_mixture_spec, registered_names
 from pretrain.checkpoint import Checkpointer
-from pretrain.layers import to_layout
+from pretrain.layers import BLOCKS, to_layout
 from pretrain.model import Transformer, TransformerConfig, create_model, parameter_count
 from pretrain.tokenizer import MODEL_FILENAME, Tokenizer, load_workdir_tokenizer
 
@@ -265,19 +266,33 @@ def restore_params(workdir: str | os.PathLike, model: Transformer, step: int | N
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
         _check_shape(workdir, checkpointer, steps[-1] if step is None else step, model.config)
+    finally:
+        checkpointer.close()
+    return restore_into(workdir, model, step, scan=model.config.scan_layers)
+
+
+def restore_into(workdir: str | os.PathLike, module: nnx.Module, step: int | None = None, *,
+                 scan: bool = False) -> tuple[int, dict]:
+    """Loads the parameters of a run's newest loadable checkpoint (or of `step`) into
+    `module` (in place): any module whose parameters the run trained (a Transformer, a
+    fine-tuned task model), with its blocks in the scan layout when `scan`; a state
+    saved by pmap (one copy per device) gives its first copy. Returns (step, data_state)."""
+    steps = checkpoint_steps(workdir)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
         restored = checkpointer.restore(_abstract_from_metadata(checkpointer, steps), step)
         if restored is None:
-            raise ValueError(f"the checkpoint of step {step} in {checkpointer.directory} is damaged; export another "
+            raise ValueError(f"the checkpoint of step {step} in {checkpointer.directory} is damaged; use another "
                              f"step (checkpoints at {steps})")
         step, state, data_state = restored
     finally:
         checkpointer.close()
     directory = checkpointer.directory
-    params = nnx.state(model, nnx.Param)
+    params = nnx.state(module, nnx.Param)
     expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
     stored = _strip_variable_boxes(state["params"])
-    replicas = stored["token_embedding"].ndim - model.token_embedding.ndim  # 1: pmap's leading device axis
-    nnx.replace_by_pure_dict(params, to_layout(stored, model.config.scan_layers, axis=max(replicas, 0)))
+    replicas = _replica_axes(expected, stored)  # 1: pmap's leading device axis
+    nnx.replace_by_pure_dict(params, to_layout(stored, scan, axis=replicas))
 
     def unreplicate(want: jax.ShapeDtypeStruct, got: jax.Array) -> jax.Array:
         if got.shape != want.shape and got.shape[1:] == want.shape:  # pmap: a leading device axis
@@ -288,8 +303,23 @@ def restore_params(workdir: str | os.PathLike, model: Transformer, step: int | N
         return got
 
     nnx.replace_by_pure_dict(params, jax.tree.map(unreplicate, expected, nnx.to_pure_dict(params)))
-    nnx.update(model, params)
+    nnx.update(module, params)
     return step, data_state
+
+
+def _replica_axes(expected: Any, stored: Any) -> int:
+    """How many leading axes (0, or pmap's device axis) the stored parameters have beyond
+    the module's, read off a parameter outside the blocks (whose layer axis depends on
+    the layout)."""
+    for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
+        keys = [getattr(key, "key", getattr(key, "idx", key)) for key in path]
+        if BLOCKS in keys:
+            continue
+        got = stored
+        for key in keys:
+            got = got[key] if key in got else got[str(key)]  # a saved list's indices come back as strings
+        return max(np.ndim(got) - len(want.shape), 0)
+    return 0
 
 
 def run_tokenizer(workdir: str | os.PathLike) -> Tokenizer:

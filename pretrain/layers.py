@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 INIT_STDDEV = 0.02  # BERT's and GPT-2's initializer range
 _HIDDEN_SCORE = -0.7 * float(jnp.finfo(jnp.float32).max)  # the score of a key a query may not see
 GELU_FORMS = ("tanh", "exact")
+ACTIVATION_QUANTIZATIONS = ("none", "int8")  # config.model.activation_quantization
 LAYER_AXIS = "layers"  # the logical name of the stacked layer axis (scan layout)
 BLOCKS = "blocks"  # the attribute (and state key) that holds the blocks
 DENSE_OUTPUT = "dense"  # the checkpoint name of `dense`'s output (a matmul the 'dots' policy keeps)
@@ -64,6 +65,17 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 def gelu(config: TransformerConfig, x: jax.Array) -> jax.Array:
     """GELU in the form `config.gelu` names (the tanh approximation or the exact erf)."""
     return jax.nn.gelu(x, approximate=config.gelu == "tanh")
+
+
+def quantized_activation(config: TransformerConfig, x: jax.Array, contracting: int = 1) -> jax.Array:
+    """The input x of a weight matmul (its last `contracting` axes summed over) as int8
+    inference computes with it under `config.activation_quantization='int8'`: one scale
+    per token (`pretrain.quantization.fake_int8`); x itself otherwise."""
+    if config.activation_quantization == "none":
+        return x
+    from pretrain.quantization import fake_int8  # qwix loads only for a quantized model
+
+    return fake_int8(x, tuple(range(x.ndim - contracting)))
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], init=None) -> nnx.Param:
@@ -156,7 +168,8 @@ class Attention(nnx.Module):
         dtype = self.config.compute_dtype
         # [B, L, 3, H, K]: the token axes stay in front, so the product is one
         # [B*L, D] x [D, 3*H*K] matmul with no transposed copies.
-        qkv = dense(x, self.qkv_kernel[...].astype(dtype)) + self.qkv_bias[...].astype(dtype)
+        qkv = dense(quantized_activation(self.config, x), self.qkv_kernel[...].astype(dtype)) + \
+            self.qkv_bias[...].astype(dtype)
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | KeyRanges) -> jax.Array:
@@ -172,6 +185,7 @@ class Attention(nnx.Module):
         else:
             context = self._dense_context(q, k, v, visible)
         dtype = self.config.compute_dtype
+        context = quantized_activation(self.config, context, contracting=2)
         out = jnp.einsum("blhk,hkd->bld", context, self.out_kernel[...].astype(dtype))
         return out + self.out_bias[...].astype(dtype)
 
@@ -208,8 +222,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.config.compute_dtype
+        x = quantized_activation(self.config, x)
         hidden = gelu(self.config, dense(x, self.wi[...].astype(dtype)) + self.bi[...].astype(dtype))
-        return hidden @ self.wo[...].astype(dtype) + self.bo[...].astype(dtype)
+        return quantized_activation(self.config, hidden) @ self.wo[...].astype(dtype) + self.bo[...].astype(dtype)
 
 
 LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # one layer's (keys, values) [B, T, H, K] and the write slot

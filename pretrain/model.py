@@ -26,7 +26,7 @@ from flax import nnx
 
 from pretrain.attention import ATTENTION_CHOICES, attention_mask, key_ranges, visibility
 from pretrain.errors import raise_problems
-from pretrain.layers import GELU_FORMS, REMAT_POLICIES, KeyRanges, gelu, make_blocks, run_blocks
+from pretrain.layers import ACTIVATION_QUANTIZATIONS, GELU_FORMS, REMAT_POLICIES, KeyRanges, gelu, make_blocks, run_blocks
 from pretrain.layers import layer_norm as _layer_norm
 from pretrain.layers import param as _param
 from pretrain.layers import Attention, Block, MLP, dense  # noqa: F401 (the model's layers, importable from here)
@@ -60,6 +60,9 @@ class TransformerConfig:
     # GPT2LMHeadModel; BERT has one (True: BertForMaskedLM exports it as cls.predictions.bias)
     output_bias: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # 'int8': the inputs of the blocks' weight matmuls quantized per token to int8 at run time (qwix; with int8
+    # weights, `pretrain.quantization`'s 'int8' scheme); 'none': float
+    activation_quantization: str = "none"
     attention: str = "dense"  # 'dense' (the written-out mask), 'flash' (key ranges, fused kernel), 'auto'
     # the blocks' parameters stacked on a leading 'layers' axis and run by one jax.lax.scan (compile time flat in
     # depth); False: a list of blocks, traced one after another. The same numbers either way (pretrain.layers)
@@ -147,6 +150,9 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
         problems.append(f"config.model.attention={fields['attention']!r} must be one of {ATTENTION_CHOICES} "
                         "('dense': the written-out mask; 'flash': a fused kernel over per-query key ranges; "
                         "'auto': flash on accelerators, dense on CPU)")
+    if fields.get("activation_quantization", "none") not in ACTIVATION_QUANTIZATIONS:
+        problems.append(f"config.model.activation_quantization={fields['activation_quantization']!r} must be one of "
+                        f"{ACTIVATION_QUANTIZATIONS}")
     if "dtype" in fields:
         try:
             jnp.dtype(fields["dtype"])

@@ -49,7 +49,7 @@ from flax import nnx
 from pretrain.tokenizer import Tokenizer
 from pretrain.train_step import make_step
 from pretrain.transfer import encoding, heads, methods, tasks
-from pretrain.transfer.trainer import EVAL_SPLITS, Body, collect_predictions, task_functions
+from pretrain.transfer.trainer import EVAL_SPLITS, Body, collect_predictions, task_functions, task_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,10 +188,7 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     models, rests, graphdef = [], [], None
     for member in members:
         bodies = bodies_of(member.seed)
-        model = heads.TaskModel([b.model for b in bodies], [b.layout for b in bodies], [b.pooling for b in bodies],
-                                task.num_outputs, per_token=task.kind_spec.per_token,
-                                scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
-                                fusion=config.fusion, seed=member.seed)
+        model = task_model(config, bodies, task, member.seed)
         this_graphdef, params, this_rest = nnx.split(model, nnx.Param, ...)
         if graphdef is not None and this_graphdef != graphdef:
             raise ValueError("the members of one sweep must share their model's structure")

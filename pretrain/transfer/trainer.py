@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -31,11 +32,13 @@ from pretrain.config_checks import parallel_problems, schema_problems
 from pretrain.hf.imported_tokenizer import FILENAME as IMPORTED_TOKENIZER, ImportedTokenizer
 from pretrain.hf.models import (adopt_shape, hf_directory_problems, hf_params, is_hf_directory, set_flat_params,
                                 transformer_config)
-from pretrain.inference import checkpoint_steps, model_config, read_run_config, restore_params, run_tokenizer
+from pretrain.inference import (CONFIG_FILENAME, checkpoint_steps, model_config, read_run_config, restore_into,
+                                restore_params, run_tokenizer)
 from pretrain.loss import weighted_token_statistics
 from pretrain.metrics import flops_per_token
 from pretrain.model import EMBEDDING_PARAMETERS, Transformer, attention_kernel, create_model
 from pretrain.optimizer import settings_problems
+from pretrain.quantization import QUANTIZATIONS, fake_quantized
 from pretrain.tokenizer import Tokenizer
 from pretrain.loop import Loop, loop_problems
 from pretrain.train_step import initial_state, make_step
@@ -100,10 +103,34 @@ def finetune_problems(config: Any, device_count: int) -> list[str]:
         problems.append("config.init is empty (random initialisation) and config.shape_from is empty: a random "
                         "body takes its shape and tokenizer from a pretraining run; set --config.shape_from=<run dir>, "
                         "or --config.init=<run dir> to start from its weights")
+    if config.quantize not in ("none", *QUANTIZATIONS):
+        problems.append(f"config.quantize={config.quantize!r} must be 'none' or one of {QUANTIZATIONS} "
+                        "(quantization-aware fine-tuning)")
+    if config.distill_from:
+        try:
+            teacher_directory(config.distill_from)
+        except ValueError as error:
+            problems.append(str(error))
+        for field in ("temperature", "soft_weight", "hard_weight"):
+            value = config.distill[field]
+            if not isinstance(value, (int, float)) or value < 0 or (field == "temperature" and value <= 0):
+                problems.append(f"config.distill.{field}={value!r} must be a number {'> 0' if field == 'temperature' else '>= 0'}")
     seeds = config.seeds
     if not isinstance(seeds, (tuple, list)) or not seeds or not all(isinstance(s, int) for s in seeds):
         problems.append(f"config.seeds={seeds!r} must be a non-empty tuple of integers, e.g. '(0,1,2)'")
     return problems
+
+
+def teacher_directory(path: str) -> str:
+    """The fine-tuning run directory `config.distill_from` names: the directory itself when
+    it holds a run (config.json and checkpoints), else its `seed_0` (a `pretrain.finetune`
+    workdir of several seeds); anything else is one message."""
+    for candidate in (path, os.path.join(path, "seed_0")):
+        if os.path.isfile(os.path.join(candidate, CONFIG_FILENAME)) and \
+                os.path.isdir(os.path.join(candidate, "checkpoints")):
+            return candidate
+    raise ValueError(f"config.distill_from={path!r} is not a fine-tuning run: it needs config.json and checkpoints/ "
+                     "(a pretrain.finetune workdir, or one of its seed_<s> directories); fine-tune the teacher first")
 
 
 @dataclasses.dataclass
@@ -187,7 +214,10 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
                              f"from {runs[0]}); fusion reads one batch, so fuse runs that share a tokenizer (the "
                              "runs of one pretrain.compare do)")
         tokenizer, digest = tokenizer or found, digest or this
-        model = create_model(model_config(run_config, tokenizer.vocab_size), seed=config.seed)
+        shape = model_config(run_config, tokenizer.vocab_size)
+        if config.get("quantize") == "int8":  # quantization-aware: the matmuls' inputs as int8 inference has them
+            shape = dataclasses.replace(shape, activation_quantization="int8")
+        model = create_model(shape, seed=config.seed)
         if pretrained and is_hf_directory(run):
             set_flat_params(model, hf_params(run, model.config.num_heads)[1])
             step = 0
@@ -203,23 +233,58 @@ def load_bodies(config: Any) -> tuple[list[Body], Tokenizer]:
     return bodies, tokenizer
 
 
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """Task-time distillation: a fine-tuned teacher's task model (its parameters come to the
+    step as frozen parameters) and the weights of its soft targets (`config.distill`)."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    temperature: float
+    soft_weight: float
+    hard_weight: float
+
+
+def task_model(config: Any, bodies: Sequence[Body], task: tasks.Task, seed: int) -> heads.TaskModel:
+    """The task model a fine-tuning config builds over its bodies: the task's head (its
+    outputs, per example or per token) over the bodies' pooled or per-token states."""
+    return heads.TaskModel([b.model for b in bodies], [b.layout for b in bodies], [b.pooling for b in bodies],
+                           task.num_outputs, per_token=task.kind_spec.per_token,
+                           scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
+                           fusion=config.fusion, seed=seed)
+
+
 def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objectives: int, plan: methods.Plan,
-                   total_steps: int) -> tuple[Callable, Callable, Callable]:
+                   total_steps: int, *, quantize: str = "none", teacher: Teacher | None = None,
+                   teacher_params: Any = None) -> tuple[Callable, Callable, Callable]:
     """(loss_fn, totals_fn, eval_fn) of a task model of task kind `kind`: the kind's loss
     (plus the auxiliary LM loss of `aux_lm`, with its decaying weight), the global
     denominators (the kind's loss terms, LM token weight), and the forward pass that
     gives the loss sum, term count and predictions. The fine-tuning trainer and the
-    comparison's vmapped sweeps (`pretrain.transfer.sweep`) train with these."""
+    comparison's vmapped sweeps (`pretrain.transfer.sweep`) train with these.
+
+    `quantize` ('int8_weights', 'int8'): the weights are int8-quantized in the forward pass
+    with a straight-through gradient (`pretrain.quantization.fake_quantized`), so training
+    is quantization-aware and evaluation scores the quantized model. `teacher` (with its
+    `teacher_params`): hard_weight x the task loss + soft_weight x the kind's soft-target
+    loss against the teacher's outputs (`Kind.soft_target_sum`), over the same count."""
     aux, spec = plan.aux, kinds.lookup(kind)
+
+    def as_run(params):
+        return params if quantize == "none" else fake_quantized(params)
 
     def loss_fn(params, batch, totals, step):
         if plan.frozen_bodies:  # no gradient flows into a frozen body: its backward pass is never computed
             params = jax.tree_util.tree_map_with_path(
                 lambda keys, x: jax.lax.stop_gradient(x) if heads.path_of(keys)[:1] == ("bodies",) else x, params)
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, as_run(params), rest)
         outputs, hidden = model(batch)
         loss_sum, correct, count, _ = spec.loss(outputs, batch)
         loss = loss_sum / totals[0]
+        if teacher is not None:
+            taught, _ = nnx.merge(teacher.graphdef, teacher_params, teacher.rest)(batch)
+            soft = spec.soft_target_sum(outputs, jax.lax.stop_gradient(taught), batch, teacher.temperature)
+            loss = teacher.hard_weight * loss + teacher.soft_weight * soft / totals[0]
         zeros = jnp.zeros((num_objectives,), jnp.float32)
         stats = {"loss_sum": zeros.at[0].set(loss_sum), "correct_sum": zeros.at[0].set(correct),
                  "weight_sum": zeros.at[0].set(count)}
@@ -235,7 +300,7 @@ def task_functions(graphdef: nnx.GraphDef, rest: nnx.State, kind: str, num_objec
         return spec.count(batch), batch["weights"].sum()
 
     def eval_fn(params, batch):
-        outputs, _ = nnx.merge(graphdef, params, rest)(batch)
+        outputs, _ = nnx.merge(graphdef, as_run(params), rest)(batch)
         loss_sum, _, count, predictions = spec.loss(outputs, batch)
         return {"loss_sum": loss_sum, "count": count, "predictions": predictions}
 
@@ -323,12 +388,11 @@ class FinetuningProgram:
         warning = small_test_warning(self.task, config, self.bodies[0].run_config.data)
         if warning and primary:
             log.warning(warning)
-        model = heads.TaskModel([b.model for b in self.bodies], [b.layout for b in self.bodies],
-                                [b.pooling for b in self.bodies], self.task.num_outputs,
-                                per_token=self.task.kind_spec.per_token,
-                                scalar_mix=config.methods.probe.scalar_mix and "probe" in config.method.split("+"),
-                                fusion=config.fusion, seed=config.seed)
+        model = task_model(config, self.bodies, self.task, config.seed)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.teacher = None
+        if config.distill_from:
+            self.teacher, self.frozen = self._teacher(config)
         params = jax.device_get(params)  # restored bodies sit on one device; the state is placed by the mesh
         depths = heads.parameter_depths(params, [b.model.config.num_layers for b in self.bodies])
         self.plan = methods.plan(config.method, config.methods, depths, config.total_steps)
@@ -351,6 +415,28 @@ class FinetuningProgram:
             state = jax.eval_shape(lambda p: initial_state(self.optimizer, p), params)
             check_free_space(workdir, strategy.state_copies * checkpoint_bytes(state))
         return params
+
+    def _teacher(self, config: Any) -> tuple[Teacher, nnx.State]:
+        """The fine-tuned teacher of `config.distill_from` (its final parameters, as its run
+        scored them) and its parameters; it must be of this task and read this tokenizer."""
+        directory = teacher_directory(config.distill_from)
+        with open(os.path.join(directory, CONFIG_FILENAME), encoding="utf-8") as handle:
+            teacher_config = ml_collections.ConfigDict(json.load(handle))
+        bodies, tokenizer = load_bodies(teacher_config)
+        with open(tokenizer.path, "rb") as a, open(self.tokenizer.path, "rb") as b:
+            same_tokenizer = a.read() == b.read()
+        if teacher_config.task != config.task or teacher_config.task_path != config.task_path or not same_tokenizer:
+            raise ValueError(f"config.distill_from={config.distill_from!r} was fine-tuned on task "
+                             f"{teacher_config.task!r} ({teacher_config.task_path or 'built in'})"
+                             + ("" if same_tokenizer else " with another tokenizer")
+                             + f"; a teacher's soft targets need this run's task ({config.task!r}) and tokenizer")
+        model = task_model(teacher_config, bodies, self.task, teacher_config.seed)
+        restore_into(directory, model)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        if teacher_config.get("quantize", "none") != "none":  # the teacher as its own run scored it
+            params = jax.jit(fake_quantized)(params)
+        weights = {name: float(config.distill[name]) for name in ("temperature", "soft_weight", "hard_weight")}
+        return Teacher(graphdef, rest, **weights), jax.device_get(params)
 
     def _body_flops(self, body: Body) -> float:
         """Training FLOPs per token of a body: 6N + 12 L d T when it trains, a third of
@@ -379,9 +465,25 @@ class FinetuningProgram:
     # -- the compiled steps ----------------------------------------------------------
 
     def step_functions(self, axis_name: str | None) -> tuple[Callable, Callable]:
-        loss_fn, totals_fn, eval_fn = task_functions(self.graphdef, self.rest, self.task.kind, len(self.names),
-                                                     self.plan, self.config.total_steps)
-        return make_step(loss_fn, totals_fn, self.optimizer, self.config.accumulation_steps, axis_name), eval_fn
+        """(train step, evaluation step); with a teacher, both take its parameters third."""
+        def functions(teacher_params: Any = None) -> tuple[Callable, Callable, Callable]:
+            return task_functions(self.graphdef, self.rest, self.task.kind, len(self.names), self.plan,
+                                  self.config.total_steps, quantize=self.config.quantize, teacher=self.teacher,
+                                  teacher_params=teacher_params)
+
+        if self.teacher is None:
+            loss_fn, totals_fn, eval_fn = functions()
+            return make_step(loss_fn, totals_fn, self.optimizer, self.config.accumulation_steps, axis_name), eval_fn
+
+        def step_fn(state, batch, teacher_params):
+            loss_fn, totals_fn, _ = functions(teacher_params)
+            return make_step(loss_fn, totals_fn, self.optimizer, self.config.accumulation_steps, axis_name)(state,
+                                                                                                            batch)
+
+        def eval_fn(params, batch, teacher_params):
+            return functions(teacher_params)[2](params, batch)
+
+        return step_fn, eval_fn
 
     # -- evaluation ------------------------------------------------------------------
 

@@ -148,6 +148,17 @@ class Kind(abc.ABC):
         [B, L, num_outputs]; the predictions are per position ([B, L, ...]) and are read
         by `decode` where `task_example` names an example."""
 
+    def soft_target_sum(self, outputs: jax.Array, teacher: jax.Array, batch: Mapping[str, jax.Array],
+                        temperature: float) -> jax.Array:
+        """Task-time distillation's loss sum against a teacher's outputs (same shape), over
+        the terms `count` counts: by default, for class logits, KL(teacher || outputs) at
+        `temperature`, times T^2, at each labelled position (Hinton et al. 2015, as
+        DistilBERT's code). A kind whose outputs are not class logits overrides it."""
+        from pretrain.distillation import soft_target_sums
+
+        labelled = (batch["task_labels"] >= 0).astype(jnp.float32)
+        return soft_target_sums(outputs, teacher, labelled, temperature)["loss_sum"]
+
     # -- decoding (on the host) ------------------------------------------------------
 
     @abc.abstractmethod

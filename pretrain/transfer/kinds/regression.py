@@ -62,6 +62,15 @@ class Regression(ExampleLevel):
         correct = jnp.zeros_like(losses)
         return (losses * labelled).sum(), (correct * labelled).sum(), labelled.sum(), predictions
 
+    def soft_target_sum(self, outputs: jax.Array, teacher: jax.Array, batch: Mapping[str, jax.Array],
+                        temperature: float) -> jax.Array:
+        """A value has no distribution to soften: the squared difference from the teacher's
+        prediction at each labelled example (the distillation of regression heads in
+        Tang et al. 2019's code); `temperature` does not apply."""
+        del temperature
+        labelled = (batch["task_labels"] >= 0).astype(jnp.float32)
+        return (labelled * (outputs[..., 0] - teacher[..., 0]) ** 2).sum()
+
     def decode(self, examples: Sequence[TaskExample], labels: Sequence[str], found: Sequence[Found],
                tokenizer: Tokenizer) -> list[Any]:
         return first_found(examples, found, 0.0, float)

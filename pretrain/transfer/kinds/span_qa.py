@@ -233,6 +233,18 @@ class SpanQA(Kind):
         labels = batch["task_labels"]
         return ((labels >= 0) & ((labels & START) > 0)).sum().astype(jnp.float32)
 
+    def soft_target_sum(self, outputs: jax.Array, teacher: jax.Array, batch: Mapping[str, jax.Array],
+                        temperature: float) -> jax.Array:
+        """KL(teacher || outputs) at `temperature` (times T^2) of each example's start and of
+        its end distribution over its passage, halved as the loss is (DistilBERT's SQuAD
+        distillation, `run_squad_w_distillation.py`)."""
+        labels, segment_ids = batch["task_labels"], batch["segment_ids"]
+        passage = labels >= 0
+        student = passage_log_softmax(outputs.astype(jnp.float32) / temperature, segment_ids, passage)
+        taught = passage_log_softmax(teacher.astype(jnp.float32) / temperature, segment_ids, passage)
+        terms = jnp.where(passage[..., None], jnp.exp(taught) * (taught - student), 0.0)
+        return terms.sum() / 2 * temperature ** 2
+
     def loss(self, outputs: jax.Array, batch: Mapping[str, jax.Array]
              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         labels, segment_ids = batch["task_labels"], batch["segment_ids"]
