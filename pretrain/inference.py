@@ -239,7 +239,7 @@ def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
 # The TransformerConfig fields that decide parameter shapes.
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_dim", "max_positions", "num_token_types",
                 "pre_layer_norm", "mlm_transform_head", "embedding_dim", "heads", "output_bias",
-                "hidden_projection_dim", "share_layers")
+                "hidden_projection_dim", "share_layers", "heads_per_layer")
 
 
 def _check_shape(workdir: str | os.PathLike, checkpointer: Checkpointer, step: int, config: TransformerConfig) -> None:

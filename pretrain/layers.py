@@ -154,8 +154,9 @@ class KeyRanges:
 class Attention(nnx.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
-        d, h, k = config.model_dim, config.num_heads, config.head_dim
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs, heads: int | None = None):
+        """`heads`: how many heads (default config.num_heads; fewer in a pruned layer), each head_dim wide."""
+        d, h, k = config.model_dim, config.num_heads if heads is None else heads, config.head_dim
         self.config = config
         zeros = jax.nn.initializers.zeros
         self.qkv_kernel = param(rngs, (d, 3, h, k), ("embed", None, "heads", "head_dim"))
@@ -233,9 +234,9 @@ LayerCache = tuple[jax.Array, jax.Array, jax.Array]  # one layer's (keys, values
 class Block(nnx.Module):
     """One Transformer layer, pre-LN (`x + f(LN(x))`) or post-LN (`LN(x + f(x))`)."""
 
-    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs):
+    def __init__(self, config: TransformerConfig, rngs: nnx.Rngs, layer: int = 0):
         self.config = config
-        self.attention = Attention(config, rngs)
+        self.attention = Attention(config, rngs, config.layer_heads(layer))
         self.mlp = MLP(config, rngs)
         self.attention_norm = layer_norm(config, rngs)
         self.mlp_norm = layer_norm(config, rngs)
@@ -278,7 +279,7 @@ def make_blocks(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.List | Block:
     from `rngs` in the same order, so a seed gives the same model in either layout."""
     if config.share_layers:  # ALBERT: one block, applied num_layers times (`run_blocks`)
         return nnx.List([Block(config, rngs)])
-    blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    blocks = nnx.List([Block(config, rngs, layer) for layer in range(config.num_layers)])
     if not config.scan_layers:
         return blocks
     graphdef = nnx.graphdef(blocks[0])

@@ -70,18 +70,26 @@ class TransformerConfig:
     # ALBERT's cross-layer sharing: one block's parameters, applied num_layers times (`blocks` holds that one
     # block); run in a loop, so scan_layers must be False
     share_layers: bool = False
+    # the heads each layer keeps after head pruning (`pretrain.pruning`: the others are removed from its
+    # parameters); () = num_heads in every layer. A model of pruned layers runs its blocks in a loop
+    heads_per_layer: tuple[int, ...] = ()
     # jax.checkpoint of each block: 'none'; 'full' (nothing saved, the forward pass recomputed in the backward);
     # 'dots' (the weight matmuls' outputs saved, attention scores and the rest recomputed)
     remat: str = "none"
 
     def __post_init__(self) -> None:
-        if isinstance(self.heads, (list, tuple)):
-            object.__setattr__(self, "heads", tuple(self.heads))  # a stored config's JSON list
+        for name in ("heads", "heads_per_layer"):
+            if isinstance(getattr(self, name), (list, tuple)):
+                object.__setattr__(self, name, tuple(getattr(self, name)))  # a stored config's JSON list
         raise_problems(config_problems(dataclasses.asdict(self)))
 
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    def layer_heads(self, layer: int) -> int:
+        """The attention heads layer `layer` has: num_heads, or what pruning kept of them."""
+        return self.heads_per_layer[layer] if self.heads_per_layer else self.num_heads
 
     @property
     def embedding_width(self) -> int:
@@ -142,6 +150,16 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
     elif fields.get("share_layers") and fields.get("scan_layers"):
         problems.append("config.model.share_layers=True runs its one block num_layers times in a loop; set "
                         "config.model.scan_layers=False (there is no stack of layers to scan)")
+    kept = fields.get("heads_per_layer", ())
+    if kept:
+        layers = fields.get("num_layers")
+        if not (isinstance(kept, (list, tuple)) and len(kept) == layers and
+                all(isinstance(k, int) and 0 <= k <= (heads or 0) for k in kept)):
+            problems.append(f"config.model.heads_per_layer={kept!r} must be () or one count per layer "
+                            f"({layers}), each between 0 and config.model.num_heads={heads}")
+        elif fields.get("scan_layers") or fields.get("share_layers"):
+            problems.append("config.model.heads_per_layer (a pruned model) gives its layers different shapes: set "
+                            "config.model.scan_layers=False and share_layers=False")
     if "remat" in fields and fields["remat"] not in REMAT_POLICIES:
         problems.append(f"config.model.remat={fields['remat']!r} must be one of {tuple(REMAT_POLICIES)} ('none': "
                         "keep every activation; 'full': recompute each block in the backward pass; 'dots': keep "
@@ -394,6 +412,9 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, capacity: int) -> DecodeCache:
         """An empty cache for `capacity` tokens per row."""
         c = self.config
+        if c.heads_per_layer:
+            raise ValueError(f"a pruned model (config.model.heads_per_layer={c.heads_per_layer}) has layers of "
+                             "different head counts and no incremental decoding; score it, or decode the unpruned one")
         shape = (c.num_layers, batch_size, capacity, c.num_heads, c.head_dim)
         return DecodeCache(
             keys=jnp.zeros(shape, c.compute_dtype),

@@ -134,6 +134,32 @@ def teacher_directory(path: str) -> str:
 
 
 @dataclasses.dataclass
+class FinetunedRun:
+    """A fine-tuning run read back: its config, task, tokenizer and task model with the
+    parameters of its newest checkpoint (its final step)."""
+
+    directory: str
+    config: Any
+    task: tasks.Task
+    tokenizer: Tokenizer
+    bodies: list[Body]
+    model: heads.TaskModel
+    step: int
+
+
+def load_finetuned(directory: str) -> FinetunedRun:
+    """The fine-tuning run in `directory` (config.json, checkpoints): its bodies' shapes from
+    their runs, its task, and its task model restored from its newest checkpoint."""
+    with open(os.path.join(directory, CONFIG_FILENAME), encoding="utf-8") as handle:
+        config = ml_collections.ConfigDict(json.load(handle))
+    bodies, tokenizer = load_bodies(config)
+    task = tasks.load_task(config, bodies[0].run_config.data)
+    model = task_model(config, bodies, task, config.seed)
+    step, _ = restore_into(directory, model)
+    return FinetunedRun(directory, config, task, tokenizer, bodies, model, step)
+
+
+@dataclasses.dataclass
 class Body:
     """A pretrained (or randomly initialised) body and where it came from."""
 
@@ -419,21 +445,17 @@ class FinetuningProgram:
     def _teacher(self, config: Any) -> tuple[Teacher, nnx.State]:
         """The fine-tuned teacher of `config.distill_from` (its final parameters, as its run
         scored them) and its parameters; it must be of this task and read this tokenizer."""
-        directory = teacher_directory(config.distill_from)
-        with open(os.path.join(directory, CONFIG_FILENAME), encoding="utf-8") as handle:
-            teacher_config = ml_collections.ConfigDict(json.load(handle))
-        bodies, tokenizer = load_bodies(teacher_config)
-        with open(tokenizer.path, "rb") as a, open(self.tokenizer.path, "rb") as b:
+        teacher = load_finetuned(teacher_directory(config.distill_from))
+        with open(teacher.tokenizer.path, "rb") as a, open(self.tokenizer.path, "rb") as b:
             same_tokenizer = a.read() == b.read()
-        if teacher_config.task != config.task or teacher_config.task_path != config.task_path or not same_tokenizer:
+        if teacher.config.task != config.task or teacher.config.task_path != config.task_path or \
+                teacher.task.num_outputs != self.task.num_outputs or not same_tokenizer:
             raise ValueError(f"config.distill_from={config.distill_from!r} was fine-tuned on task "
-                             f"{teacher_config.task!r} ({teacher_config.task_path or 'built in'})"
+                             f"{teacher.config.task!r} ({teacher.config.task_path or 'built in'})"
                              + ("" if same_tokenizer else " with another tokenizer")
                              + f"; a teacher's soft targets need this run's task ({config.task!r}) and tokenizer")
-        model = task_model(teacher_config, bodies, self.task, teacher_config.seed)
-        restore_into(directory, model)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        if teacher_config.get("quantize", "none") != "none":  # the teacher as its own run scored it
+        graphdef, params, rest = nnx.split(teacher.model, nnx.Param, ...)
+        if teacher.config.get("quantize", "none") != "none":  # the teacher as its own run scored it
             params = jax.jit(fake_quantized)(params)
         weights = {name: float(config.distill[name]) for name in ("temperature", "soft_weight", "hard_weight")}
         return Teacher(graphdef, rest, **weights), jax.device_get(params)
