@@ -134,4 +134,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 2019), not the top layer alone, which an objective specialises for its own predictions
     tune.methods.probe.scalar_mix = True
     config.downstream.finetune = tune
+
+    # Compression (pretrain/transfer/compression.py): every pretrained row also reported compressed, on the
+    # downstream cells above, with its parameters, bytes on disk, inference tokens/s and retained score.
+    config.compression = ml_collections.ConfigDict()
+    config.compression.techniques = ""  # comma-separated: distil, int8_weights, int8, prune ('' = none)
+    config.compression.distill_layers = 0  # the distilled student's layers (0: half the run's, at least 1)
+    config.compression.distill_steps = 0  # its steps (0: the budget's, the tokens its teacher saw)
+    config.compression.prune_fraction = 0.5  # the share of attention heads pruning removes ...
+    config.compression.prune_step_fraction = 0.1  # ... this share of all heads per step (Michel et al.: 10%)
+    config.compression.importance_batches = 4  # training batches the head importances are summed over
+    config.compression.speed_repeats = 5  # forward passes timed for each variant's inference tokens/s
     return config

@@ -49,8 +49,9 @@ from pretrain.host_memory import keep_freed_memory
 from pretrain.inference import checkpoint_steps
 from pretrain.input_pipeline import build_input_pipeline
 from pretrain.tokenizer import MODEL_FILENAME
+from pretrain.distill import DistillationTrainer
 from pretrain.train import Trainer
-from pretrain.transfer import comparison, downstream_report, tasks
+from pretrain.transfer import comparison, compression, downstream_report, tasks
 from pretrain.transfer.trainer import finetune_problems
 
 RUN_RECORD = "compare_run.json"
@@ -67,14 +68,15 @@ class Run:
     trained_now: bool = False  # this invocation trained (or resumed) it
     wall_time_s: float = 0.0  # training wall time, summed over invocations
     evaluation: dict | None = None  # pretrain.evaluate's result for its final checkpoint
+    teacher: Run | None = None  # a distilled row's teacher (its config is then a configs/distill.py config)
 
     def __post_init__(self) -> None:
         self.group = self.group or self.name
 
     @property
     def objective(self) -> str:
-        """The run's objective spec (a name or a mixture)."""
-        return self.config.objective
+        """The run's objective spec (a name or a mixture; a distilled row's, its teacher's)."""
+        return self.teacher.objective if self.teacher is not None else self.config.objective
 
 
 def _set_field(config: ml_collections.ConfigDict, dotted: str, value: Any, where: str) -> None:
@@ -267,6 +269,29 @@ def shared_tokenizer(budget: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
+def distilled_runs(config: ml_collections.ConfigDict, runs: Sequence[Run], workdir: str) -> list[Run]:
+    """With 'distil' among `config.compression.techniques`, one distilled row per run: a
+    student of `compression.distill_layers` layers (0: half) learning the run
+    (`pretrain.distill`, DistilBERT's loss) for `compression.distill_steps` steps (0: the
+    run's own), with the budget's batch, optimizer and seed."""
+    from configs.distill import LOOP_FIELDS, get_config as distill_config
+
+    if "distil" not in compression.techniques(config.compression.techniques):
+        return []
+    out = []
+    for run in runs:
+        student = distill_config()
+        student.teacher = run.directory
+        for field in LOOP_FIELDS:
+            student[field] = copy.deepcopy(run.config[field])
+        student.total_steps = config.compression.distill_steps or run.config.total_steps
+        student.student.num_layers = config.compression.distill_layers
+        student.sample_at_end = False
+        name = compression.DISTILLED.format(row=run.name)
+        out.append(Run(name, student, os.path.join(workdir, "runs", name.replace("/", "-")), teacher=run))
+    return out
+
+
 def train_run(run: Run, tokenizer_path: str) -> None:
     """Trains (or resumes) `run` to its total_steps; a finished run is left alone."""
     os.makedirs(run.directory, exist_ok=True)
@@ -285,7 +310,7 @@ def train_run(run: Run, tokenizer_path: str) -> None:
     print(f"== training {run.name} ({run.objective}) in {run.directory}", flush=True)
     started = time.perf_counter()
     try:
-        Trainer(run.config, run.directory).run()
+        (DistillationTrainer if run.teacher is not None else Trainer)(run.config, run.directory).run()
     finally:
         run.wall_time_s += time.perf_counter() - started
         run.trained_now = True
@@ -339,11 +364,16 @@ def compare_with_downstream(config: ml_collections.ConfigDict, workdir: str, com
             for name, run_config in configs.items()]
     first_seeds = [run for run in runs if run.config.seed == config.pretrain_seeds[0]]  # fine-tuned downstream
     check_downstream(config, first_seeds)
+    compression.techniques(config.compression.techniques)  # an unknown technique is named before anything trains
     print(budget_line(config, runs[0].config), flush=True)
     os.makedirs(workdir, exist_ok=True)
     tokenizer_path = shared_tokenizer(config.budget, workdir)
     for run in runs:
         train_run(run, tokenizer_path)
+    distilled = distilled_runs(config, first_seeds, workdir)  # rows of their own, after their teachers
+    for run in distilled:
+        train_run(run, tokenizer_path)
+    runs, first_seeds = [*runs, *distilled], [*first_seeds, *distilled]
     for run in runs:
         run.evaluation = score_run(run, config.budget, config.evaluation, matrix_objectives(config.evaluation, runs))
     fingerprints = {run.name: run.evaluation["heldout"]["fingerprint"] for run in runs}
@@ -353,7 +383,7 @@ def compare_with_downstream(config: ml_collections.ConfigDict, workdir: str, com
     downstream = None
     if comparison.cells(config.downstream):
         named = [dataclasses.replace(run, name=run.group) for run in first_seeds]
-        downstream = comparison.run_downstream(named, config.downstream, workdir)
+        downstream = comparison.run_downstream(named, config.downstream, workdir, config.compression)
         print(f"== verdict: {downstream_report.verdict(downstream)}", flush=True)
     for flag in compare_report.baseline_flags(runs):
         print(f"== warning: {flag}", flush=True)

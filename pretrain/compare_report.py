@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from pretrain.evaluate import write_json
 from pretrain.model import preset_name
-from pretrain.transfer import downstream_report
+from pretrain.transfer import compression_report, downstream_report
 from pretrain.transfer.comparison import EFFICIENCY_PLOT, PLOT
 
 if TYPE_CHECKING:
@@ -227,6 +227,9 @@ def markdown(runs: Sequence[Run], config: ml_collections.ConfigDict, command: st
         "### Learning rates chosen on dev", downstream_report.rates_table(downstream),
         "### Steps to reach the control's final dev score (of the cell's steps)",
         downstream_report.steps_table(downstream),
+        *(["### Compressed (pretrain/transfer/compression.py)", compression_report.table(downstream),
+           compression_report.caption(), f"![score against size]({compression_report.PLOT})"]
+          if compression_report.table(downstream) else []),
         "### Significance", downstream_report.significance_table(downstream),
         "Difference: the row's mean test score minus the other's; in pooled SEs: divided by sqrt(s1²/n1 + "
         "s2²/n2) over seeds. Bootstrap: paired over test examples, each row "
@@ -274,6 +277,9 @@ def write(workdir: str, runs: Sequence[Run], config: ml_collections.ConfigDict, 
         downstream_report.plot(downstream, paths[PLOT])
         paths[EFFICIENCY_PLOT] = os.path.join(workdir, EFFICIENCY_PLOT)
         downstream_report.efficiency_plot(downstream, paths[EFFICIENCY_PLOT])
+        if compression_report.table(downstream):
+            paths[compression_report.PLOT] = os.path.join(workdir, compression_report.PLOT)
+            compression_report.plot(downstream, paths[compression_report.PLOT])
     with open(paths[REPORT], "w", encoding="utf-8") as handle:
         handle.write(markdown(runs, config, command, wall_time_s, downstream))
     summary: dict[str, Any] = {

@@ -147,10 +147,10 @@ def quantized_model(model: Any, scheme: str) -> Any:
         raise ValueError(f"quantization {scheme!r} must be one of {QUANTIZATIONS}")
     copy = nnx.clone(model)
     if scheme == "int8":
-        for _, module in copy.iter_modules():
+        for _, module in nnx.iter_modules(copy):
             if isinstance(module, Transformer):
                 configured = dataclasses.replace(module.config, activation_quantization="int8")
-                for _, inner in module.iter_modules():
+                for _, inner in nnx.iter_modules(module):
                     if getattr(inner, "config", None) is module.config:
                         inner.config = configured
     params = nnx.state(copy, nnx.Param)

@@ -255,3 +255,44 @@ def test_the_report_states_the_schedule_the_runs_ran_not_the_unresolved_budget()
     run = types.SimpleNamespace(config=run_config, evaluation={"parameters": 372992})
     line = compare_report._budget_line(config, [run])
     assert "3,643 steps x 16 rows x 128 tokens" in line and "(364 warmup steps, cosine decay)" in line
+
+
+def test_compression_columns_report_every_technique_with_size_speed_and_retained_score(tmp_path_factory, tmp_path):
+    """One MLM run with every technique: a distilled row of its own (half the layers), and
+    each fine-tuned seed scored again int8 (weights; weights and inputs) and head-pruned, with
+    parameters, bytes on disk, tokens/s and the retained fraction per seed in the report."""
+    config = small_budget("mlm_rate")
+    config.sweep.run, config.sweep.field, config.sweep.grid = "", "", ()
+    config.budget.model.num_layers = 2
+    config.budget.data.heldout_fraction = 0.05
+    config.downstream.tasks, config.downstream.seeds, config.downstream.control = "pydocs_topic", (0, 1), False
+    config.downstream.methods, config.downstream.fusion = "full", ""
+    config.downstream.learning_rates, config.downstream.label_fractions = (3e-3,), (1.0,)
+    tune = config.downstream.finetune
+    tune.epochs, tune.total_steps, tune.evaluations, tune.log_every = 0, 4, 2, 2
+    tune.seq_len, tune.batch_size, tune.task_max_examples, tune.peak_flops_per_device = 64, 8, 24, 1e12
+    config.compression.techniques = "distil,int8_weights,int8,prune"
+    config.compression.importance_batches, config.compression.speed_repeats = 1, 1
+    config.compression.prune_step_fraction = 0.25
+    workdir = tmp_path / "comparison"
+    workdir.mkdir()
+    shutil.copy(shared_tokenizer(tmp_path_factory), workdir / "tokenizer.model")
+    runs, downstream = compare.compare_with_downstream(config, str(workdir))
+    assert [run.name for run in runs] == ["mlm", "mlm/distilled"]
+    assert json.loads((workdir / "runs" / "mlm-distilled" / "config.json").read_text())["model"]["num_layers"] == 1
+    cell = downstream["mlm"]["pydocs_topic/full"]
+    compressed = cell["compressed"]
+    assert set(compressed) == {"none", "int8_weights", "int8", "prune"}
+    assert 3.3 < compressed["none"]["bytes"] / compressed["int8_weights"]["bytes"] < 4.0
+    assert compressed["prune"]["parameters"] < compressed["none"]["parameters"]
+    assert all(entry["tokens_per_second"] > 0 for entry in compressed.values())
+    for technique in ("int8_weights", "int8", "prune"):
+        base = np.asarray(cell["test"]["accuracy"]["per_seed"])
+        ratios = np.asarray(compressed[technique]["test"]["per_seed"]) / np.where(base != 0, base, np.nan)
+        np.testing.assert_allclose(compressed[technique]["retained"]["per_seed"], ratios)  # NaN where base is 0
+    assert set(downstream["mlm/distilled"]["pydocs_topic/full"]["compressed"]) == set(compressed)
+    report = (workdir / "report.md").read_text()
+    assert "### Compressed" in report and "| mlm | distil | pydocs_topic/full |" in report
+    assert "| mlm | int8_weights | pydocs_topic/full |" in report and "| mlm | prune | pydocs_topic/full |" in report
+    pixels = image.imread(workdir / "compression.png")
+    assert pixels.ndim == 3 and pixels.shape[0] > 200

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.inference import checkpoint_steps
-from pretrain.transfer import significance, sweep, tasks
+from pretrain.transfer import compression, significance, sweep, tasks
 from pretrain.transfer.trainer import load_bodies, seed_config, summarize_seeds
 
 CONTROL = "random-init"
@@ -179,13 +179,50 @@ def _summary(cell: Mapping[str, Any], task: tasks.Task, method: str, fraction: f
                    test_predictions=[r["test_predictions"] for r in results],
                    nonfinite=[r["seed"] for r in results if r.get("nonfinite_step")], baselines=tasks.baseline_scores(task),
                    train_seconds=cell.get("train_seconds", 0.0), compile_seconds=cell.get("compile_seconds", 0.0))
+    if "compressed" in results[0]:
+        summary["compressed"] = compressed_summary(results, task.metric)
     return summary
 
 
-def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[str, Any]:
+def compressed_summary(results: Sequence[Mapping[str, Any]], metric: str) -> dict[str, Any]:
+    """{technique: its test metric and its retained fraction of the uncompressed one (each
+    seed's compressed / uncompressed score), mean ± std over seeds, with the variant's
+    parameters, bytes and inference tokens/s}, 'none' included for the sizes."""
+    out = {}
+    for technique, measured in results[0]["measurements"].items():
+        entry = dict(measured)
+        if technique != "none":
+            scores = np.asarray([r["compressed"][technique][metric] for r in results], np.float64)
+            base = np.asarray([r["test"][metric] for r in results], np.float64)
+            retained = np.where(base != 0, scores / np.where(base != 0, base, 1.0), np.nan)
+            for name, values in (("test", scores), ("retained", retained)):
+                entry[name] = {"mean": float(np.mean(values)),
+                               "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                               "per_seed": [float(v) for v in values]}
+        out[technique] = entry
+    return out
+
+
+def post_training_settings(compression_config: Any) -> dict[str, Any] | None:
+    """What the sweeps need of `config.compression` to score their members compressed
+    (`pretrain.transfer.compression`), or None when no post-training technique is asked for."""
+    if compression_config is None:
+        return None
+    chosen = [t for t in compression.techniques(compression_config.techniques) if t in compression.POST_TRAINING]
+    if not chosen:
+        return None
+    return {"techniques": chosen, **{name: compression_config[name] for name in (
+        "prune_fraction", "prune_step_fraction", "importance_batches", "speed_repeats")}}
+
+
+def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str, compression_config: Any = None
+                   ) -> dict[str, Any]:
     """Fine-tunes every row on every (task, method, label fraction) by the protocol of
     the module docstring; returns {row: {column: summary}}, each summary with its
-    significance against the control and the best row."""
+    significance against the control and the best row. With post-training techniques in
+    `compression_config` (`config.compression`), every row but the control is also scored
+    compressed (`pretrain.transfer.compression`; the summary's `compressed`)."""
+    settings = post_training_settings(compression_config)
     table_rows, groups, fraction_list = rows(runs, downstream), cells(downstream), fractions(downstream)
     seeds = tuple(int(s) for s in downstream.seeds)
     bodies, cache = BodyCache(), sweep.ProgramCache()
@@ -217,7 +254,10 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
         task_data = data[(task_name, fraction)]
         steps = training_steps(config, task_data)
         eval_every = sweep.evaluation_interval(steps, config.evaluations) if config.evaluations else config.eval_every
+        compress = settings if row.name != CONTROL else None
         fingerprint = _fingerprint(config, row, task_data.task, fraction, downstream, steps, eval_every)
+        if compress:
+            fingerprint["compression"] = compress
         directory = os.path.join(workdir, "downstream", row.name, task_name, method, f"fraction_{fraction:g}")
         path = os.path.join(directory, CELL_FILENAME)
         cell = None
@@ -237,7 +277,7 @@ def run_downstream(runs: Sequence[Any], downstream: Any, workdir: str) -> dict[s
 
             def train(members, total_steps, every):
                 return sweep.train_members(config, task_data, of, members, total_steps=total_steps,
-                                           eval_every=every, cache=cache)
+                                           eval_every=every, cache=cache, compression=compress)
 
             cell = tune_cell(train, seeds=seeds, learning_rates=rates, total_steps=steps, eval_every=eval_every)
             cell.update(fingerprint=fingerprint, train_seconds=time.perf_counter() - cell_started,

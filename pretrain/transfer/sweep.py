@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -131,6 +131,12 @@ class ProgramCache:
             self.initializers[key] = build()
         return self.initializers[key]
 
+    def extra(self, key: str, build: Callable[[], Any]) -> Any:
+        """Functions of another kind kept by `key` (the compression's, compiled on first call)."""
+        if key not in self.programs:
+            self.programs[key] = build()
+        return self.programs[key]
+
     def get(self, key: str, build: Callable[[], Compiled]) -> Compiled:
         if key not in self.programs:
             self.programs[key] = build()
@@ -172,7 +178,8 @@ def _program_key(*parts: Any) -> str:
 
 def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], Sequence[Body]],
                   members: Sequence[Member], *, total_steps: int, eval_every: int,
-                  cache: ProgramCache | None = None) -> list[dict[str, Any]]:
+                  cache: ProgramCache | None = None, compression: Mapping[str, Any] | None = None
+                  ) -> list[dict[str, Any]]:
     """Fine-tunes every member in one vmapped program and returns, per member, its
     evaluations (dev scores every `eval_every` steps and at the end), the dev-selected
     one (the best dev metric, the earliest on a tie, as `pretrain.finetune` selects),
@@ -180,7 +187,11 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
     device when dev improves; the test split is scored once, at the end).
 
     `bodies_of(seed)` gives the bodies of a member's seed (restored once for a
-    pretrained row; initialised with the seed for the random-init control)."""
+    pretrained row; initialised with the seed for the random-init control). With
+    `compression` (`pretrain.transfer.comparison.post_training_settings`), each member's
+    selected parameters are also scored on test compressed by each technique
+    (`compressed`), and the sizes and speed of member 0's variants are measured
+    (`measurements`)."""
     if not members:
         return []
     cache = cache or ProgramCache()
@@ -279,6 +290,10 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
             best_dev = np.where(better, [scored[task.metric] for scored, _ in dev], best_dev)
     test = _evaluate(program, best_params, rest, task_data, "test")  # once, at each member's selected step
     train_seconds = time.perf_counter() - started
+    compressed, measurements = [{} for _ in members], {}
+    if compression:
+        compressed, measurements = _compressed(task_data, graphdef, rest, best_params, program, cache, key,
+                                               compression, next_batch, plan, total_steps)
     out = []
     for index, member in enumerate(members):
         best = max(records[index], key=lambda r: (r["dev"][task.metric], -r["step"]))
@@ -286,8 +301,49 @@ def train_members(config: Any, task_data: TaskData, bodies_of: Callable[[int], S
                     "metric": task.metric, "selected_step": best["step"], "last_step": total_steps,
                     "dev": best["dev"], "test": test[index][0], "evaluations": records[index],
                     "test_predictions": test[index][1], "nonfinite_step": nonfinite[index], "members": len(members),
-                    "train_seconds": train_seconds, "compile_seconds": program.compile_seconds})
+                    "train_seconds": train_seconds, "compile_seconds": program.compile_seconds,
+                    **({"compressed": compressed[index], "measurements": measurements} if compression else {})})
     return out
+
+
+def _compressed(task_data: TaskData, graphdef: nnx.GraphDef, rest: Any, best_params: Any, program: Compiled,
+                cache: ProgramCache, key: str, settings: Mapping[str, Any],
+                next_batch: Callable[[], dict[str, np.ndarray]], plan: methods.Plan, total_steps: int
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(per member: {technique: test scores of its selected parameters compressed}, the
+    parameters, bytes and inference tokens/s of member 0's model and of each variant)."""
+    from pretrain.quantization import fake_quantized
+    from pretrain.transfer import compression
+
+    task = task_data.task
+    member_0 = jax.device_get(jax.tree.map(lambda x: x[0], best_params))
+    example = nnx.merge(graphdef, member_0, jax.tree.map(lambda x: x[0], rest))
+    functions = cache.extra(key + "/compression", lambda: compression.post_training(
+        graphdef, example, lambda g, r, quantize="none": task_functions(g, r, task.kind, 1, plan, total_steps,
+                                                                        quantize=quantize)))
+    speed_batch = task_data.eval_batches["test"][0]
+    measurements = {"none": compression.measure(example, "none", None, speed_batch, settings["speed_repeats"])}
+    scored: dict[str, list] = {}
+    for technique in settings["techniques"]:
+        masks = None
+        if technique == "int8_weights":
+            scored[technique] = _evaluate(program, jax.jit(jax.vmap(fake_quantized))(best_params), rest, task_data,
+                                          "test")
+        elif technique == "int8":
+            scored[technique] = _evaluate(Compiled(None, functions.int8_evaluate, 0.0), best_params, rest, task_data,
+                                          "test")
+        else:  # prune
+            batches = [next_batch() for _ in range(settings["importance_batches"])]
+            masks = compression.pruned_masks(functions, best_params, rest, batches,
+                                             fraction=settings["prune_fraction"],
+                                             step_fraction=settings["prune_step_fraction"])
+            masked = compression.with_mask(best_params, {k: jnp.asarray(v) for k, v in masks.items()})
+            scored[technique] = _evaluate(program, masked, rest, task_data, "test")
+        measurements[technique] = compression.measure(example, technique, masks, speed_batch,
+                                                      settings["speed_repeats"])
+    per_member = [{technique: results[index][0] for technique, results in scored.items()}
+                  for index in range(len(scored[settings["techniques"][0]]))]
+    return per_member, measurements
 
 
 def _evaluate(program: Compiled, params: Any, rest: Any, task_data: TaskData, split: str
