@@ -14,8 +14,9 @@ Variants (comma-separated `key=value`):
           'ul2' (UL2's comparison, Tay et al. 2022: ul2 against span_corruption and
           clm), 'extended' (the 'objectives' runs and ELECTRA), 'electra' (ELECTRA's
           small-compute comparison, Clark et al. 2020 table 1: electra against mlm and
-          clm), 'mass_span' (MASS at span fractions 0.3 / 0.5 / 0.7) or 'mlm_rate'
-          (MLM at masking rates 0.1 / 0.15 / 0.3).
+          clm), 'mass_span' (MASS at span fractions 0.3 / 0.5 / 0.7), 'mlm_rate'
+          (MLM at masking rates 0.1 / 0.15 / 0.3) or 'compression' (MLM, and MLM
+          distilled, int8-quantized and head-pruned: `config.compression`).
   size    model preset of the budget: tiny, small, base, large.
   steps   optimizer steps of every run; by default derived from
           `config.budget_tokens_per_parameter` (Chinchilla's 20 tokens per
@@ -39,7 +40,7 @@ DEFAULT_VARIANTS = {"preset": "objectives", "size": "tiny", "steps": ""}
 # size, measured in the README, so it is not a default; --config.downstream.tasks adds it)
 TOPICS = "pydocs_topic,pydocs_sentence_topic"
 DOWNSTREAM_TASKS = {"objectives": TOPICS, "literature": TOPICS, "mixtures": "pydocs_topic", "t5": TOPICS, "ul2": TOPICS,
-                    "extended": TOPICS, "electra": TOPICS, "mass_span": "", "mlm_rate": ""}
+                    "extended": TOPICS, "electra": TOPICS, "mass_span": "", "mlm_rate": "", "compression": TOPICS}
 
 # preset -> (runs: name -> objective spec, sweep: (run, budget field, values) or None)
 PRESETS = {
@@ -54,7 +55,10 @@ PRESETS = {
     "electra": ({"mlm": "mlm", "clm": "clm", "electra": "electra"}, None),
     "mass_span": ({"mass": "mass"}, ("mass", "objectives.mass.span_fraction", (0.3, 0.5, 0.7))),
     "mlm_rate": ({"mlm": "mlm"}, ("mlm", "objectives.mlm.mask_rate", (0.1, 0.15, 0.3))),
+    "compression": ({"mlm": "mlm"}, None),
 }
+# preset -> the compression techniques it reports (config.compression.techniques)
+COMPRESSION = {"compression": "distil,int8_weights,int8,prune"}
 
 
 def parse_variants(arg: str | None) -> dict[str, str]:
@@ -138,7 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Compression (pretrain/transfer/compression.py): every pretrained row also reported compressed, on the
     # downstream cells above, with its parameters, bytes on disk, inference tokens/s and retained score.
     config.compression = ml_collections.ConfigDict()
-    config.compression.techniques = ""  # comma-separated: distil, int8_weights, int8, prune ('' = none)
+    # comma-separated: distil, int8_weights, int8, prune ('' = none)
+    config.compression.techniques = COMPRESSION.get(variants["preset"], "")
     config.compression.distill_layers = 0  # the distilled student's layers (0: half the run's, at least 1)
     config.compression.distill_steps = 0  # its steps (0: the budget's, the tokens its teacher saw)
     config.compression.prune_fraction = 0.5  # the share of attention heads pruning removes ...
