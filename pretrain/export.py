@@ -1,6 +1,6 @@
 """Writes a training run as a directory `transformers` loads with `from_pretrained`.
 
-    python -m pretrain.export --workdir=runs/clm --out=exports/clm [--step=N]
+    python -m pretrain.export --workdir=runs/clm --out=exports/clm [--step=N] [--quantize=int8_weights]
 
 The newest good checkpoint's parameters (or those of step N) become `model.safetensors` (written from
 NumPy; no torch needed), the model's shape `config.json`, and the run's SentencePiece
@@ -8,8 +8,18 @@ tokenizer `tokenizer.json` / `tokenizer_config.json` with the same ids. A pre-LN
 maps to `GPT2LMHeadModel`; a post-LN run with BERT's MLM transform head to
 `BertForMaskedLM`, or `BertForPreTraining` when it has the pair-classifier head; a
 post-LN run with ELECTRA's replaced-token detector to `ElectraForPreTraining` (the
-discriminator: its generator stays behind). A run with no
+discriminator: its generator stays behind); a post-LN run of shared layers
+(`model.share_layers`) to `AlbertForMaskedLM`. A run with no
 exact counterpart is refused with the option that prevents it and what to set.
+
+`--quantize=int8_weights` writes the weights int8 weight-only inference computes with
+(each int8 value times its scale, `pretrain.quantization`) as float32: transformers loads
+them everywhere and gives that model's logits. The int8 bytes themselves are not
+written: transformers reads int8 tensors only through a quantization backend
+(bitsandbytes, optimum-quanto, compressed-tensors), each with a format of its own that
+this project neither depends on nor writes. `int8` (matmul inputs quantized too) is
+refused: BERT's and GPT-2's modules in transformers compute in float and would not give
+that model's numbers.
 """
 
 from __future__ import annotations
@@ -78,9 +88,15 @@ def export_problems(config: TransformerConfig, mixture: objectives.Mixture) -> l
     return problems
 
 
-def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any]:
+def export_run(workdir: str, out: str, step: int | None = None, quantize: str = "") -> dict[str, Any]:
     """Writes run `workdir` (its newest good checkpoint, or that of `step`) as a
-    `transformers` directory `out`; returns what it wrote."""
+    `transformers` directory `out`, its weights as int8 weight-only inference has them
+    with `quantize='int8_weights'` (see module docstring); returns what it wrote."""
+    if quantize not in ("", "int8_weights"):
+        raise ValueError(f"--quantize={quantize!r}: transformers' BERT and GPT-2 compute in float, so a model whose "
+                         "matmul inputs are int8 has no exact counterpart there; export --quantize=int8_weights (the "
+                         "weights int8 weight-only inference computes with), or score it with pretrain.evaluate "
+                         "--quantize=int8")
     from safetensors.numpy import save
 
     run_config = read_run_config(workdir)
@@ -93,6 +109,10 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
         raise ValueError(f"{workdir} has no exact transformers counterpart:\n  " + "\n  ".join(problems))
     model = create_model(config)
     step, _ = restore_params(workdir, model, step)
+    if quantize:
+        from pretrain.quantization import quantized_model
+
+        model = quantized_model(model, quantize)
     architecture = architecture_of(config)
     for head in config.heads:
         if head not in convert.exported_heads(config.heads, architecture):
@@ -112,7 +132,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> dict[str, Any
         write_tokenizer(tokenizer, out, "gpt2" if architecture == "gpt2" else "bert",  # ELECTRA: BERT's layout
                         config.max_positions)
     return {"workdir": workdir, "step": step, "out": out, "class": described["architectures"][0],
-            "tensors": len(state)}
+            "tensors": len(state), "quantized": quantize or "none"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -125,12 +145,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                               flag_values=flag_values)
     step = flags.DEFINE_integer("step", 0, "the checkpoint step to export; 0: the newest good one",
                                 flag_values=flag_values)
+    quantize = flags.DEFINE_enum("quantize", "none", ["none", "int8_weights", "int8"], "write the weights as "
+                                 "int8 weight-only inference computes with them (int8: refused, see the docstring)",
+                                 flag_values=flag_values)
     cli.parse(flag_values, argv, __doc__)
 
     def command() -> str:
         if not workdir.value or not out.value:
             raise ValueError("--workdir and --out are required, e.g. --workdir=runs/clm --out=exports/clm")
-        wrote = export_run(workdir.value, out.value, step.value or None)
+        wrote = export_run(workdir.value, out.value, step.value or None,
+                           "" if quantize.value == "none" else quantize.value)
         return (f"{wrote['workdir']} at step {wrote['step']} -> {wrote['out']} ({wrote['class']}, "
                 f"{wrote['tensors']} tensors, tokenizer.json)")
 

@@ -117,3 +117,25 @@ def test_albert_trains_every_objective_resumes_bit_exactly_and_exports(tmp_path_
                         **{"model.embedding_dim": 32, "optimizer.warmup_steps": 1}), str(masked)).run()
     written = export_run(str(masked), str(tmp_path / "hf"))
     assert written["class"] == "AlbertForMaskedLM"
+
+    # int8 weight-only: transformers loads the weights that inference computes with, and gives its logits
+    import torch
+    import transformers
+
+    from pretrain.inference import load_trained
+    from pretrain.quantization import quantized_model
+
+    assert export_run(str(masked), str(tmp_path / "hf-int8"), quantize="int8_weights")["quantized"] == "int8_weights"
+    ours = quantized_model(load_trained(masked).model, "int8_weights")
+    reference = transformers.AlbertForMaskedLM.from_pretrained(tmp_path / "hf-int8").eval()
+    ids = np.random.default_rng(1).integers(20, 300, (2, 16))
+    with torch.no_grad():
+        theirs = reference(torch.tensor(ids), token_type_ids=torch.zeros(2, 16, dtype=torch.long)).logits.numpy()
+    mine = np.asarray(ours.logits(ours(batch_of(ids, np.zeros((2, 16), np.int64)))))
+    assert float(np.abs(mine - theirs).max()) <= 1e-4
+    float_logits = transformers.AlbertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        unquantized = float_logits(torch.tensor(ids), token_type_ids=torch.zeros(2, 16, dtype=torch.long)).logits
+    assert float(np.abs(unquantized.numpy() - theirs).max()) > 1e-4  # the export holds the quantized weights
+    with pytest.raises(ValueError, match="no exact counterpart there"):
+        export_run(str(masked), str(tmp_path / "hf-act"), quantize="int8")
