@@ -114,12 +114,15 @@ class Pmap:
     def compile(self, step_fn: Callable, eval_fn: Callable, frozen: Any = None) -> tuple[Callable, Callable]:
         """(the step pmapped over the devices, the evaluation step jitted on one). With
         `frozen` parameters, both take them as a third argument: one copy per device for
-        the step, the plain tree for evaluation, placed once and bound."""
+        the step, the host's tree for evaluation, bound."""
         train_step, eval_step = jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=0), jax.jit(eval_fn)
         if frozen is None:
             return train_step, eval_step
-        replicas = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.devices, *x.shape)), frozen)
-        single = jax.device_put(frozen, jax.local_devices()[0])
+        # from the host: an array committed to one device (a restored teacher's) is split by neither pmap nor
+        # the evaluation (whose parameters are the first replica, wherever pmap left it)
+        single = jax.device_get(frozen)
+        replicas = jax.pmap(lambda tree: tree)(  # placed once: one copy on each device, as pmap splits them
+            jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.devices, *x.shape)), single))
         return (lambda state, batch: train_step(state, batch, replicas),
                 lambda params, batch: eval_step(params, batch, single))
 

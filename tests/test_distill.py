@@ -260,3 +260,15 @@ def test_distillation_under_fire_loses_nothing(tmp_path_factory, tmp_path):
     assert states[0][2] == states[1][2], "data-iterator state"
     for x, y in zip(jax.tree.leaves(states[0][1]), jax.tree.leaves(states[1][1]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_pmap_distils_with_the_teacher_on_every_device(teacher, tmp_path):
+    """Under pmap the teacher's parameters go to every device once; the step's losses are
+    pjit's (the same global batch and loss, summed across devices)."""
+    losses = {}
+    for parallelism in ("pjit", "pmap"):
+        workdir = tmp_path / parallelism
+        config = distill_config(teacher, total_steps=2, checkpoint_every=2, log_every=1, parallelism=parallelism)
+        assert DistillationTrainer(config, str(workdir)).run() == 2
+        losses[parallelism] = [(row["step"], row["loss"], row["loss/distill_soft"]) for row in read_metrics(workdir)]
+    np.testing.assert_allclose(np.asarray(losses["pmap"]), np.asarray(losses["pjit"]), rtol=1e-5)
