@@ -148,6 +148,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compression.distill_steps = 0  # its steps (0: the budget's, the tokens its teacher saw)
     config.compression.prune_fraction = 0.5  # the share of attention heads pruning removes ...
     config.compression.prune_step_fraction = 0.1  # ... this share of all heads per step (Michel et al.: 10%)
-    config.compression.importance_batches = 16  # training batches the head importances are summed over (4 was too noisy: README)
+    config.compression.importance_batches = 16  # training batches the importances sum over (4: too noisy, README)
     config.compression.speed_repeats = 5  # forward passes timed for each variant's inference tokens/s
     return config

@@ -175,7 +175,8 @@ class DistillationProgram(PretrainingProgram):
         params = super().build(config, workdir, primary, strategy)
         if teacher.tokenizer.vocab_size != self.pipeline.tokenizer.vocab_size:
             raise ValueError(f"the teacher's tokenizer has {teacher.tokenizer.vocab_size} tokens and the student's "
-                             f"{self.pipeline.tokenizer.vocab_size}: the student must read the teacher's tokenizer.model")
+                             f"{self.pipeline.tokenizer.vocab_size}: the student must read the teacher's "
+                             "tokenizer.model")
         if distill.init == "teacher":
             from pretrain.hf.models import flat_params, set_flat_params
 

@@ -223,7 +223,8 @@ def distillation_loss(student: Transformer, teacher: Transformer, batch: Batch, 
         visible = attention_mask(prepared_inputs["segment_ids"], prepared_inputs["attention_kind"])
         student_scores = attention_scores(student, student_states, prepared_inputs, range(student.config.num_layers))
         teacher_scores = attention_scores(teacher, teacher_states, prepared_inputs, attention_map)
-        sums = [squared_error_sums(s, jax.lax.stop_gradient(t), visible) for s, t in zip(student_scores, teacher_scores)]
+        sums = [squared_error_sums(s, jax.lax.stop_gradient(t), visible)
+                for s, t in zip(student_scores, teacher_scores)]
         distilled[ATTENTION] = jax.tree.map(lambda *xs: sum(xs), *sums)
         loss = loss + weights.attention_weight * distilled[ATTENTION]["loss_sum"] / totals["pairs"]
     stats["terms"] = {**stats.get("terms", {}), **distilled}

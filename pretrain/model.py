@@ -26,7 +26,8 @@ from flax import nnx
 
 from pretrain.attention import ATTENTION_CHOICES, attention_mask, key_ranges, visibility
 from pretrain.errors import raise_problems
-from pretrain.layers import ACTIVATION_QUANTIZATIONS, GELU_FORMS, REMAT_POLICIES, KeyRanges, gelu, make_blocks, run_blocks
+from pretrain.layers import (ACTIVATION_QUANTIZATIONS, GELU_FORMS, REMAT_POLICIES, KeyRanges, gelu, make_blocks,
+                             run_blocks)
 from pretrain.layers import layer_norm as _layer_norm
 from pretrain.layers import param as _param
 from pretrain.layers import Attention, Block, MLP, dense  # noqa: F401 (the model's layers, importable from here)

@@ -184,7 +184,8 @@ def prune_run(directory: str, out: str, *, target: float = 0.5, step_fraction: f
     run = load_finetuned(teacher_directory(directory))
     config = run.config
     common = dict(seq_len=config.seq_len, batch_size=config.batch_size, packed=config.packed)
-    batches = {split: encoding.evaluation_batches(run.task, split, run.tokenizer, **common) for split in ("dev", "test")}
+    batches = {split: encoding.evaluation_batches(run.task, split, run.tokenizer, **common)
+               for split in ("dev", "test")}
     stream = iter(encoding.training_stream(run.task, run.tokenizer, seed=config.seed, **common))
     train = [next(stream) for _ in range(importance_batches)]
     flat = flat_params(run.model)
@@ -216,7 +217,8 @@ def prune_run(directory: str, out: str, *, target: float = 0.5, step_fraction: f
         removed_so_far += sum(len(v) for v in chosen.values())
         model = _rebuilt(run, without_heads(flat, chosen))
     os.makedirs(out, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in flat_params(model).items()}, os.path.join(out, "model.safetensors"))
+    save_file({k: np.ascontiguousarray(v) for k, v in flat_params(model).items()},
+              os.path.join(out, "model.safetensors"))
     result = {"finetuned": os.path.abspath(directory), "task": run.task.name, "metric": run.task.metric,
               "target": target, "step_fraction": step_fraction, "importance_batches": importance_batches,
               "normalize_by_layer": normalize_by_layer, "heads": total,

@@ -3,7 +3,8 @@
 Two post-training schemes, as Q8BERT and qwix's PTQ define them, and quantization-aware
 training:
 
-  'int8_weights'  every weight matrix and embedding table (`is_quantized`) stored as int8 with one float32 scale per output channel
+  'int8_weights'  every weight matrix and embedding table (`is_quantized`) stored as int8
+                  with one float32 scale per output channel
                   (symmetric, absmax: `qwix.quantize(..., channelwise_axes=...)`); biases
                   and LayerNorm stay float32. Inference dequantizes and computes in float,
                   so scoring the dequantized weights (`fake_quantized`) is that model's score.

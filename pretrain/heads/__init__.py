@@ -65,4 +65,5 @@ def build_head(name: str, config: Any, rngs: Any) -> Any:
     return head_class(name)(config, rngs)
 
 
-from pretrain.heads import generator, hidden_projection, pair_classifier, replaced_token, span_boundary  # noqa: E402,F401  (registers them)
+from pretrain.heads import (  # noqa: E402,F401  (registers them)
+    generator, hidden_projection, pair_classifier, replaced_token, span_boundary)

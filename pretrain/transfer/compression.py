@@ -140,7 +140,8 @@ def measure(model: nnx.Module, technique: str, masks: Mapping[str, np.ndarray] |
 
     flat = flat_params(model)
     if technique == "prune":
-        flat = without_heads(flat, {name: [int(h) for h in np.flatnonzero(mask[0] == 0)] for name, mask in masks.items()})
+        removed = {name: [int(h) for h in np.flatnonzero(mask[0] == 0)] for name, mask in masks.items()}
+        flat = without_heads(flat, removed)
         model = _pruned_model(model, flat)
     elif technique in ("int8_weights", "int8"):
         model = quantized_model(model, technique)

@@ -114,7 +114,8 @@ def finetune_problems(config: Any, device_count: int) -> list[str]:
         for field in ("temperature", "soft_weight", "hard_weight"):
             value = config.distill[field]
             if not isinstance(value, (int, float)) or value < 0 or (field == "temperature" and value <= 0):
-                problems.append(f"config.distill.{field}={value!r} must be a number {'> 0' if field == 'temperature' else '>= 0'}")
+                bound = "> 0" if field == "temperature" else ">= 0"
+                problems.append(f"config.distill.{field}={value!r} must be a number {bound}")
     seeds = config.seeds
     if not isinstance(seeds, (tuple, list)) or not seeds or not all(isinstance(s, int) for s in seeds):
         problems.append(f"config.seeds={seeds!r} must be a non-empty tuple of integers, e.g. '(0,1,2)'")
