@@ -31,6 +31,8 @@ def entries(results: Results) -> list[dict[str, Any]]:
     out = []
     for row, columns in results.items():
         teacher = _teacher_of(row)
+        if teacher is None and not any("compressed" in summary for summary in columns.values()):
+            continue  # a row nothing compressed (the random-init control)
         for column, summary in columns.items():
             metric = summary["metric"]
             test = summary["test"][metric]
