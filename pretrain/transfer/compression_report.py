@@ -104,7 +104,7 @@ def plot(results: Results, path: str) -> None:
             mine = sorted((e for e in found if e["column"] == column and e["row"] == row), key=lambda e: e["bytes"])
             x = [e["bytes"] for e in mine]
             y = [e["test"]["mean"] for e in mine]
-            line = axes.plot(x, y, marker="o", linestyle=":", label=row)[0]
+            line = axes.plot(x, y, marker="o", linestyle="none", label=row)[0]
             axes.errorbar(x, y, yerr=[e["test"]["std"] for e in mine], fmt="none", color=line.get_color(),
                           capsize=2)
             for e in mine:
