@@ -53,7 +53,7 @@ class TransformerConfig:
     embedding_dim: int = 0
     heads: tuple[str, ...] = ()  # auxiliary heads (pretrain.heads) the objectives' loss terms train
     # the width the 'hidden_projection' head maps hidden states to (TinyBERT's distillation into a teacher of
-    # another width, pretrain.distillation); 0 without that head
+    # another width, pretrain.distillation; pretrain.distill sets it); 0: the model's own width
     hidden_projection_dim: int = 0
     layer_norm_epsilon: float = 1e-6
     gelu: str = "tanh"  # 'tanh': the tanh approximation (GPT-2's gelu_new); 'exact': the erf form (BERT's gelu)
@@ -129,12 +129,10 @@ def config_problems(fields: Mapping[str, Any]) -> list[str]:
                         "tied vocabulary projection needs hidden states of the embedding width, which BERT's MLM "
                         "transform head gives; set config.model.mlm_transform_head=True (or embedding_dim=0)")
     projection = fields.get("hidden_projection_dim", 0)
-    listed = "hidden_projection" in tuple(fields.get("heads") or ())
-    if not (isinstance(projection, int) and not isinstance(projection, bool) and projection >= 0) or \
-            listed != (projection > 0 if isinstance(projection, int) else False):
-        problems.append(f"config.model.hidden_projection_dim={projection!r} must be a positive width exactly when "
-                        "config.model.heads lists 'hidden_projection' (TinyBERT's projection into the teacher's "
-                        "width, which pretrain.distill sets), else 0")
+    if not (isinstance(projection, int) and not isinstance(projection, bool) and projection >= 0):
+        problems.append(f"config.model.hidden_projection_dim={projection!r} must be 0 (the model's width) or the "
+                        "positive width of the teacher the 'hidden_projection' head maps into (pretrain.distill "
+                        "sets it)")
     if "dropout_rate" in fields and not 0 <= fields["dropout_rate"] < 1:
         problems.append(f"config.model.dropout_rate={fields['dropout_rate']!r} must lie in [0, 1)")
     if "gelu" in fields and fields["gelu"] not in GELU_FORMS:

@@ -268,7 +268,8 @@ CLI_CASES = {
                                  r"config.optimizer has no field 'learning_rat'; did you mean "
                                  r"config.optimizer.learning_rate\? its fields: b1, b2, clip_norm"),
     "no close field": (train, ["--config.model.size=huge"],
-                       r"^--config.model.size: config.model has no field 'size'; its fields: attention, dropout_rate, dtype, "),
+                       r"^--config.model.size: config.model has no field 'size'; its fields: activation_quantization, "
+                       r"attention, dropout_rate, dtype, "),
     "a variant given as a field": (train, ["--config.size=base"],
                                    r"config has no field 'size'; size is a variant of configs/pretrain.py, not a "
                                    r"field: write --config=configs/pretrain.py:...,size=<value>"),

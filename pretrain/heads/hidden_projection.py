@@ -16,11 +16,11 @@ from pretrain.layers import param as parameter
 
 @register_head("hidden_projection")
 class HiddenProjection(nnx.Module):
-    """Hidden states [..., D] -> [..., config.hidden_projection_dim]: a kernel and a bias."""
+    """Hidden states [..., D] -> [..., config.hidden_projection_dim (0: D)]: a kernel and a bias."""
 
     def __init__(self, config: Any, rngs: nnx.Rngs):
         self.config = config
-        width = config.hidden_projection_dim
+        width = config.hidden_projection_dim or config.model_dim
         self.kernel = parameter(rngs, (config.model_dim, width), ("embed", "embed_out"))
         self.bias = parameter(rngs, (width,), ("embed_out",), jax.nn.initializers.zeros)
 
