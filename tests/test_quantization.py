@@ -139,6 +139,17 @@ def test_quantization_aware_fine_tuning_trains_and_scores_the_quantized_model(fi
     from test_finetune import config_for
 
     run, _ = finetuned
+    with transfer.FinetuneTrainer(config_for(run, quantize="int8_weights"), str(tmp_path / "probe")) as trainer:
+        program = trainer.program
+        batch = {k: jnp.asarray(v) for k, v in next(iter(program.train_data)).items()}
+        params = jax.device_get(trainer.state["params"])
+        functions = [transfer.task_functions(program.graphdef, program.rest, program.task.kind, 1, program.plan, 8,
+                                             quantize=scheme) for scheme in ("int8_weights", "none")]
+    quantized, plain = (np.asarray(f[2](params, batch)["loss_sum"]) for f in functions)
+    np.testing.assert_array_equal(quantized, np.asarray(functions[1][2](fake_quantized(params), batch)["loss_sum"]))
+    assert quantized != plain  # the run trains and scores the int8 model, not the float one
+    gradient = jax.grad(lambda p: functions[0][0](p, batch, (1.0, 1.0), 0)[0])(params)
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(gradient) if g.ndim >= 2)  # straight through
     for scheme in ("int8_weights", "int8"):
         summary = transfer.run_seeds(config_for(run, quantize=scheme), tmp_path / scheme)
         assert 0 <= summary["test"]["accuracy"]["mean"] <= 1

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from pretrain.pruning import least_important, normalized, without_heads
-from pretrain.quantization import fake_quantized, quantized_model, save_quantized
+from pretrain.quantization import quantized_model, save_quantized
 
 TECHNIQUES = ("distil", "int8_weights", "int8", "prune")
 POST_TRAINING = ("int8_weights", "int8", "prune")  # scored on each fine-tuned member; 'distil' is a row
